@@ -1,0 +1,65 @@
+"""Argument types and options shared by several subcommands (one definition each)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type accepting `kind` values inside an interval; the message names both."""
+
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    interval = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not finite; allowed: {interval}")
+        bad = (low is not None and (value <= low if low_open else value < low)) or \
+              (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: {interval}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} in {interval}"
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+unit_open = _number(float, 0.0, 1.0, low_open=True, high_open=True)  # (0, 1)
+unit_half_open = _number(float, 0.0, 1.0, high_open=True)  # [0, 1)
+positive_float = _number(float, 0.0, low_open=True)
+non_negative_float = _number(float, 0.0)
+fraction = _number(float, 0.0, 1.0, low_open=True)  # (0, 1]
+
+
+def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=required,
+                        help="folder to write (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder (only once the new one is complete)")
+
+
+def add_device_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed, an integer >= 0 (default: 0)")
+
+
+def resolve_device(name: str):
+    import torch
+
+    from ..errors import DiffpruneError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffpruneError(f"--device={name!r} is not a torch device; e.g. cpu, cuda, cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffpruneError(f"--device={name!r} but CUDA is not available here; use --device cpu")
+    return device

@@ -1,0 +1,31 @@
+"""Model families: what is specific to one kind of denoiser (inputs, protected layers, fix-ups).
+
+`family_for(model)` picks the adapter; each adapter is one small module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DiffpruneError
+from .base import Family
+from .unet2d import UNet2DFamily
+
+FAMILIES: tuple[Family, ...] = (UNet2DFamily(),)
+
+
+def family_for(model: torch.nn.Module) -> Family:
+    """The adapter for `model`, or a DiffpruneError naming its class and the supported ones."""
+    for fam in FAMILIES:
+        if isinstance(model, fam.model_classes):
+            return fam
+    supported = ", ".join(c.__name__ for fam in FAMILIES for c in fam.model_classes)
+    raise DiffpruneError(f"model family {type(model).__name__!r} is not supported yet; supported: {supported}")
+
+
+def supported_components() -> tuple[str, ...]:
+    """Pipeline component names that hold a prunable denoiser ('unet', 'transformer')."""
+    return tuple(dict.fromkeys(fam.component for fam in FAMILIES))
+
+
+__all__ = ["FAMILIES", "Family", "family_for", "supported_components"]

@@ -1,0 +1,89 @@
+"""Keeping diffusers' `Attention` consistent after its projections were pruned.
+
+torch-pruning shrinks q/k/v/out tensors but not the attributes the attention processors read:
+`heads`, `inner_dim`, `scale`. A stale `heads` reshapes into wrong head sizes without an error.
+
+Softmax scale: the unpruned model scores q.k with 1/sqrt(d_old). The torch-2 processor
+(`AttnProcessor2_0`) always uses 1/sqrt(d) of the *current* head dim, the classic processor uses
+`attn.scale`. We fold sqrt(d_new/d_old) into `to_q` and set `attn.scale = 1/sqrt(d_new)`, so every
+processor computes the unpruned model's scores on the kept channels (DESIGN.md, "Decisions").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import DiffpruneError
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Attention"]
+
+
+def qkv_head_map(model: nn.Module) -> dict[nn.Module, int]:
+    """q/k/v projections -> head count, for torch-pruning's `num_heads`."""
+    out: dict[nn.Module, int] = {}
+    for _, attn in attention_modules(model):
+        for proj in (attn.to_q, attn.to_k, attn.to_v):
+            if isinstance(proj, nn.Linear):
+                out[proj] = int(attn.heads)
+    return out
+
+
+@torch.no_grad()
+def fix_attention(name: str, attn: nn.Module, before: dict, prune_heads: bool) -> None:
+    """Update heads / inner dims / scale of one pruned Attention from its tensors."""
+    old_inner, old_heads = int(before["inner_dim"]), int(before["heads"])
+    old_head_dim = old_inner // old_heads
+    inner = attn.to_q.out_features
+    if inner == old_inner:
+        return
+    if prune_heads:
+        attn.heads = inner // old_head_dim
+        head_dim = old_head_dim
+    else:
+        attn.heads = old_heads
+        head_dim = inner // old_heads
+    if attn.heads * head_dim != inner or attn.heads == 0:
+        raise RuntimeError(f"attention {name!r}: pruned inner dim {inner} does not split into "
+                           f"heads of equal size (heads={attn.heads})")
+    attn.inner_dim = inner
+    attn.inner_kv_dim = attn.to_k.out_features
+    if head_dim != old_head_dim and attn.scale_qk:
+        if getattr(attn, "norm_q", None) is not None:
+            raise DiffpruneError(f"attention {name!r} normalises q/k, so head dims cannot be pruned "
+                                 "without changing its softmax scale; prune whole heads instead")
+        factor = math.sqrt(head_dim / old_head_dim)  # = scale_old / scale_new
+        attn.to_q.weight.mul_(factor)
+        if attn.to_q.bias is not None:
+            attn.to_q.bias.mul_(factor)
+        attn.scale = head_dim**-0.5
+
+
+def observe_resampler_channels(model: nn.Module, example_inputs: dict) -> None:
+    """Set Upsample2D/Downsample2D `.channels`/`.out_channels` from what they really receive.
+
+    Their forward asserts `x.shape[1] == self.channels`; pre-hooks set the value from one real
+    forward pass, which also covers the variants without a conv (pooling, plain interpolation).
+    """
+    handles = []
+
+    def fix(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        module.channels = int(x.shape[1])
+        conv = getattr(module, "conv", None)
+        module.out_channels = int(conv.out_channels) if isinstance(conv, nn.Conv2d | nn.ConvTranspose2d) \
+            else module.channels
+
+    for m in model.modules():
+        if type(m).__name__ in ("Upsample2D", "Downsample2D"):
+            handles.append(m.register_forward_pre_hook(fix, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**example_inputs)
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,1 @@
+"""Metrics: complexity (params, MACs), fidelity (FID/KID), consistency (SSIM), latency."""
