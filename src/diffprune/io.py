@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -35,6 +35,9 @@ CONFIG_FILE = "config.json"
 FORMAT_NAME = "diffprune-pruning"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "base_class", "structure")
+# diffusers finds a component's load method by looking its base classes up in the component's own
+# module (`model_index.json` names `diffprune.io`), so ModelMixin must be reachable from here.
+__all__ = ["ModelMixin", "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline"]
 
 
 def library_versions() -> dict[str, str]:
@@ -253,15 +256,22 @@ def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
                              "(.bin/.pt) checkpoints. Convert with save_pretrained(safe_serialization=True)")
     for component in ("unet", "transformer"):
         entry = index.get(component)
-        if entry and (folder / component / PRUNING_FILE).exists() and entry[0] != "diffprune":
+        if entry and (folder / component / PRUNING_FILE).exists() and not str(entry[0]).startswith("diffprune"):
             raise DiffpruneError(f"{folder / 'model_index.json'}: {component} has pruning.json but is "
                                  f"declared as {entry}; expected ['diffprune', ...]")
+    from diffusers.utils import logging as diffusers_logging
+
+    bars_were_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a per-component bar is noise in our commands' output
     try:
         return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
     except DiffpruneError:
         raise
     except (OSError, ValueError, RuntimeError, AttributeError) as err:
         raise DiffpruneError(f"{folder}: could not load pipeline ({str(err).splitlines()[0]})") from None
+    finally:
+        if bars_were_on:
+            diffusers_logging.enable_progress_bar()
 
 
 def _scheduler_near(folder: Path):

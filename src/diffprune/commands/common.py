@@ -37,6 +37,7 @@ unit_half_open = _number(float, 0.0, 1.0, high_open=True)  # [0, 1)
 positive_float = _number(float, 0.0, low_open=True)
 non_negative_float = _number(float, 0.0)
 fraction = _number(float, 0.0, 1.0, low_open=True)  # (0, 1]
+at_least_two_int = _number(int, 2)  # [2, inf): e.g. KID subset size
 
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -5,6 +5,9 @@ Protocol (PAPER.md, "Evaluation protocol"): batch 1, the model's own resolution.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 import torch_pruning as tp
 
@@ -15,7 +18,8 @@ def count_macs_params(model: torch.nn.Module, example_inputs: dict) -> tuple[int
     was_training = model.training
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        with contextlib.redirect_stdout(io.StringIO()):  # silence its "No positional inputs" prints
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     finally:
         model.train(was_training)
     return int(macs), int(params)

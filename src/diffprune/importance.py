@@ -1,0 +1,157 @@
+"""Which channels matter: Diff-Pruning's timestep-thresholded Taylor importance and the baselines.
+
+Diff-Pruning (Fang et al. 2023, Eq. 7-8; PAPER.md "The idea"):
+
+    I(theta) = | theta * sum_t alpha_t dL_t/dtheta |,  alpha_t in {0, 1}
+
+with L_t the noise-prediction loss at timestep t on one calibration batch and one fixed noise tensor.
+Sweeping t = 0, 1, 2, ... we keep a running maximum L_max and stop at the first t with
+L_t < thr * L_max: the kept prefix holds the informative low-noise steps. Scores are the
+per-element |w * g| summed over each layer's slice and reduced over the dependency group
+(torch-pruning's TaylorImportance, multivariable=False). `taylor` is the classic baseline: all
+timesteps, |sum w * g| (multivariable=True). `magnitude` = L2 norm, `random` = random scores,
+`reinit` = random structure with fresh weights (the paper's "scratch" architecture).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch_pruning as tp
+from tqdm.auto import tqdm
+
+from .diffusion import noisy_and_target, num_train_timesteps
+from .errors import DiffpruneError
+
+METHODS = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
+GRADIENT_METHODS = ("diff-pruning", "taylor")
+
+
+@dataclasses.dataclass
+class ImportanceResult:
+    """What the calibration sweep found: the loss curve, the kept timesteps and the gradients."""
+
+    method: str
+    threshold: float
+    kept_timesteps: list[int]
+    losses: list[tuple[int, float]]  # (t, L_t) for every t evaluated with gradients
+    tail_losses: list[tuple[int, float]]  # forward-only (t, L_t) past the cut, for the plot
+    grads: dict[str, torch.Tensor] | None  # parameter name -> sum_t alpha_t dL_t/dtheta
+    sample_gradient_evals: int  # images x timesteps that went through backward
+    wall_time_s: float
+
+    @property
+    def cut(self) -> int | None:
+        """First timestep not kept, or None when every timestep was kept."""
+        return self.losses[-1][0] if len(self.losses) > len(self.kept_timesteps) else None
+
+    def summary(self) -> dict:
+        return {"method": self.method, "threshold": self.threshold,
+                "kept_timesteps": _ranges(self.kept_timesteps), "num_kept_timesteps": len(self.kept_timesteps),
+                "cut_timestep": self.cut, "losses": self.losses, "tail_losses": self.tail_losses,
+                "sample_gradient_evals": self.sample_gradient_evals, "wall_time_s": self.wall_time_s}
+
+
+def _ranges(ts: list[int]) -> list[list[int]]:
+    """[0,1,2,5,6] -> [[0,3],[5,7]] (half-open), so a 1000-step list stays one line in JSON."""
+    out: list[list[int]] = []
+    for t in ts:
+        if out and out[-1][1] == t:
+            out[-1][1] = t + 1
+        else:
+            out.append([t, t + 1])
+    return out
+
+
+def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, threshold: float,
+                    on_keep: Callable[[int, torch.Tensor], None] | None = None,
+                    progress: bool = False) -> tuple[list[int], list[tuple[int, float]]]:
+    """Evaluate L_t for t = 0, 1, ... and stop at the first t with L_t < threshold * max L.
+
+    Returns the kept timesteps (a prefix, [0, cut)) and every (t, L_t) evaluated. `on_keep` gets
+    each kept loss (the caller backpropagates it). threshold = 0 keeps all timesteps.
+    """
+    kept: list[int] = []
+    losses: list[tuple[int, float]] = []
+    l_max = 0.0
+    bar = tqdm(range(num_timesteps), desc="importance (t sweep)", disable=not progress, leave=False)
+    for t in bar:
+        loss = loss_at(t)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DiffpruneError(f"calibration loss is {value} at timestep t={t}; check the calibration "
+                                 "images (constant or corrupt?) and the model weights")
+        losses.append((t, value))
+        l_max = max(l_max, value)
+        if threshold > 0 and value < threshold * l_max:
+            break
+        if on_keep is not None:
+            on_keep(t, loss)
+        kept.append(t)
+        bar.set_postfix(loss=f"{value:.4f}", ratio=f"{value / l_max:.3f}")
+    return kept, losses
+
+
+def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, method: str,
+             threshold: float = 0.0, seed: int = 0, progress: bool = True,
+             tail_stride: int = 10) -> ImportanceResult:
+    """Run the calibration sweep for `method` on `images` (N, C, H, W in the model's range).
+
+    Gradients are accumulated over the kept timesteps and returned by parameter name; the model's
+    own `.grad` fields are cleared again. Non-gradient methods return no gradients and no curve.
+    """
+    if method not in METHODS:
+        raise DiffpruneError(f"method={method!r} is not one of {METHODS}")
+    start = time.perf_counter()
+    if method not in GRADIENT_METHODS:
+        return ImportanceResult(method, threshold, [], [], [], None, 0, 0.0)
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if not torch.isfinite(images).all():
+        raise DiffpruneError("calibration images contain NaN or inf values")
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    was_training = model.training
+    model.eval()  # no dropout: the sweep must be deterministic
+    model.zero_grad(set_to_none=True)
+
+    def loss_at(t: int, grad: bool = True) -> torch.Tensor:
+        ts = torch.full((images.shape[0],), t, device=device, dtype=torch.long)
+        x_t, target = noisy_and_target(scheduler, images, noise, ts)
+        with torch.set_grad_enabled(grad):
+            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts), target)
+
+    total = num_train_timesteps(scheduler)
+    thr = threshold if method == "diff-pruning" else 0.0
+    try:
+        kept, losses = threshold_sweep(loss_at, total, thr, on_keep=lambda t, loss: loss.backward(),
+                                       progress=progress)
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                if not torch.isfinite(p.grad).all():
+                    raise DiffpruneError(f"gradient of {name!r} is not finite after the sweep")
+                grads[name] = p.grad.detach().clone()
+        tail = [(t, float(loss_at(t, grad=False).detach())) for t in range(losses[-1][0] + 1, total, tail_stride)] \
+            if len(kept) < total else []
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return ImportanceResult(method, thr, kept, losses, tail, grads, len(kept) * images.shape[0],
+                            time.perf_counter() - start)
+
+
+def tp_importance(method: str) -> tp.importance.Importance:
+    """torch-pruning scorer for `method`; Taylor variants read the gradients put in `.grad`."""
+    if method == "diff-pruning":
+        return tp.importance.TaylorImportance(multivariable=False)
+    if method == "taylor":
+        return tp.importance.TaylorImportance(multivariable=True)
+    if method == "magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    if method in ("random", "reinit"):
+        return tp.importance.RandomImportance()
+    raise DiffpruneError(f"method={method!r} is not one of {METHODS}")

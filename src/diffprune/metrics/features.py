@@ -1,0 +1,135 @@
+"""Feature extractors for FID/KID: one interface, two networks.
+
+- `digits-cnn-v1`: the embedded digits classifier (`metrics.digits_net`), 64-d penultimate features,
+  16x16 grayscale input. Used for "digits-FID": only comparable with other digits-FID numbers.
+- `inception-v3-pytorch-fid`: the FID InceptionV3 of pytorch-fid (`metrics.inception`), 2048-d pool3
+  features, 299x299 RGB input. Comparable with published FIDs (Heusel et al. 2017; PAPER.md).
+
+Every extractor takes uint8 images (N, H, W, C) in [0, 255] (numpy or torch) or float tensors
+(N, C, H, W) in [-1, 1] (the DDPM range) and returns float64 features (N, dim). Inputs of another
+size or channel count are converted (bilinear resize; gray <-> RGB) and the conversion is recorded
+in `conversions` so the caller can report it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DiffpruneError
+
+logger = logging.getLogger(__name__)
+
+FEATURE_NETS = ("digits", "inception")
+
+
+def to_unit_nchw(images) -> torch.Tensor:
+    """uint8 NHWC [0, 255] or float NCHW [-1, 1] -> float32 NCHW in [0, 1]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise DiffpruneError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise DiffpruneError(
+            f"images must be 4-d (uint8 NHWC or float NCHW), got shape {tuple(images.shape)}"
+        )
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float() / 255.0
+    if not images.is_floating_point():
+        raise DiffpruneError(
+            f"images have dtype {images.dtype}; expected uint8 NHWC or float NCHW in [-1, 1]"
+        )
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class FeatureExtractor:
+    """Base: `name`, `dim`, `input_size` (H = W), `input_channels`; call returns float64 (N, dim)."""
+
+    name: str = "base"
+    dim: int = 0
+    input_size: int = 0
+    input_channels: int = 3
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64):
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.conversions: list[str] = []
+
+    def _note(self, msg: str) -> None:
+        if msg not in self.conversions:
+            self.conversions.append(msg)
+            logger.warning(msg)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """float NCHW [0, 1] -> the network's input (size, channels, range). Override for the range."""
+        n, c, h, w = x.shape
+        if c != self.input_channels:
+            if self.input_channels == 1:
+                self._note(
+                    f"{self.name}: RGB images converted to grayscale (channel mean) for the feature net"
+                )
+                x = x.mean(1, keepdim=True)
+            else:
+                self._note(
+                    f"{self.name}: grayscale images converted to RGB (channel repeated) for the feature net"
+                )
+                x = x.expand(n, self.input_channels, h, w)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        x_all = to_unit_nchw(images)
+        out = []
+        for start in range(0, x_all.shape[0], self.batch_size):
+            x = self.prepare(x_all[start : start + self.batch_size].to(self.device))
+            out.append(self.forward_features(x).double().cpu())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float64)
+        return torch.cat(out).numpy()
+
+
+def get_feature_extractor(
+    name: str,
+    *,
+    device: torch.device | str = "cpu",
+    inception_weights: str | None = None,
+    digits_weights: str | None = None,
+    batch_size: int = 64,
+    allow_download: bool = True,
+) -> FeatureExtractor:
+    """An extractor by CLI name: 'digits' (embedded digits CNN) or 'inception' (pytorch-fid InceptionV3)."""
+    builders: dict[str, Callable[[], FeatureExtractor]] = {
+        "digits": lambda: _digits(device, digits_weights, batch_size),
+        "inception": lambda: _inception(device, inception_weights, batch_size, allow_download),
+    }
+    if name not in builders:
+        raise DiffpruneError(f"feature net {name!r} is not one of {FEATURE_NETS}")
+    return builders[name]()
+
+
+def _digits(device, weights, batch_size):
+    from .digits_net import DigitsFeatureExtractor
+
+    return DigitsFeatureExtractor(weights, device=device, batch_size=batch_size)
+
+
+def _inception(device, weights, batch_size, allow_download):
+    from .inception import InceptionFeatureExtractor
+
+    return InceptionFeatureExtractor(
+        weights, device=device, batch_size=batch_size, allow_download=allow_download
+    )
+
+
+def resize_bilinear(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
+    """Square bilinear resize (align_corners=False); a no-op at the target size."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)

@@ -1,0 +1,70 @@
+"""Pictures next to the numbers: loss-over-timestep curves and sample grids (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Path:
+    """L_t over t for the calibration sweep, the kept range shaded and the threshold cut marked.
+
+    `summary` is `ImportanceResult.summary()` (losses, tail_losses, kept ranges, threshold).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    swept = np.array(summary["losses"], dtype=float).reshape(-1, 2)
+    tail = np.array(summary["tail_losses"], dtype=float).reshape(-1, 2)
+    ax.plot(swept[:, 0], swept[:, 1], color="C0", lw=1.2, label="L_t (with gradients)")
+    if len(tail):
+        ax.plot(tail[:, 0], tail[:, 1], color="C0", lw=1.0, ls="--", alpha=0.7, label="L_t (forward only)")
+    for lo, hi in summary["kept_timesteps"]:
+        ax.axvspan(lo, hi - 1, color="C2", alpha=0.15, label=f"kept: t in [{lo}, {hi})")
+    if summary.get("cut_timestep") is not None:
+        cut = summary["cut_timestep"]
+        ax.axvline(cut, color="C3", lw=1.0, label=f"cut at t={cut}")
+        thr_line = summary["threshold"] * float(swept[:, 1].max())
+        ax.axhline(thr_line, color="C3", lw=0.8, ls=":", label=f"thr x L_max (thr={summary['threshold']})")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("noise-prediction loss L_t")
+    ax.set_yscale("log")
+    ax.set_title(title or f"{summary['method']}: {summary['num_kept_timesteps']} timesteps kept")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (H', W', C) grid, row-major, white padding."""
+    n, h, w, c = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
+    """Save a uint8 HxWxC (C in 1, 3) array; `upscale` enlarges tiny images with nearest neighbour."""
+    from PIL import Image
+
+    arr = array[..., 0] if array.shape[-1] == 1 else array
+    im = Image.fromarray(arr)
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    im.save(path)
+    return Path(path)

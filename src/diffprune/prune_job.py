@@ -1,0 +1,118 @@
+"""The prune stage as a job: pipeline folder or hub id in, pruned pipeline folder out.
+
+Reads the model and calibration images, runs the importance sweep (importance.py), prunes
+(pruning.py), and writes atomically: the pruned pipeline (diffusers layout + pruning.json +
+safetensors), `prune_config.json`, `prune_report.json` and `loss_over_timesteps.png`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .data import first_batch, make_dataset
+from .errors import DiffpruneError
+from .families import family_for
+from .fsutil import atomic_dir, check_output_dir, write_json_atomic
+from .importance import estimate
+from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
+from .plots import plot_timestep_losses
+from .pruning import PruneConfig, prune
+from .structure import widths
+
+LATENT_COMPONENTS = ("vqvae", "vae")
+
+
+def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
+    """(component name, module) of the pipeline's prunable denoiser, or a clear error."""
+    for name in LATENT_COMPONENTS:
+        if getattr(pipe, name, None) is not None:
+            raise DiffpruneError(f"{type(pipe).__name__} is a latent diffusion pipeline (has {name!r}); "
+                                 "latent diffusion is not supported yet; supported: pixel-space "
+                                 "DDPM/DDIM pipelines with a UNet2DModel")
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            family_for(module)  # raises for unsupported families, naming them
+            return name, module
+    raise DiffpruneError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to prune")
+
+
+def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    """Run the whole prune stage; returns the report dict (also written as prune_report.json)."""
+    check_output_dir(output_dir, overwrite)
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    pipe = load_pipeline(config.model, device=device)
+    component, model = denoiser_of(pipe)
+    family = family_for(model)
+    model.requires_grad_(True)
+    size, channels = family.sample_size(model), family.in_channels(model)
+    dataset = make_dataset(config.data, size, channels)
+    images = first_batch(dataset, config.batch_size, config.seed)
+
+    importance = estimate(model, family, pipe.scheduler, images, config.method, config.threshold,
+                          config.seed, progress=progress)
+    outcome = prune(model, family, config, importance, progress=progress)
+    info = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
+        "base_model": {"id": _model_id(config.model), "revision": None},
+        "method": {"name": config.method, "threshold": importance.threshold, "ratio": outcome.ratio,
+                   "ratio_rule": config.ratio_rule, "target_macs": config.target_macs,
+                   "target_params": config.target_params, "round_to": config.round_to,
+                   "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed},
+        "kept_timesteps": importance.summary()["kept_timesteps"],
+        "versions": library_versions(),
+    }
+    pruned = to_pruned(outcome.model, info)
+    setattr(pipe, component, pruned)
+    pipe.register_modules(**{component: pruned})
+
+    report = {
+        "config": config.to_dict(),
+        "output_dir": str(Path(output_dir).absolute()),
+        "family": family.name,
+        "calibration": {"images": int(images.shape[0]), "skipped_files": getattr(dataset, "skipped", 0)},
+        "ratio": outcome.ratio,
+        "params": {"before": outcome.params[0], "after": outcome.params[1],
+                   "fraction": outcome.params[1] / outcome.params[0]},
+        "macs": {"before": outcome.macs[0], "after": outcome.macs[1],
+                 "fraction": outcome.macs[1] / outcome.macs[0]},
+        "importance": importance.summary(),
+        "widths": {"before": widths(outcome.widths_before), "after": widths(outcome.widths_after)},
+        "ratio_search": outcome.search,
+        "wall_time_s": {"importance": importance.wall_time_s, "prune": outcome.wall_time_s,
+                        "total": time.perf_counter() - start},
+        "versions": library_versions(),
+    }
+    with atomic_dir(output_dir, overwrite) as tmp:
+        pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        config.save(tmp)
+        if importance.losses:
+            plot_timestep_losses(report["importance"], tmp / "loss_over_timesteps.png")
+            report["loss_plot"] = "loss_over_timesteps.png"
+        write_json_atomic(tmp / "prune_report.json", report)
+    return report
+
+
+def _model_id(model: str) -> str:
+    path = Path(model)
+    return str(path.absolute()) if path.exists() else model
+
+
+def summary_table(report: dict) -> str:
+    """A short fixed-width table of what pruning changed."""
+    p, m, imp = report["params"], report["macs"], report["importance"]
+    kept = imp["num_kept_timesteps"] if imp["losses"] else "-"
+    rows = [
+        ("", "before", "after", "after/before"),
+        ("params", f"{p['before'] / 1e6:.3f}M", f"{p['after'] / 1e6:.3f}M", f"{p['fraction']:.3f}"),
+        ("MACs", f"{m['before'] / 1e9:.4f}G", f"{m['after'] / 1e9:.4f}G", f"{m['fraction']:.3f}"),
+    ]
+    lines = [f"{a:<8}{b:>14}{c:>14}{d:>14}" for a, b, c, d in rows]
+    lines.append(f"method={report['config']['method']} ratio={report['ratio']:.4f} "
+                 f"kept timesteps={kept} wall time={report['wall_time_s']['total']:.1f}s")
+    return "\n".join(lines)
