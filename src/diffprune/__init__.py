@@ -20,5 +20,33 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
-__all__ = ["DiffpruneError", "PrunedUNet2DModel", "evaluate", "load_pipeline", "load_unet", "prune",
-           "save_pipeline", "__version__"]
+def finetune(*args, **kwargs):
+    """`diffprune finetune` as a function: see `training.finetune(model, data, output_dir, **kw)`."""
+    from .training import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
+
+
+def train(*args, **kwargs):
+    """`diffprune train` as a function: see `training.train(data, output_dir, model_config, **kw)`."""
+    from .training import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def sample(*args, **kwargs):
+    """`diffprune sample` as a function: see `sampling.sample_to_folder(model, output_dir, n, **kw)`."""
+    from .sampling import sample_to_folder
+
+    return sample_to_folder(*args, **kwargs)
+
+
+def report(*args, **kwargs):
+    """`diffprune report` as a function: see `report.write_report(output_dir, **inputs)`."""
+    from .report import write_report
+
+    return write_report(*args, **kwargs)
+
+
+__all__ = ["DiffpruneError", "PrunedUNet2DModel", "evaluate", "finetune", "load_pipeline", "load_unet", "prune",
+           "report", "sample", "save_pipeline", "train", "__version__"]

@@ -1,0 +1,439 @@
+"""DDIM / DDPM sampling with uniform or quad timestep spacing, per-image seeds and sharding.
+
+PAPER.md, "Evaluation protocol": DDIM, 100 steps, eta = 0, "quad" spacing for CIFAR-10. Diffusers'
+DDIMScheduler has no quad spacing, so the loops here are written from `scheduler.alphas_cumprod`:
+
+- DDIM update (Song et al. 2021, eq. 12), with sigma_t(eta) from eq. 16, the same arithmetic as
+  diffusers' `DDIMScheduler.step` (the last step uses alpha_bar = 1, i.e. `set_alpha_to_one=True`).
+- DDPM ancestral update (Ho et al. 2020, eqs. 6-7: posterior mean and the "fixed_small" variance, or
+  beta_t for "fixed_large"), as diffusers' `DDPMScheduler.step`, on any timestep subsequence.
+- Timestep sequences: "uniform" = diffusers' "leading" spacing, t_i = i * (T // N);
+  "quad" = the DDIM reference code for CIFAR-10, t_i = int((i * sqrt(0.8 T) / (N - 1))^2). We floor
+  (`int`) as the reference code does rather than round as PAPER.md writes it, since the reference
+  code produced the paper's FIDs; for large N the first few values repeat 0 (those steps are no-ops
+  with eta = 0 but still cost a model call, exactly as in the reference).
+
+Image i always starts from noise drawn from its own generator seeded by (seed, i), and any per-step
+noise for image i is drawn from that same generator, so image i is the same whatever the batch size
+or number of processes, and a teacher folder and a student folder pair up by index.
+
+Folder layout written by `sample_to_folder`: `000000.png`, ... (global index, 6 digits),
+`samples.npz` (`images`: uint8 NHWC sorted by index, `indices`), `grid.png`, `sample_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io as _io
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import StageConfig
+from .diffusion import PREDICTION_TYPES
+from .errors import DiffpruneError, check_range
+from .fsutil import check_output_dir, write_json_atomic
+
+SAMPLERS = ("ddim", "ddpm")
+SPACINGS = ("uniform", "quad")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+CONFIG_FILE = "sample_config.json"
+NPZ_FILE = "samples.npz"
+GRID_FILE = "grid.png"
+# Settings that change image content: a --resume run must agree on all of them.
+CONTENT_KEYS = ("model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing")
+
+
+# --------------------------------------------------------------------------- timesteps
+
+
+def timestep_sequence(num_train_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """Increasing timesteps visited by an N-step sampler (see module docstring for both rules)."""
+    T = int(num_train_timesteps)
+    check_range("steps", steps, 1, T)
+    if spacing == "uniform":
+        ratio = T // steps
+        return [i * ratio for i in range(steps)]
+    if spacing == "quad":
+        if steps == 1:
+            return [0]
+        return [int(s) for s in np.linspace(0, np.sqrt(0.8 * T), steps) ** 2]
+    raise DiffpruneError(f"spacing={spacing!r} is not supported; allowed: {SPACINGS}")
+
+
+# --------------------------------------------------------------------------- seeds and noise
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for image `index`, a fixed function of (seed, index)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
+
+
+def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def _randn(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """One (C, H, W) draw per generator, on CPU (device-independent), stacked and moved."""
+    x = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    return x.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- one update
+
+
+def _split_prediction(out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor,
+                      kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_pred, eps_pred) from the model output, for eps / v / sample parametrisations."""
+    if kind == "epsilon":
+        return (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+    if kind == "sample":
+        return out, (x - a_t.sqrt() * out) / (1 - a_t).sqrt()
+    if kind == "v_prediction":
+        return a_t.sqrt() * x - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    raise DiffpruneError(f"scheduler prediction_type={kind!r} is not supported; allowed: {PREDICTION_TYPES}")
+
+
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
+                eta: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """x_{t_prev} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (DDIM eqs. 12, 16)."""
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+    return x + sigma * noise if noise is not None else x
+
+
+def ddpm_update(x0: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
+                noise: torch.Tensor | None, variance_type: str) -> torch.Tensor:
+    """Posterior mean of q(x_prev | x_t, x0) plus noise (DDPM eqs. 6-7), on a respaced chain."""
+    beta = 1 - a_t / a_prev
+    mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
+    if noise is None:
+        return mean
+    var = beta if variance_type == "fixed_large" else ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
+    return mean + var.sqrt() * noise
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing):
+    check_range("num_images", num_images, 0)
+    check_range("batch_size", batch_size, 1)
+    check_range("eta", eta, 0.0)
+    if sampler not in SAMPLERS:
+        raise DiffpruneError(f"sampler={sampler!r} is not supported; allowed: {SAMPLERS}")
+    if spacing not in SPACINGS:
+        raise DiffpruneError(f"spacing={spacing!r} is not supported; allowed: {SPACINGS}")
+    T = int(scheduler.config.num_train_timesteps)
+    if not 1 <= int(steps) <= T:
+        raise DiffpruneError(f"steps={steps!r} is out of range; allowed: [1, {T}] (the model's training steps)")
+    config = unet.config
+    if getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
+        raise DiffpruneError("class-conditional UNets are not supported by `sample` yet")
+    if sampler == "ddpm":
+        vt = getattr(scheduler.config, "variance_type", "fixed_small") or "fixed_small"
+        if vt not in VARIANCE_TYPES:
+            raise DiffpruneError(f"scheduler variance_type={vt!r} is not supported; allowed: {VARIANCE_TYPES}")
+
+
+def _sample_size(unet) -> tuple[int, int]:
+    size = unet.config.sample_size
+    if size is None:
+        raise DiffpruneError("the model's config has no sample_size; cannot choose an image size")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@torch.no_grad()
+def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generator], *, steps: int,
+            eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
+            set_alpha_to_one: bool = True) -> torch.Tensor:
+    """Run the reverse chain from `noise` (B, C, H, W); returns x_0 in model range (unclipped).
+
+    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0).
+    """
+    config = scheduler.config
+    kind = getattr(config, "prediction_type", "epsilon")
+    clip = float(getattr(config, "clip_sample_range", 1.0)) if getattr(config, "clip_sample", False) else None
+    variance_type = getattr(config, "variance_type", "fixed_small") or "fixed_small"
+    abar = scheduler.alphas_cumprod.to(device=noise.device, dtype=torch.float32)
+    final = torch.ones((), device=noise.device) if set_alpha_to_one else abar[0]
+    seq = timestep_sequence(config.num_train_timesteps, steps, spacing)
+    prev_seq = [-1, *seq[:-1]]
+    x = noise
+    shape = tuple(noise.shape[1:])
+    for t, t_prev in zip(reversed(seq), reversed(prev_seq), strict=True):
+        a_t, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else final)
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = unet(x, tt).sample.float()
+        x0, eps = _split_prediction(out, x.float(), a_t, kind)
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        if sampler == "ddim":
+            z = _randn(generators, shape, x.device, torch.float32) if eta > 0 else None
+            x = ddim_update(x0, eps, a_t, a_prev, eta, z)
+        else:
+            z = _randn(generators, shape, x.device, torch.float32) if t > 0 else None
+            x = ddpm_update(x0, x.float(), a_t, a_prev, z, variance_type)
+        x = x.to(noise.dtype)
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), rounded as diffusers' pipelines do."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int = 0, steps: int = 100,
+           eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
+           device: str | torch.device = "cpu", indices: Sequence[int] | None = None,
+           progress: bool = True, set_alpha_to_one: bool = True) -> np.ndarray:
+    """Generate images `indices` (default range(num_images)) as uint8 (N, H, W, C).
+
+    Image i depends only on (model, scheduler, seed, i, steps, eta, sampler, spacing), not on
+    batch_size or on which other indices are generated alongside it.
+    """
+    _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing)
+    indices = list(range(num_images)) if indices is None else [int(i) for i in indices]
+    device = torch.device(device)
+    unet = unet.to(device).eval()
+    dtype = next(unet.parameters()).dtype
+    shape = (int(unet.config.in_channels), *_sample_size(unet))
+    batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
+    out = []
+    for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress or not batches):
+        gens = image_generators(seed, batch)
+        noise = _randn(gens, shape, device, dtype)
+        x = denoise(unet, scheduler, noise, gens, steps=steps, eta=eta, sampler=sampler, spacing=spacing,
+                    set_alpha_to_one=set_alpha_to_one)
+        out.append(to_uint8(x))
+    if not out:
+        return np.zeros((0, shape[1], shape[2], shape[0]), dtype=np.uint8)
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def png_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def write_png_atomic(path: Path, image: np.ndarray) -> None:
+    """One HWC uint8 image as PNG via temp file + rename (a reader never sees half a PNG)."""
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_png(path: Path, channels: int) -> np.ndarray:
+    with Image.open(path) as im:
+        a = np.array(im)
+    a = a[..., None] if a.ndim == 2 else a
+    if a.shape[-1] != channels:
+        raise DiffpruneError(f"{path}: has {a.shape[-1]} channels, expected {channels}; "
+                             "the folder holds images from another model")
+    return a
+
+
+def make_grid(images: np.ndarray, max_images: int = 64, pad: int = 2) -> np.ndarray:
+    """Tile up to `max_images` NHWC images in a near-square grid with `pad` px white borders."""
+    images = images[:max_images]
+    n, h, w, c = images.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, q = divmod(k, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return grid
+
+
+def write_npz_atomic(path: Path, **arrays) -> None:
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def load_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 NHWC, indices) from a finished sample folder's samples.npz."""
+    path = Path(folder) / NPZ_FILE
+    if not path.is_file():
+        raise DiffpruneError(f"{path}: missing; is {str(folder)!r} a finished sample folder?")
+    with np.load(path, allow_pickle=False) as data:
+        return data["images"], data["indices"]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(StageConfig):
+    """Everything that decides a sample folder's content (plus batch size, which does not)."""
+
+    stage = "sample"
+    version = 1
+
+    model: str
+    num_images: int
+    batch_size: int = 64
+    steps: int = 100
+    eta: float = 0.0
+    sampler: str = "ddim"
+    spacing: str = "uniform"
+    seed: int = 0
+    model_fingerprint: str = ""
+
+    def __post_init__(self):
+        check_range("num_images", self.num_images, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("steps", self.steps, 1)
+        check_range("eta", self.eta, 0.0)
+        check_range("seed", self.seed, 0)
+        if self.sampler not in SAMPLERS:
+            raise DiffpruneError(f"sampler={self.sampler!r} is not supported; allowed: {SAMPLERS}")
+        if self.spacing not in SPACINGS:
+            raise DiffpruneError(f"spacing={self.spacing!r} is not supported; allowed: {SPACINGS}")
+
+
+def model_fingerprint(unet) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the weights a folder came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _check_resume(folder: Path, config: SampleConfig) -> None:
+    path = folder / CONFIG_FILE
+    try:
+        old = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DiffpruneError(f"--resume: {path} is missing; {str(folder)!r} is not a sample folder "
+                             "(use --overwrite to replace it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DiffpruneError(f"--resume: {path} is not valid JSON; use --overwrite to start over") from None
+    new = config.to_dict()
+    diff = [k for k in CONTENT_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        k = diff[0]
+        raise DiffpruneError(f"--resume: {str(folder)!r} was sampled with {k}={old.get(k)!r}, this run has "
+                             f"{k}={new.get(k)!r}; use the same settings or --overwrite")
+
+
+def _plan_folder(output_dir: Path, overwrite: bool, resume: bool, config: SampleConfig) -> Path:
+    """Where this run writes: the output itself (fresh or resume) or a staging sibling (overwrite)."""
+    exists = output_dir.is_dir() and any(output_dir.iterdir())
+    if resume and exists:
+        _check_resume(output_dir, config)
+        return output_dir
+    if exists and overwrite:
+        check_output_dir(output_dir, True)
+        return output_dir.parent / f".{output_dir.name}.sampling"
+    if exists:
+        raise DiffpruneError(f"output dir {str(output_dir)!r} already exists; pass --resume to fill in "
+                             "missing images or --overwrite to replace it")
+    check_output_dir(output_dir, False)
+    return output_dir
+
+
+def _finish(work: Path, output_dir: Path, num_images: int, channels: int) -> np.ndarray:
+    """Main process: collect all PNGs (checking for gaps), write samples.npz and grid.png, swap in."""
+    missing = [i for i in range(num_images) if not (work / png_name(i)).is_file()]
+    if missing:
+        raise DiffpruneError(f"{work}: {len(missing)} images missing after sampling (first: "
+                             f"{png_name(missing[0])}); rerun with --resume")
+    images = np.stack([read_png(work / png_name(i), channels) for i in range(num_images)])
+    write_npz_atomic(work / NPZ_FILE, images=images, indices=np.arange(num_images, dtype=np.int64))
+    grid = make_grid(images)
+    write_png_atomic(work / GRID_FILE, grid)
+    if work != output_dir:
+        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+        output_dir.rename(old)
+        work.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    return images
+
+
+def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int, *, batch_size: int = 64,
+                     steps: int = 100, eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
+                     seed: int = 0, device: str | torch.device = "cpu", resume: bool = False,
+                     overwrite: bool = False, progress: bool = True) -> Path:
+    """Sample a pipeline folder into `output_dir` (layout in the module docstring); returns it.
+
+    Under `accelerate launch` with N processes, rank r generates the indices i with i % N == r;
+    the main process writes samples.npz and grid.png once every rank is done.
+    """
+    from accelerate import PartialState
+
+    from .io import load_pipeline
+
+    state = PartialState(cpu=torch.device(device).type == "cpu")
+    if state.num_processes > 1:
+        device = state.device
+    output_dir = Path(output_dir).absolute()
+    pipe = load_pipeline(model, device="cpu")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    if unet is None or any(getattr(pipe, n, None) is not None for n in ("vae", "vqvae")):
+        raise DiffpruneError(f"{model}: only pixel-space UNet pipelines can be sampled yet")
+    config = SampleConfig(model=str(Path(model).absolute()) if Path(model).exists() else str(model),
+                          num_images=num_images, batch_size=batch_size, steps=steps, eta=eta,
+                          sampler=sampler, spacing=spacing, seed=seed, model_fingerprint=model_fingerprint(unet))
+    _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing)
+    channels = int(unet.config.in_channels)
+    if channels not in (1, 3, 4):
+        raise DiffpruneError(f"the model has in_channels={channels}; PNG output needs 1, 3 or 4")
+    # Every process plans from the same (untouched) folder state, so all raise the same error.
+    work = _plan_folder(output_dir, overwrite, resume, config)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if work != output_dir:
+            shutil.rmtree(work, ignore_errors=True)  # a stale staging folder from an interrupted run
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(work / CONFIG_FILE, config.to_dict())
+    present = sum((work / png_name(i)).is_file() for i in range(num_images))
+    state.wait_for_everyone()
+    todo = [i for i in range(state.process_index, num_images, state.num_processes)
+            if not (work / png_name(i)).is_file()]
+    _generate_into(work, unet, scheduler, todo, config, device, progress and state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _finish(work, output_dir, num_images, channels)
+        _print_summary(output_dir, num_images, present, state.num_processes)
+    state.wait_for_everyone()
+    return output_dir
+
+
+def _generate_into(work: Path, unet, scheduler, todo: list[int], config: SampleConfig, device,
+                   progress: bool) -> None:
+    """Generate `todo` in batches, writing each PNG atomically as soon as its batch is done."""
+    chunks = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
+    for chunk in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or not chunks):
+        images = sample(unet, scheduler, len(chunk), batch_size=config.batch_size, seed=config.seed,
+                        steps=config.steps, eta=config.eta, sampler=config.sampler, spacing=config.spacing,
+                        device=device, indices=chunk, progress=False)
+        for i, img in zip(chunk, images, strict=True):
+            write_png_atomic(work / png_name(i), img)
+
+
+def _print_summary(folder: Path, num_images: int, reused: int, processes: int) -> None:
+    note = f" ({reused} already present, kept)" if reused > 0 else ""
+    procs = f" with {processes} processes" if processes > 1 else ""
+    print(f"wrote {num_images} images{note}{procs} to {folder}/000000.png ... {png_name(num_images - 1)}")
+    print(f"wrote {folder / NPZ_FILE} (images: uint8 NHWC, indices), {folder / GRID_FILE}, "
+          f"{folder / CONFIG_FILE}")
