@@ -3,7 +3,14 @@
 __version__ = "0.1.0"
 
 from .errors import DiffpruneError  # noqa: E402
-from .io import PrunedUNet2DModel, load_pipeline, load_unet, save_pipeline  # noqa: E402
+from .io import (  # noqa: E402
+    PrunedDiTTransformer2DModel,
+    PrunedUNet2DConditionModel,
+    PrunedUNet2DModel,
+    load_pipeline,
+    load_unet,
+    save_pipeline,
+)
 
 
 def prune(*args, **kwargs):
@@ -48,5 +55,5 @@ def report(*args, **kwargs):
     return write_report(*args, **kwargs)
 
 
-__all__ = ["DiffpruneError", "PrunedUNet2DModel", "evaluate", "finetune", "load_pipeline", "load_unet", "prune",
+__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "evaluate", "finetune", "load_pipeline", "load_unet", "prune",
            "report", "sample", "save_pipeline", "train", "__version__"]
