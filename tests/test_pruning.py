@@ -162,3 +162,15 @@ def test_cifar10_anchor_matches_the_paper():
     assert out.model.time_embedding.linear_1.out_features == 358  # uncoupled: 512 -> 358 (30%)
     with torch.no_grad():
         assert out.model(torch.randn(1, 3, 32, 32), torch.tensor([10])).sample.shape == (1, 3, 32, 32)
+
+
+def test_round_to_keeps_the_paper_size_and_valid_groupnorm():
+    """torch-pruning's own round_to skips GroupNorm-coupled groups; ours rounds whole widths."""
+    torch.manual_seed(0)
+    model = cifar10_unet().eval()
+    out = prune(model, family_for(model), PruneConfig(model="m", method="magnitude", ratio=0.3, ratio_rule="paper",
+                                                      round_to=8), _no_importance(), progress=False)
+    assert abs(out.params[1] / 19.85e6 - 1) < 0.01 and out.model.conv_in.out_channels == 96
+    widths = [m.out_features for m in out.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w % 8 == 0 for w in widths)
+    validate_structure(out.model)

@@ -55,5 +55,6 @@ def report(*args, **kwargs):
     return write_report(*args, **kwargs)
 
 
-__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "evaluate", "finetune", "load_pipeline", "load_unet", "prune",
-           "report", "sample", "save_pipeline", "train", "__version__"]
+__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
+           "evaluate", "finetune", "load_pipeline", "load_unet", "prune", "report", "sample", "save_pipeline",
+           "train", "__version__"]

@@ -84,7 +84,7 @@ def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, 
         value = float(loss.detach())
         if not math.isfinite(value):
             raise DiffpruneError(f"calibration loss is {value} at timestep t={t}; check the calibration "
-                                 "images (constant or corrupt?) and the model weights")
+                                 "images and the model weights")
         losses.append((t, value))
         l_max = max(l_max, value)
         if threshold > 0 and value < threshold * l_max:
@@ -98,9 +98,11 @@ def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, 
 
 def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, method: str,
              threshold: float = 0.0, seed: int = 0, progress: bool = True,
-             tail_stride: int = 10) -> ImportanceResult:
+             tail_stride: int = 10, cond: dict | None = None) -> ImportanceResult:
     """Run the calibration sweep for `method` on `images` (N, C, H, W in the model's range).
 
+    For latent families `images` are the scaled latents; `cond` holds the family's conditioning
+    tensors (text embeddings, class labels) aligned with `images`.
     Gradients are accumulated over the kept timesteps and returned by parameter name; the model's
     own `.grad` fields are cleared again. Non-gradient methods return no gradients and no curve.
     """
@@ -111,6 +113,7 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
         return ImportanceResult(method, threshold, [], [], [], None, 0, 0.0)
     device = next(model.parameters()).device
     images = images.to(device)
+    cond = {k: v.to(device) for k, v in cond.items()} if cond else cond
     if not torch.isfinite(images).all():
         raise DiffpruneError("calibration images contain NaN or inf values")
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -122,19 +125,14 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
         ts = torch.full((images.shape[0],), t, device=device, dtype=torch.long)
         x_t, target = noisy_and_target(scheduler, images, noise, ts)
         with torch.set_grad_enabled(grad):
-            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts), target)
+            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts, cond), target)
 
     total = num_train_timesteps(scheduler)
     thr = threshold if method == "diff-pruning" else 0.0
     try:
-        kept, losses = threshold_sweep(loss_at, total, thr, on_keep=lambda t, loss: loss.backward(),
+        kept, losses = threshold_sweep(loss_at, total, thr, on_keep=lambda t, loss: _backward(model, t, loss),
                                        progress=progress)
-        grads = {}
-        for name, p in model.named_parameters():
-            if p.grad is not None:
-                if not torch.isfinite(p.grad).all():
-                    raise DiffpruneError(f"gradient of {name!r} is not finite after the sweep")
-                grads[name] = p.grad.detach().clone()
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
         tail = [(t, float(loss_at(t, grad=False).detach())) for t in range(losses[-1][0] + 1, total, tail_stride)] \
             if len(kept) < total else []
     finally:
@@ -142,6 +140,15 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
         model.train(was_training)
     return ImportanceResult(method, thr, kept, losses, tail, grads, len(kept) * images.shape[0],
                             time.perf_counter() - start)
+
+
+def _backward(model: torch.nn.Module, t: int, loss: torch.Tensor) -> None:
+    """Accumulate dL_t/dtheta; a non-finite gradient is reported with the timestep that caused it."""
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise DiffpruneError(f"gradient of {name!r} is not finite at timestep t={t} (loss {float(loss.detach()):.4g}); "
+                                 "check the model weights and the calibration images")
 
 
 def tp_importance(method: str) -> tp.importance.Importance:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DModel
+from diffusers import (
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ModelMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -37,7 +45,8 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "base_class", "structure")
 # diffusers finds a component's load method by looking its base classes up in the component's own
 # module (`model_index.json` names `diffprune.io`), so ModelMixin must be reachable from here.
-__all__ = ["ModelMixin", "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline"]
+__all__ = ["ModelMixin", "PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
+           "load_pipeline", "load_unet", "save_pipeline"]
 
 
 def library_versions() -> dict[str, str]:
@@ -107,7 +116,21 @@ class PrunedUNet2DModel(PrunedModelMixin, UNet2DModel):
     base_class = UNet2DModel
 
 
-PRUNED_CLASSES: dict[type, type] = {UNet2DModel: PrunedUNet2DModel}
+class PrunedUNet2DConditionModel(PrunedModelMixin, UNet2DConditionModel):
+    """A `UNet2DConditionModel` (Stable Diffusion) whose layers have pruned widths."""
+
+    base_class = UNet2DConditionModel
+
+
+class PrunedDiTTransformer2DModel(PrunedModelMixin, DiTTransformer2DModel):
+    """A `DiTTransformer2DModel` whose heads / MLP widths are pruned."""
+
+    base_class = DiTTransformer2DModel
+
+
+PRUNED_CLASSES: dict[type, type] = {UNet2DModel: PrunedUNet2DModel,
+                                    UNet2DConditionModel: PrunedUNet2DConditionModel,
+                                    DiTTransformer2DModel: PrunedDiTTransformer2DModel}
 
 
 def pruned_class_for(model: torch.nn.Module) -> type:

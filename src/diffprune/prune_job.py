@@ -14,7 +14,8 @@ import torch
 
 from .data import first_batch, make_dataset
 from .errors import DiffpruneError
-from .families import family_for
+from .families import family_for, supported_names
+from .families.conditioning import attach_dataset, context_for
 from .fsutil import atomic_dir, check_output_dir, write_json_atomic
 from .importance import estimate
 from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
@@ -22,22 +23,26 @@ from .plots import plot_timestep_losses
 from .pruning import PruneConfig, prune
 from .structure import widths
 
-LATENT_COMPONENTS = ("vqvae", "vae")
-
 
 def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
-    """(component name, module) of the pipeline's prunable denoiser, or a clear error."""
-    for name in LATENT_COMPONENTS:
-        if getattr(pipe, name, None) is not None:
-            raise DiffpruneError(f"{type(pipe).__name__} is a latent diffusion pipeline (has {name!r}); "
-                                 "latent diffusion is not supported yet; supported: pixel-space "
-                                 "DDPM/DDIM pipelines with a UNet2DModel")
+    """(component name, module) of the pipeline's prunable denoiser, or a clear error.
+
+    Latent pipelines (a `vqvae` or `vae` beside the denoiser) are supported: only the denoiser is
+    pruned, in latent space (families/latent.py).
+    """
     for name in ("unet", "transformer"):
         module = getattr(pipe, name, None)
         if module is not None:
             family_for(module)  # raises for unsupported families, naming them
             return name, module
-    raise DiffpruneError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to prune")
+    raise DiffpruneError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to prune; "
+                         f"supported denoisers: {supported_names()}")
+
+
+def calibration_indices(n: int, batch_size: int, seed: int) -> list[int]:
+    """The dataset indices of `data.first_batch(dataset, batch_size, seed)` (same draw)."""
+    g = torch.Generator().manual_seed(seed)
+    return [int(i) for i in torch.randperm(n, generator=g)[:batch_size]]
 
 
 def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
@@ -50,12 +55,21 @@ def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = Fal
     component, model = denoiser_of(pipe)
     family = family_for(model)
     model.requires_grad_(True)
-    size, channels = family.sample_size(model), family.in_channels(model)
+    ctx = context_for(pipe, family, model)
+    if not family.conditional and (config.prompt or config.captions or config.class_labels):
+        raise DiffpruneError(f"--prompt/--captions/--class-labels apply to conditional models; "
+                             f"{type(model).__name__} is unconditional")
+    size, channels = ctx.data_size()
     dataset = make_dataset(config.data, size, channels)
+    attach_dataset(ctx, dataset, str(config.data), prompt=config.prompt, captions=config.captions,
+                   class_labels=config.class_labels, seed=config.seed)
     images = first_batch(dataset, config.batch_size, config.seed)
+    idx = calibration_indices(len(dataset), config.batch_size, config.seed)
+    cond = ctx.cond_for(idx, device)
+    samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
 
-    importance = estimate(model, family, pipe.scheduler, images, config.method, config.threshold,
-                          config.seed, progress=progress)
+    importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
+                          config.seed, progress=progress, cond=cond)
     outcome = prune(model, family, config, importance, progress=progress)
     info = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
@@ -63,7 +77,9 @@ def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = Fal
         "method": {"name": config.method, "threshold": importance.threshold, "ratio": outcome.ratio,
                    "ratio_rule": config.ratio_rule, "target_macs": config.target_macs,
                    "target_params": config.target_params, "round_to": config.round_to,
-                   "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed},
+                   "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed,
+                   "prune_heads": config.prune_heads, "head_pruning_ratio": config.head_pruning_ratio,
+                   "latent": ctx.codec is not None, "residual_pruned": family.residual_prunable},
         "kept_timesteps": importance.summary()["kept_timesteps"],
         "versions": library_versions(),
     }

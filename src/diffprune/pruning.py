@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 
 import torch
@@ -51,6 +52,11 @@ class PruneConfig(StageConfig):
     ratio_rule: str = "torch-pruning"
     seed: int = 0
     device: str = "cpu"
+    prune_heads: bool = False
+    head_pruning_ratio: float | None = None
+    prompt: str | None = None
+    captions: str | None = None
+    class_labels: str | None = None
 
     def __post_init__(self):
         given = [n for n in ("ratio", "target_macs", "target_params") if getattr(self, n) is not None]
@@ -64,6 +70,8 @@ class PruneConfig(StageConfig):
         check_range("threshold", self.threshold, 0.0, 1.0, high_open=True)
         if self.ratio_rule not in RATIO_RULES:
             raise DiffpruneError(f"ratio_rule={self.ratio_rule!r} is not one of {RATIO_RULES}")
+        if self.head_pruning_ratio is not None:
+            check_range("head_pruning_ratio", self.head_pruning_ratio, 0.0, 1.0, high_open=True)
         if self.round_to is not None and self.round_to < 1:
             raise DiffpruneError(f"round_to={self.round_to} must be an integer >= 1")
 
@@ -106,12 +114,69 @@ def paper_ratio_dict(model: torch.nn.Module, family: Family, ratio: float,
     return out
 
 
+def rounded_ratio_dict(model: torch.nn.Module, family: Family, ratio: float, example_inputs: dict,
+                       round_to: int, ratio_rule: str, num_heads: dict) -> dict[torch.nn.Module, float]:
+    """Per-layer ratios that give every channel group its `ratio_rule` width rounded to `round_to`.
+
+    torch-pruning 1.6's own `round_to` is wrong for grouped channels (GroupNorm(G, C), multi-head
+    attention): it rounds the per-group count of removed channels as if it were the layer's total,
+    which asks to remove every channel of each group; its over-pruning check then skips the group,
+    so GroupNorm-coupled layers were silently left unpruned (CIFAR UNet, ratio 0.3 paper rule,
+    round_to 8: 33.5M params instead of 19.9M). Here the total width G*k must be a multiple of
+    `round_to`: k (kept per group of C/G) is rounded down to a multiple of round_to / gcd(G, round_to),
+    but never below one such step (a group is never emptied).
+    """
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    out: dict[torch.nn.Module, float] = {}
+    for group in graph.get_all_groups(ignored_layers=family.ignored_layers(model),
+                                      root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
+        root = group[0].dep.target.module
+        channels = graph.get_out_channels(root) if graph.is_out_channel_pruning_fn(group[0].dep.handler) \
+            else graph.get_in_channels(root)
+        norms = [dep.target.module for dep, _ in group if isinstance(dep.target.module, torch.nn.GroupNorm)]
+        heads = [num_heads[dep.target.module] for dep, _ in group if dep.target.module in num_heads
+                 and graph.is_out_channel_pruning_fn(dep.handler)]
+        groups = max([n.num_groups for n in norms] + heads + [1])
+        if not channels or channels % groups:
+            continue
+        per_group, group_ratio = channels // groups, ratio
+        if ratio_rule == "paper" and norms:  # the ratio paper_ratio_dict gives this group
+            c, g = norms[0].num_channels, norms[0].num_groups
+            group_ratio = max(1 - (c // g - (c - int(c * (1 - ratio))) // g + 0.5) / (c // g), 0.0)
+        keep = int(per_group * (1 - group_ratio))
+        step = round_to // math.gcd(groups, round_to)
+        keep = min(per_group, max(keep - keep % step, step))
+        group_ratio = max(1 - (keep + 0.5) / per_group, 0.0)  # int(per_group * (1 - r)) == keep
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(
+                    dep.target.module, torch.nn.Conv2d | torch.nn.Linear):
+                out[dep.target.module] = group_ratio
+    return out
+
+
+def head_ratio_dict(num_heads: dict[torch.nn.Module, int], ratio: float) -> dict[torch.nn.Module, float]:
+    """Per-projection head ratios, capped so that at least one head survives.
+
+    torch-pruning removes ceil(ratio * heads) heads per attention, so ratio 0.95 of 8 heads would
+    remove all 8; the cap (heads - 1) / heads keeps one.
+    """
+    return {m: min(ratio, (h - 1) / h) for m, h in num_heads.items()}
+
+
 def prune_with_ratio(model: torch.nn.Module, family: Family, importance: ImportanceResult,
                      ratio: float, round_to: int | None = None, seed: int = 0,
-                     ratio_rule: str = "torch-pruning") -> torch.nn.Module:
-    """A pruned deep copy of `model` at `ratio` under `ratio_rule` (the original is untouched)."""
+                     ratio_rule: str = "torch-pruning", prune_heads: bool = False,
+                     head_pruning_ratio: float | None = None) -> torch.nn.Module:
+    """A pruned deep copy of `model` at `ratio` under `ratio_rule` (the original is untouched).
+
+    Attention: by default every head keeps its count and loses head dims (`ratio` of them, the
+    softmax scale preserved); `prune_heads=True` removes whole heads instead (`head_pruning_ratio`,
+    default `ratio`, of each attention's heads) and keeps the head size.
+    """
     pruned = copy.deepcopy(model)
     pruned.eval()
+    if getattr(pruned, "is_gradient_checkpointing", False):
+        pruned.disable_gradient_checkpointing()  # checkpointed blocks hide their ops from the tracer
     if ratio <= 0:
         return pruned
     if importance.grads is not None:
@@ -120,18 +185,28 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
     before = record_structure(pruned)
     device = next(pruned.parameters()).device
     example = family.example_inputs(pruned, device=device)
-    per_layer = paper_ratio_dict(pruned, family, ratio, example) if ratio_rule == "paper" else None
+    num_heads = family.num_heads(pruned)
+    per_layer = None
+    if round_to is not None and round_to > 1:  # rounding through per-layer ratios; see rounded_ratio_dict
+        per_layer = rounded_ratio_dict(pruned, family, ratio, example, round_to, ratio_rule,
+                                       {} if prune_heads else num_heads)
+    elif ratio_rule == "paper":
+        per_layer = paper_ratio_dict(pruned, family, ratio, example)
+    round_to = None  # torch-pruning's own rounding is wrong for grouped channels
     torch.manual_seed(seed)  # random importance: same scores for every ratio tried
+    head_ratio = ratio if head_pruning_ratio is None else head_pruning_ratio
     pruner = tp.pruner.MetaPruner(
         pruned, example, importance=tp_importance(importance.method),
         pruning_ratio=ratio, pruning_ratio_dict=per_layer, ignored_layers=family.ignored_layers(pruned),
-        num_heads=family.num_heads(pruned), prune_head_dims=True, prune_num_heads=False,
+        num_heads=num_heads, prune_head_dims=not prune_heads, prune_num_heads=prune_heads,
+        head_pruning_ratio=head_ratio if prune_heads else 0.0,
+        head_pruning_ratio_dict=head_ratio_dict(num_heads, head_ratio) if prune_heads else None,
         round_to=round_to)
     with torch.no_grad():
         for group in pruner.step(interactive=True):
             group.prune()
     pruned.zero_grad(set_to_none=True)
-    family.fix_after_pruning(pruned, before)
+    family.fix_after_pruning(pruned, before, prune_heads=prune_heads)
     validate_structure(pruned, "pruned model")
     if importance.method == "reinit":
         torch.manual_seed(seed)
@@ -150,7 +225,7 @@ def prune(model: torch.nn.Module, family: Family, config: PruneConfig,
 
     def attempt(ratio: float) -> tuple[torch.nn.Module, int, int]:
         pruned = prune_with_ratio(model, family, importance, ratio, config.round_to, config.seed,
-                                  config.ratio_rule)
+                                  config.ratio_rule, config.prune_heads, config.head_pruning_ratio)
         macs, params = count_macs_params(pruned, example)
         search.append({"ratio": ratio, "macs_fraction": macs / macs0, "params_fraction": params / params0})
         return pruned, macs, params

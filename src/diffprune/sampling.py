@@ -23,6 +23,7 @@ Folder layout written by `sample_to_folder`: `000000.png`, ... (global index, 6 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io as _io
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from .config import StageConfig
 from .diffusion import PREDICTION_TYPES
 from .errors import DiffpruneError, check_range
-from .fsutil import check_output_dir, write_json_atomic
+from .fsutil import check_output_dir, output_lock, write_json_atomic
 
 SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("uniform", "quad")
@@ -50,7 +51,7 @@ CONFIG_FILE = "sample_config.json"
 NPZ_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 # Settings that change image content: a --resume run must agree on all of them.
-CONTENT_KEYS = ("model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing")
+CONTENT_KEYS = ("model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing", "prompt", "class_labels")
 
 
 # --------------------------------------------------------------------------- timesteps
@@ -156,10 +157,11 @@ def _sample_size(unet) -> tuple[int, int]:
 @torch.no_grad()
 def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generator], *, steps: int,
             eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
-            set_alpha_to_one: bool = True) -> torch.Tensor:
+            set_alpha_to_one: bool = True, family=None, cond: dict | None = None) -> torch.Tensor:
     """Run the reverse chain from `noise` (B, C, H, W); returns x_0 in model range (unclipped).
 
-    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0).
+    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0). With a
+    `family`, the model is called as `family.predict(unet, x, t, cond)` (conditional families).
     """
     config = scheduler.config
     kind = getattr(config, "prediction_type", "epsilon")
@@ -174,7 +176,7 @@ def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generat
     for t, t_prev in zip(reversed(seq), reversed(prev_seq), strict=True):
         a_t, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else final)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = unet(x, tt).sample.float()
+        out = (unet(x, tt).sample if family is None else family.predict(unet, x, tt, cond)).float()
         x0, eps = _split_prediction(out, x.float(), a_t, kind)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
@@ -197,11 +199,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int = 0, steps: int = 100,
            eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
            device: str | torch.device = "cpu", indices: Sequence[int] | None = None,
-           progress: bool = True, set_alpha_to_one: bool = True) -> np.ndarray:
+           progress: bool = True, set_alpha_to_one: bool = True, ctx=None) -> np.ndarray:
     """Generate images `indices` (default range(num_images)) as uint8 (N, H, W, C).
 
     Image i depends only on (model, scheduler, seed, i, steps, eta, sampler, spacing), not on
-    batch_size or on which other indices are generated alongside it.
+    batch_size or on which other indices are generated alongside it. `ctx`
+    (families.conditioning.PipelineContext) adds image i's prompt / class label and, for latent
+    pipelines, decodes the final latents with the autoencoder.
     """
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing)
     indices = list(range(num_images)) if indices is None else [int(i) for i in indices]
@@ -209,15 +213,21 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
     unet = unet.to(device).eval()
     dtype = next(unet.parameters()).dtype
     shape = (int(unet.config.in_channels), *_sample_size(unet))
+    if ctx is not None:
+        ctx.to(device)
     batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
     out = []
     for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress or not batches):
         gens = image_generators(seed, batch)
         noise = _randn(gens, shape, device, dtype)
         x = denoise(unet, scheduler, noise, gens, steps=steps, eta=eta, sampler=sampler, spacing=spacing,
-                    set_alpha_to_one=set_alpha_to_one)
-        out.append(to_uint8(x))
+                    set_alpha_to_one=set_alpha_to_one, family=None if ctx is None else ctx.family,
+                    cond=None if ctx is None else ctx.cond_for(batch, device))
+        out.append(to_uint8(x if ctx is None else ctx.to_image_space(x)))
     if not out:
+        if ctx is not None:
+            size, channels = ctx.data_size()
+            return np.zeros((0, size, size, channels), dtype=np.uint8)
         return np.zeros((0, shape[1], shape[2], shape[0]), dtype=np.uint8)
     return np.concatenate(out)
 
@@ -237,13 +247,24 @@ def write_png_atomic(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def read_png(path: Path, channels: int) -> np.ndarray:
-    with Image.open(path) as im:
-        a = np.array(im)
+def read_png(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One PNG as HWC uint8; a damaged file or one of another shape -> DiffpruneError naming it."""
+    try:
+        with Image.open(path) as im:
+            a = np.array(im)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise DiffpruneError(f"{path}: not a readable PNG ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                             "delete it and rerun with --resume to regenerate it") from None
     a = a[..., None] if a.ndim == 2 else a
+    if a.ndim != 3 or a.dtype != np.uint8:
+        raise DiffpruneError(f"{path}: is not an 8-bit image (shape {a.shape}, {a.dtype}); "
+                             "delete it and rerun with --resume")
     if a.shape[-1] != channels:
         raise DiffpruneError(f"{path}: has {a.shape[-1]} channels, expected {channels}; "
                              "the folder holds images from another model")
+    if size is not None and tuple(a.shape[:2]) != tuple(size):
+        raise DiffpruneError(f"{path}: is {a.shape[0]}x{a.shape[1]} pixels, expected {size[0]}x{size[1]}; "
+                             "delete it and rerun with --resume")
     return a
 
 
@@ -296,6 +317,8 @@ class SampleConfig(StageConfig):
     spacing: str = "uniform"
     seed: int = 0
     model_fingerprint: str = ""
+    prompt: str | None = None  # text-conditional UNets: the prompt of every image
+    class_labels: str | None = None  # DiT: labels cycled over image indices (default: random per index)
 
     def __post_init__(self):
         check_range("num_images", self.num_images, 1)
@@ -352,13 +375,14 @@ def _plan_folder(output_dir: Path, overwrite: bool, resume: bool, config: Sample
     return output_dir
 
 
-def _finish(work: Path, output_dir: Path, num_images: int, channels: int) -> np.ndarray:
+def _finish(work: Path, output_dir: Path, num_images: int, channels: int,
+            size: tuple[int, int] | None = None) -> np.ndarray:
     """Main process: collect all PNGs (checking for gaps), write samples.npz and grid.png, swap in."""
     missing = [i for i in range(num_images) if not (work / png_name(i)).is_file()]
     if missing:
         raise DiffpruneError(f"{work}: {len(missing)} images missing after sampling (first: "
                              f"{png_name(missing[0])}); rerun with --resume")
-    images = np.stack([read_png(work / png_name(i), channels) for i in range(num_images)])
+    images = np.stack([read_png(work / png_name(i), channels, size) for i in range(num_images)])
     write_npz_atomic(work / NPZ_FILE, images=images, indices=np.arange(num_images, dtype=np.int64))
     grid = make_grid(images)
     write_png_atomic(work / GRID_FILE, grid)
@@ -373,8 +397,12 @@ def _finish(work: Path, output_dir: Path, num_images: int, channels: int) -> np.
 def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int, *, batch_size: int = 64,
                      steps: int = 100, eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
                      seed: int = 0, device: str | torch.device = "cpu", resume: bool = False,
-                     overwrite: bool = False, progress: bool = True) -> Path:
+                     overwrite: bool = False, progress: bool = True, prompt: str | None = None,
+                     class_labels: str | None = None) -> Path:
     """Sample a pipeline folder into `output_dir` (layout in the module docstring); returns it.
+
+    Latent pipelines are decoded with their autoencoder; Stable Diffusion UNets need `prompt`
+    (no classifier-free guidance); DiT takes `class_labels` ('1,2,3', cycled) or random ones.
 
     Under `accelerate launch` with N processes, rank r generates the indices i with i % N == r;
     the main process writes samples.npz and grid.png once every rank is done.
@@ -388,45 +416,84 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
         device = state.device
     output_dir = Path(output_dir).absolute()
     pipe = load_pipeline(model, device="cpu")
-    unet, scheduler = pipe.unet, pipe.scheduler
-    if unet is None or any(getattr(pipe, n, None) is not None for n in ("vae", "vqvae")):
-        raise DiffpruneError(f"{model}: only pixel-space UNet pipelines can be sampled yet")
+    from .families import family_for
+    from .families.conditioning import attach_for_sampling, context_for
+    from .prune_job import denoiser_of
+
+    _, unet = denoiser_of(pipe)
+    scheduler = pipe.scheduler
+    ctx = attach_for_sampling(context_for(pipe, family_for(unet), unet), prompt=prompt,
+                              class_labels=class_labels, seed=seed)
     config = SampleConfig(model=str(Path(model).absolute()) if Path(model).exists() else str(model),
                           num_images=num_images, batch_size=batch_size, steps=steps, eta=eta,
-                          sampler=sampler, spacing=spacing, seed=seed, model_fingerprint=model_fingerprint(unet))
+                          sampler=sampler, spacing=spacing, seed=seed, model_fingerprint=model_fingerprint(unet),
+                          prompt=prompt, class_labels=class_labels)
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing)
-    channels = int(unet.config.in_channels)
+    pixels, channels = ctx.data_size()
     if channels not in (1, 3, 4):
         raise DiffpruneError(f"the model has in_channels={channels}; PNG output needs 1, 3 or 4")
-    # Every process plans from the same (untouched) folder state, so all raise the same error.
-    work = _plan_folder(output_dir, overwrite, resume, config)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        if work != output_dir:
-            shutil.rmtree(work, ignore_errors=True)  # a stale staging folder from an interrupted run
-        work.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(work / CONFIG_FILE, config.to_dict())
-    present = sum((work / png_name(i)).is_file() for i in range(num_images))
-    state.wait_for_everyone()
-    todo = [i for i in range(state.process_index, num_images, state.num_processes)
-            if not (work / png_name(i)).is_file()]
-    _generate_into(work, unet, scheduler, todo, config, device, progress and state.is_main_process)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _finish(work, output_dir, num_images, channels)
-        _print_summary(output_dir, num_images, present, state.num_processes)
-    state.wait_for_everyone()
+    size = (pixels, pixels) if ctx.codec is not None else _sample_size(unet)
+    with contextlib.ExitStack() as locks:
+        _lock_on_main(state, locks, output_dir)
+        # Every process plans from the same (untouched) folder state, so all raise the same error.
+        work = _plan_folder(output_dir, overwrite, resume, config)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            if work != output_dir:
+                shutil.rmtree(work, ignore_errors=True)  # a stale staging folder from an interrupted run
+            work.mkdir(parents=True, exist_ok=True)
+            for stale in work.glob(".*.tmp-*"):  # half-written files of a killed run (we hold the lock)
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            write_json_atomic(work / CONFIG_FILE, config.to_dict())
+        present = sum((work / png_name(i)).is_file() for i in range(num_images))
+        if present:  # --resume: images kept must be readable and of this model's shape
+            _on_main_agree(state, lambda: [read_png(work / png_name(i), channels, size) for i in range(num_images)
+                                           if (work / png_name(i)).is_file()])
+        state.wait_for_everyone()
+        todo = [i for i in range(state.process_index, num_images, state.num_processes)
+                if not (work / png_name(i)).is_file()]
+        _generate_into(work, unet, scheduler, todo, config, device, progress and state.is_main_process, ctx)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _finish(work, output_dir, num_images, channels, size)
+            _print_summary(output_dir, num_images, present, state.num_processes)
+        state.wait_for_everyone()
     return output_dir
 
 
+def _on_main_agree(state, fn) -> None:
+    """Run `fn` on the main process; a DiffpruneError there is raised on every process (no hang)."""
+    error = None
+    if state.is_main_process:
+        try:
+            fn()
+        except DiffpruneError as err:
+            error = err
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if error is not None else 0.0], device=state.device)
+        dist.all_reduce(flag)
+        if error is None and float(flag.item()) > 0:
+            raise DiffpruneError("the main process refused this run; see its message")
+    if error is not None:
+        raise error
+
+
+def _lock_on_main(state, locks: contextlib.ExitStack, output_dir: Path) -> None:
+    """The main process holds the output folder's lock (fsutil.output_lock) for the whole run."""
+    _on_main_agree(state, lambda: locks.enter_context(output_lock(output_dir)))
+
+
 def _generate_into(work: Path, unet, scheduler, todo: list[int], config: SampleConfig, device,
-                   progress: bool) -> None:
+                   progress: bool, ctx=None) -> None:
     """Generate `todo` in batches, writing each PNG atomically as soon as its batch is done."""
     chunks = [todo[k:k + config.batch_size] for k in range(0, len(todo), config.batch_size)]
     for chunk in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or not chunks):
         images = sample(unet, scheduler, len(chunk), batch_size=config.batch_size, seed=config.seed,
                         steps=config.steps, eta=config.eta, sampler=config.sampler, spacing=config.spacing,
-                        device=device, indices=chunk, progress=False)
+                        device=device, indices=chunk, progress=False, ctx=ctx)
         for i, img in zip(chunk, images, strict=True):
             write_png_atomic(work / png_name(i), img)
 

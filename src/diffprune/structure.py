@@ -25,6 +25,8 @@ SHAPE_ATTRS: dict[str, tuple[str, ...]] = {
     "Upsample2D": ("channels", "out_channels"),
     "Downsample2D": ("channels", "out_channels"),
     "ResnetBlock2D": ("in_channels", "out_channels"),
+    "Embedding": ("num_embeddings", "embedding_dim"),
+    "Transformer2DModel": ("in_channels", "inner_dim", "out_channels"),
 }
 
 
@@ -124,6 +126,8 @@ def validate_structure(model: nn.Module, where: str = "model") -> None:
                                      f"not divisible by num_groups={m.num_groups}")
             if m.affine:
                 _expect_shape(where, name, m.weight, (m.num_channels,))
+        elif isinstance(m, nn.Embedding):
+            _expect_shape(where, name, m.weight, (m.num_embeddings, m.embedding_dim))
         elif kind == "Attention":
             inner = m.to_q.out_features
             if m.heads <= 0 or inner % m.heads:

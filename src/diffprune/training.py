@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .config import StageConfig
 from .errors import DiffpruneError, check_range
-from .fsutil import check_output_dir, write_json_atomic
+from .fsutil import check_output_dir, output_lock, write_json_atomic
 
 DISTILL_MODES = ("none", "output", "features", "both")
 EMA_WARMUPS = ("none", "ratio", "power")
@@ -62,6 +62,8 @@ RESUME_FREE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every"
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.json"
 STATE_FILE = "trainer_state.json"
+STATE_VERSION = 1
+STATE_KEYS = ("step", "config", "num_processes", "model_fingerprint")
 LOG_KEYS = ("step", "loss", "loss_task", "loss_output_kd", "loss_feature_kd", "lr", "ema_decay",
             "steps_per_s", "elapsed_s")
 
@@ -127,6 +129,9 @@ class FinetuneConfig(TrainingConfig):
     distill_weight: float = 1.0
     feature_weight: float = 1.0
     reinit: bool = False
+    prompt: str | None = None  # text-conditional UNets: one prompt for every image
+    captions: str | None = None  # or a captions file (default: captions.jsonl/.txt in the data folder)
+    class_labels: str | None = None  # DiT: labels cycled over images (default: class folders, else null)
 
     def __post_init__(self):
         super().__post_init__()
@@ -180,6 +185,13 @@ def unet_config(*, sample_size: int = 32, in_channels: int = 3, out_channels: in
     if wrong:
         raise DiffpruneError(f"attention_levels={list(attention_levels)}: {wrong[0]} is not a level index in "
                              f"[0, {levels - 1}]")
+    if attention_head_dim is not None:
+        check_range("attention_head_dim", attention_head_dim, 1)
+        # diffusers makes width // head_dim heads; the mid block (last width) always has attention
+        narrow = min([block_out_channels[a] for a in attention_levels] + [block_out_channels[-1]])
+        if attention_head_dim > narrow:
+            raise DiffpruneError(f"attention_head_dim={attention_head_dim} is wider than the narrowest "
+                                 f"attention level ({narrow} channels, mid block included); allowed: [1, {narrow}]")
     down = ["AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(levels)]
     up = ["AttnUpBlock2D" if i in attention_levels else "UpBlock2D" for i in reversed(range(levels))]
     return {"sample_size": sample_size, "in_channels": in_channels,
@@ -223,11 +235,15 @@ def build_unet(config: dict[str, Any], seed: int):
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise DiffpruneError(f"model config has unknown keys {unknown} for UNet2DModel")
+    from .structure import validate_structure
+
     torch.manual_seed(seed)
     try:
-        return UNet2DModel(**config)
-    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as err:
+        model = UNet2DModel(**config)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, ZeroDivisionError) as err:
         raise DiffpruneError(f"model config is not a valid UNet2DModel ({str(err).splitlines()[0]})") from None
+    validate_structure(model, "model config")  # e.g. attention heads = width // head_dim = 0
+    return model
 
 
 # --------------------------------------------------------------------------- seeds and data
@@ -352,14 +368,18 @@ def _adapter_key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def make_adapters(student, teacher, names: list[str], device) -> nn.ModuleDict:
+def make_adapters(student, teacher, names: list[str], device, family=None) -> nn.ModuleDict:
     """1x1 convs student width -> teacher width per feature point (identity where widths agree)."""
     widths = []
     for model in (student, teacher):
         tap = FeatureTap(model, names)
         shape = (1, model.config.in_channels, *_size(model))
         with torch.no_grad():
-            model(torch.zeros(shape, device=device), torch.zeros(1, dtype=torch.long, device=device))
+            x, t = torch.zeros(shape, device=device), torch.zeros(1, dtype=torch.long, device=device)
+            if family is None:
+                model(x, t)
+            else:
+                family.predict(model, x, t, family.example_cond(model, 1, device))
         widths.append([f.shape[1] for f in tap.take()])
         tap.remove()
     adapters = nn.ModuleDict()
@@ -376,18 +396,21 @@ def make_adapters(student, teacher, names: list[str], device) -> nn.ModuleDict:
 class Student(nn.Module):
     """The trained unet plus feature adapters, as one module so DDP syncs both.
 
-    forward(x_t, t) -> (prediction, [adapted features]) (the list is empty without adapters).
+    forward(x_t, t, cond) -> (prediction, [adapted features]) (the list is empty without adapters);
+    with a `family`, the call goes through `family.predict(unet, x_t, t, cond)`.
     """
 
-    def __init__(self, unet, adapters: nn.ModuleDict | None = None, names: list[str] | None = None):
+    def __init__(self, unet, adapters: nn.ModuleDict | None = None, names: list[str] | None = None,
+                 family=None):
         super().__init__()
         self.unet = unet
+        self.family = family
         self.adapters = adapters if adapters is not None else nn.ModuleDict()
         self.names = list(names or [])
         self.tap = FeatureTap(unet, self.names) if self.names else None
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor):
-        out = self.unet(x_t, t).sample
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None):
+        out = self.unet(x_t, t).sample if self.family is None else self.family.predict(self.unet, x_t, t, cond)
         if self.tap is None:
             return out, []
         feats = self.tap.take()
@@ -467,7 +490,8 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, dict[str, torch.
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step_*.tmp-*"):  # left by a killed run (the output dir is locked)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         for name, tensors in files.items():
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
@@ -505,20 +529,67 @@ def _json_default(obj):
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict]:
-    """(trainer_state, {file: tensors}, optimizer meta) of a checkpoint folder."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        meta = json.loads((path / "optimizer.json").read_text())
-        tensors = {name: load_file(str(path / name)) for name in
-                   ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "adapters.safetensors")
-                   if (path / name).is_file()}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as err:
-        raise DiffpruneError(f"checkpoint {path} is unreadable ({err}); delete it to resume from an "
-                             "earlier one") from None
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
-        if name not in tensors:
-            raise DiffpruneError(f"checkpoint {path} lacks {name}; delete it to resume from an earlier one")
+    """(trainer_state, {file: tensors}, optimizer meta) of a checkpoint folder.
+
+    Only the named safetensors and JSON files are read (never a pickle); any damage -> one
+    DiffpruneError line naming the file.
+    """
+    hint = "delete this checkpoint to resume from an earlier one"
+
+    def read_json(name: str) -> dict:
+        try:
+            data = json.loads((path / name).read_text())
+        except FileNotFoundError:
+            raise DiffpruneError(f"checkpoint file {path / name} is missing; {hint}") from None
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DiffpruneError(f"checkpoint file {path / name} is unreadable "
+                                 f"({_first_line(err)}); {hint}") from None
+        if not isinstance(data, dict):
+            raise DiffpruneError(f"checkpoint file {path / name} is not a JSON object; {hint}")
+        return data
+
+    state = read_json(STATE_FILE)
+    _check_state(state, path / STATE_FILE, hint)
+    meta = read_json("optimizer.json")
+    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("state", {}), dict):
+        raise DiffpruneError(f"checkpoint file {path / 'optimizer.json'} lacks a valid 'param_groups' list; {hint}")
+    tensors = {}
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "adapters.safetensors"):
+        if not (path / name).is_file():
+            if name != "adapters.safetensors":
+                raise DiffpruneError(f"checkpoint {path} lacks {name}; {hint}")
+            continue
+        try:
+            tensors[name] = load_file(str(path / name))
+        except (OSError, SafetensorError, ValueError) as err:
+            raise DiffpruneError(f"checkpoint file {path / name} is not a readable safetensors file "
+                                 f"({_first_line(err)}); {hint}") from None
     return state, tensors, meta
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_state(state: dict, where: Path, hint: str) -> None:
+    """trainer_state.json must have a known version and the keys resuming reads, with sane types."""
+    version = state.get("version", STATE_VERSION)  # files written before the field existed are version 1
+    if version != STATE_VERSION:
+        raise DiffpruneError(f"{where}: version {version!r} is not supported; this diffprune reads "
+                             f"version {STATE_VERSION}; {hint}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise DiffpruneError(f"{where}: missing keys {missing}; {hint}")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise DiffpruneError(f"{where}: step={step!r} is not an integer >= 1; {hint}")
+    if not isinstance(state["config"], dict):
+        raise DiffpruneError(f"{where}: 'config' must be a JSON object; {hint}")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) and isinstance(r.get("step"), int | float)
+                                                for r in history):
+        raise DiffpruneError(f"{where}: 'history' must be a list of records with a 'step'; {hint}")
 
 
 def check_resumable(state: dict, config: TrainingConfig, fingerprint: str, world: int, path: Path) -> None:
@@ -573,14 +644,15 @@ def plan_run_dir(output_dir: Path, overwrite: bool, resume: bool) -> tuple[Path,
     return output_dir, None
 
 
-def export_pipeline(pipe, unet, run_dir: Path) -> None:
+def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet") -> None:
     """Write `pipe` with `unet` as a pipeline folder into run_dir; model_index.json goes in last."""
     from .io import save_pipeline
 
     pipe = copy.copy(pipe)
-    pipe.register_modules(unet=unet)
+    pipe.register_modules(**{component: unet})
     tmp = run_dir / f".pipeline.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in run_dir.glob(".pipeline.tmp-*"):  # left by a killed run (the output dir is locked)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         save_pipeline(pipe, tmp)
@@ -619,6 +691,7 @@ class _Run:
     start_step: int = 0
     history: list = dataclasses.field(default_factory=list)
     fingerprint: str = ""
+    ctx: Any = None  # families.conditioning.PipelineContext: family, latent codec, conditioning
 
 
 def lr_at(config: TrainingConfig, step: int) -> float:
@@ -638,7 +711,13 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     """
     if max_steps_this_run is not None:
         check_range("max_steps_this_run", max_steps_this_run, 1)
-    run = _setup(config, Path(output_dir).absolute(), torch.device(device), resume, overwrite, tensorboard)
+    locks = contextlib.ExitStack()  # the output-dir lock (main process), held until the run ends
+    try:
+        run = _setup(config, Path(output_dir).absolute(), torch.device(device), resume, overwrite, tensorboard,
+                     locks)
+    except BaseException:
+        locks.close()
+        raise
     acc = run.accelerator
     end = config.steps if max_steps_this_run is None else min(config.steps, run.start_step + max_steps_this_run)
     finished = False
@@ -658,6 +737,7 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     finally:
         _remove_taps(run)
         _release(run, barrier=finished)
+        locks.close()
     return run.output_dir
 
 
@@ -729,16 +809,15 @@ def _make_accelerator(config: TrainingConfig, device: torch.device, work: Path, 
 
 def _load_model(config: TrainingConfig):
     """(pipeline, unet, scheduler) to train, before any checkpoint is applied."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, DDPMScheduler
 
     from .io import load_pipeline
 
     if isinstance(config, FinetuneConfig):
+        from .prune_job import denoiser_of
+
         pipe = load_pipeline(config.model, device="cpu")
-        unet = getattr(pipe, "unet", None)
-        if not isinstance(unet, UNet2DModel):
-            raise DiffpruneError(f"{config.model}: finetune needs a pipeline with a UNet2DModel 'unet', "
-                                 f"found {type(unet).__name__}")
+        _, unet = denoiser_of(pipe)  # any supported family; raises naming the supported ones
         if config.reinit:
             reinit_weights(unet, config.seed)
         return pipe, unet, pipe.scheduler
@@ -760,7 +839,9 @@ def _load_teacher(config: FinetuneConfig, unet, device):
         if not path or not Path(path).is_dir():
             raise DiffpruneError(f"--distill={config.distill} needs --teacher: the model records no local "
                                  f"base model folder (base_model id={path!r})")
-    teacher = load_pipeline(path, device="cpu").unet
+    from .prune_job import denoiser_of
+
+    _, teacher = denoiser_of(load_pipeline(path, device="cpu"))
     for key in ("in_channels", "out_channels", "sample_size"):
         if teacher.config[key] != unet.config[key]:
             raise DiffpruneError(f"teacher {path!r} has {key}={teacher.config[key]!r}, the student "
@@ -769,32 +850,42 @@ def _load_teacher(config: FinetuneConfig, unet, device):
     return teacher.to(device).eval()
 
 
-def _setup(config, output_dir, device, resume, overwrite, tensorboard) -> _Run:
+def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: contextlib.ExitStack) -> _Run:
     from .sampling import model_fingerprint
 
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single:  # lock before planning, so a second run names the lock, not the half-written folder
+        locks.enter_context(output_lock(output_dir))
     work, ckpt = plan_run_dir(output_dir, overwrite, resume)
     acc = _make_accelerator(config, device, work, tensorboard)
+    if not single:  # every process learns if the main one could not lock (no hang)
+        _on_main(acc, lambda: locks.enter_context(output_lock(output_dir)), "could not lock the output dir")
     if acc.is_main_process and ckpt is None and work != output_dir:
         shutil.rmtree(work, ignore_errors=True)  # a stale staging folder of an interrupted --overwrite run
     pipe, unet, scheduler = _load_model(config)
-    dataset = _dataset(config, unet)
+    ctx = _context(config, pipe, unet)
+    dataset = _dataset(config, unet, ctx)
     run = _Run(config, acc, work, output_dir, pipe, unet, scheduler, dataset,
-               fingerprint=model_fingerprint(unet))
+               fingerprint=model_fingerprint(unet), ctx=ctx)
     state = tensors = meta = None
     if ckpt is not None:
         state, tensors, meta = read_checkpoint(ckpt)
         check_resumable(state, config, run.fingerprint, acc.num_processes, ckpt)
     set_dropout(unet, config.dropout)
     unet.to(acc.device).train()
+    ctx.to(acc.device)
     names, adapters = [], None
     if isinstance(config, FinetuneConfig) and config.distill != "none":
         run.teacher = _load_teacher(config, unet, acc.device)
         if config.distill in ("features", "both"):
+            if not hasattr(unet, "down_blocks"):
+                raise DiffpruneError(f"--distill={config.distill}: feature distillation needs a UNet; "
+                                     f"{type(unet).__name__} has no down/up blocks (use --distill output)")
             names = feature_points(unet)
             torch.manual_seed(derive_seed(config.seed, 4242))  # adapter init: same on every run/process
-            adapters = make_adapters(unet, run.teacher, names, acc.device)
+            adapters = make_adapters(unet, run.teacher, names, acc.device, ctx.family)
             run.teacher_tap = FeatureTap(run.teacher, names)
-    run.student = Student(unet, adapters, names)
+    run.student = Student(unet, adapters, names, ctx.family)
     if tensors is not None:
         _apply_checkpoint(run, state, tensors, meta)
     run.ema = run.ema or EMA(unet, config.ema_decay, config.ema_warmup)
@@ -809,15 +900,45 @@ def _setup(config, output_dir, device, resume, overwrite, tensorboard) -> _Run:
     return run
 
 
-def _dataset(config: TrainingConfig, unet):
+def _context(config: TrainingConfig, pipe, unet):
+    """Family, latent codec and conditioning source of the trained denoiser (families/conditioning.py)."""
+    from .families import family_for
+    from .families.conditioning import context_for
+
+    return context_for(pipe, family_for(unet), unet)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """(image, index) pairs, so a batch can look up its per-image prompts / class labels."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.skipped = getattr(dataset, "skipped", 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i], i
+
+
+def _dataset(config: TrainingConfig, unet, ctx=None):
     from .data import make_dataset
 
     size = _size(unet)
     if size[0] != size[1]:
         raise DiffpruneError(f"sample_size={list(size)}: only square models can be trained yet")
-    dataset = make_dataset(config.data, size[0], int(unet.config.in_channels))
+    pixels, channels = ctx.data_size() if ctx is not None else (size[0], int(unet.config.in_channels))
+    dataset = make_dataset(config.data, pixels, channels)
     if len(dataset) == 0:
         raise DiffpruneError(f"data {config.data!r} holds no images")
+    if ctx is not None and ctx.family.conditional:
+        from .families.conditioning import attach_dataset
+
+        attach_dataset(ctx, dataset, str(config.data), prompt=getattr(config, "prompt", None),
+                       captions=getattr(config, "captions", None),
+                       class_labels=getattr(config, "class_labels", None), seed=config.seed, label_fallback="null")
+        return IndexedDataset(dataset)
     return dataset
 
 
@@ -840,8 +961,8 @@ def _apply_checkpoint(run: _Run, state: dict, tensors: dict, meta: dict) -> None
     opt = torch.optim.Adam(run.student.parameters(), lr=run.config.lr)
     try:
         opt.load_state_dict(optimizer_from_files(where["optimizer.safetensors"], meta))
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise DiffpruneError(f"--resume: optimizer state does not fit this model ({err})") from None
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
+        raise DiffpruneError(f"--resume: optimizer state does not fit this model ({_first_line(err)})") from None
     run.optimizer = opt
     run.start_step = int(state["step"])
     run.history = [r for r in state.get("history", []) if r["step"] <= run.start_step]
@@ -850,9 +971,19 @@ def _apply_checkpoint(run: _Run, state: dict, tensors: dict, meta: dict) -> None
 
 
 def _micro_batch(run: _Run, batches, step: int, micro: int):
-    """(x_t, t, target) for one micro-step; all randomness from (seed, step, micro, rank)."""
+    """(x_t, t, target, cond) for one micro-step; all randomness from (seed, step, micro, rank).
+
+    Latent pipelines train on encoded images (a posterior sample drawn from its own generator);
+    conditional families look up each image's prompt / class label by dataset index.
+    """
     acc, config = run.accelerator, run.config
-    x0 = next(batches).to(acc.device)
+    batch = next(batches)
+    x0, idx = batch if isinstance(batch, list | tuple) else (batch, None)
+    x0 = x0.to(acc.device)
+    cond = run.ctx.cond_for(idx, acc.device) if run.ctx is not None and idx is not None else None
+    if run.ctx is not None and run.ctx.codec is not None:
+        g_latent = torch.Generator().manual_seed(derive_seed(config.seed, step, micro, acc.process_index, 2))
+        x0 = run.ctx.to_model_space(x0, g_latent)
     g = torch.Generator().manual_seed(derive_seed(config.seed, step, micro, acc.process_index))
     T = diffusion.num_train_timesteps(run.scheduler)
     t = torch.randint(0, T, (x0.shape[0],), generator=g)
@@ -860,19 +991,20 @@ def _micro_batch(run: _Run, batches, step: int, micro: int):
     torch.manual_seed(derive_seed(config.seed, step, micro, acc.process_index, 1))  # dropout
     t, noise = t.to(acc.device), noise.to(acc.device)
     x_t, target = diffusion.noisy_and_target(run.scheduler, x0, noise, t)
-    return x_t, t, target
+    return x_t, t, target, cond
 
 
-def _losses(run: _Run, x_t, t, target) -> dict[str, torch.Tensor]:
+def _losses(run: _Run, x_t, t, target, cond=None) -> dict[str, torch.Tensor]:
     """Task loss plus the chosen distillation terms (see module docstring)."""
     config = run.config
     with run.accelerator.autocast():
-        pred, feats = run.student(x_t, t)
+        pred, feats = run.student(x_t, t, cond)
     losses = {"loss_task": F.mse_loss(pred.float(), target.float())}
     distill = getattr(config, "distill", "none")
     if distill != "none":
         with torch.no_grad(), run.accelerator.autocast():
-            teacher_out = run.teacher(x_t, t).sample
+            teacher_out = run.teacher(x_t, t).sample if run.ctx is None else \
+                run.ctx.family.predict(run.teacher, x_t, t, cond)
         if distill in ("output", "both"):
             losses["loss_output_kd"] = F.mse_loss(pred.float(), teacher_out.float())
         if distill in ("features", "both"):
@@ -907,10 +1039,10 @@ def _train_step(run: _Run, batches, step: int) -> dict[str, float]:
         group["lr"] = lr_at(config, step)
     sums: dict[str, float] = {}
     for micro in range(config.grad_accum):
-        x_t, t, target = _micro_batch(run, batches, step, micro)
+        x_t, t, target, cond = _micro_batch(run, batches, step, micro)
         sync = micro == config.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.student):
-            losses = _losses(run, x_t, t, target)
+            losses = _losses(run, x_t, t, target, cond)
             for k, v in _check_finite(run, losses, step).items():
                 sums[k] = sums.get(k, 0.0) + v / config.grad_accum
             acc.backward(losses["loss"] / config.grad_accum)
@@ -983,7 +1115,7 @@ def _write_run_checkpoint(run: _Run, step: int) -> Path:
              "optimizer.safetensors": opt_tensors}
     if len(student.adapters):
         files["adapters.safetensors"] = _cpu(student.adapters.state_dict())
-    state = {"step": step, "config": run.config.to_dict(), "num_processes": acc.num_processes,
+    state = {"version": STATE_VERSION, "step": step, "config": run.config.to_dict(), "num_processes": acc.num_processes,
              "model_fingerprint": run.fingerprint, "history": run.history}
     return write_checkpoint(run.work, step, files, {"optimizer.json": opt_meta, STATE_FILE: state},
                             run.config.keep_checkpoints)
@@ -1009,7 +1141,7 @@ def _finish(run: _Run) -> None:
     final.load_state_dict({k: v.cpu() for k, v in run.ema.state_for(final).items()}, strict=True)
     final.eval()
     try:
-        export_pipeline(run.pipe, final, run.work)
+        export_pipeline(run.pipe, final, run.work, run.ctx.family.component if run.ctx is not None else "unet")
         _write_log(run)
         if run.work != run.output_dir:
             _replace_dir(run.work, run.output_dir)

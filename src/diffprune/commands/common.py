@@ -20,6 +20,8 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not finite; allowed: {interval}")
+        if kind is int and high is None and value > MAX_INT:  # e.g. a seed torch cannot take, a list that never ends
+            raise argparse.ArgumentTypeError(f"{text!r} is too large; allowed: {interval[:-4]}{MAX_INT}]")
         bad = (low is not None and (value <= low if low_open else value < low)) or \
               (high is not None and (value >= high if high_open else value > high))
         if bad:
@@ -27,7 +29,11 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
         return value
 
     parse.__name__ = f"{kind.__name__} in {interval}"
+    parse.kind, parse.low, parse.high, parse.low_open, parse.high_open = kind, low, high, low_open, high_open
     return parse
+
+
+MAX_INT = 2**31 - 1  # the largest integer an unbounded integer option takes
 
 
 positive_int = _number(int, 1)

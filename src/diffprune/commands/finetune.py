@@ -64,7 +64,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output-dir (same settings; --steps may grow)")
     p.add_argument("--max-steps-this-run", dest="max_steps_this_run", type=positive_int, default=None,
-                   help="stop after N steps with a checkpoint, to continue later with --resume (default: run to --steps)")
+                   help="stop after N steps (an integer >= 1) with a checkpoint, to continue later with --resume "
+                        "(default: run to --steps)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="do not write TensorBoard logs under <output>/logs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

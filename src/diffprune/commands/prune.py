@@ -37,12 +37,26 @@ def register(subparsers) -> None:
                    help="calibration images (one batch, one fixed noise tensor), integer >= 1")
     p.add_argument("--round-to", type=positive_int, default=None,
                    help="keep channel counts multiples of this integer >= 1 (faster kernels)")
+    p.add_argument("--prune-heads", action="store_true",
+                   help="remove whole attention heads (head size kept) instead of pruning head dims")
+    p.add_argument("--head-pruning-ratio", type=unit_half_open, default=None,
+                   help="with --prune-heads: fraction of each attention's heads to remove, in [0, 1) "
+                        "(default: the pruning ratio; at least one head always stays)")
+    cond = p.add_argument_group("conditioning (Stable Diffusion UNets, DiT)")
+    cond.add_argument("--prompt", default=None, help="one prompt for every calibration image (text-conditional UNets)")
+    cond.add_argument("--captions", default=None,
+                      help="captions.jsonl ({'file_name', 'text'} lines) or captions.txt (file<TAB>caption) naming "
+                           "every image by its path relative to --data (default: one found in --data)")
+    cond.add_argument("--class-labels", default=None,
+                      help="DiT: comma-separated class ids cycled over the calibration images "
+                           "(default: integer class-folder names, else random labels)")
     add_device_seed(p)
     add_output_dir(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..fsutil import output_lock
     from ..prune_job import run_prune, summary_table
 
     resolve_device(args.device)
@@ -52,8 +66,11 @@ def run(args: argparse.Namespace) -> None:
     config = PruneConfig(model=args.model, data=args.data, method=args.method, ratio=ratio,
                          target_macs=args.target_macs, target_params=args.target_params,
                          threshold=args.threshold, batch_size=args.batch_size, round_to=args.round_to,
-                         ratio_rule=args.ratio_rule, seed=args.seed, device=args.device)
-    report = run_prune(config, args.output_dir, overwrite=args.overwrite)
+                         ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
+                         prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
+                         prompt=args.prompt, captions=args.captions, class_labels=args.class_labels)
+    with output_lock(args.output_dir):  # held for the whole run, not only while writing
+        report = run_prune(config, args.output_dir, overwrite=args.overwrite)
     print(summary_table(report))
     print(f"wrote pruned pipeline: {report['output_dir']}")
     print(f"      report: {report['output_dir']}/prune_report.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import positive_int
+from .common import MAX_INT, positive_int
 from .finetune import add_training_options, document_defaults, training_kwargs
 
 
@@ -14,8 +14,8 @@ def int_list(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v.strip() != "")
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: items must be integers >= 0")
+    if any(v < 0 or v > MAX_INT for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: items must be integers in [0, {MAX_INT}]")
     return values
 
 
@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--norm-num-groups", dest="norm_num_groups", type=positive_int, default=32,
                    help="GroupNorm groups, an integer >= 1 dividing every level's channels")
     p.add_argument("--attention-head-dim", dest="attention_head_dim", type=positive_int, default=None,
-                   help="channels per attention head (default: one head over all channels, as DDPM)")
+                   help="channels per attention head, an integer in [1, narrowest attention width] "
+                        "(default: one head over all channels, as DDPM)")
     p.add_argument("--num-train-timesteps", dest="num_train_timesteps", type=positive_int, default=1000,
                    help="diffusion steps T, an integer >= 2")
     p.add_argument("--beta-schedule", dest="beta_schedule", choices=BETA_SCHEDULES, default="linear",

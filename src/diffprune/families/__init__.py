@@ -1,6 +1,8 @@
 """Model families: what is specific to one kind of denoiser (inputs, protected layers, fix-ups).
 
-`family_for(model)` picks the adapter; each adapter is one small module.
+`family_for(model)` picks the adapter; each adapter is one small module:
+unet2d.py (DDPM/DDIM and latent-diffusion UNet2DModel), unet2d_condition.py (Stable Diffusion
+UNets), dit.py (DiT). Latent pipelines add their autoencoder through latent.py.
 """
 
 from __future__ import annotations
@@ -9,18 +11,25 @@ import torch
 
 from ..errors import DiffpruneError
 from .base import Family
+from .dit import DiTFamily
 from .unet2d import UNet2DFamily
+from .unet2d_condition import UNet2DConditionFamily
 
-FAMILIES: tuple[Family, ...] = (UNet2DFamily(),)
+FAMILIES: tuple[Family, ...] = (UNet2DFamily(), UNet2DConditionFamily(), DiTFamily())
+
+
+def supported_names() -> str:
+    return ", ".join(c.__name__ for fam in FAMILIES for c in fam.model_classes)
 
 
 def family_for(model: torch.nn.Module) -> Family:
     """The adapter for `model`, or a DiffpruneError naming its class and the supported ones."""
     for fam in FAMILIES:
         if isinstance(model, fam.model_classes):
+            fam.check(model)
             return fam
-    supported = ", ".join(c.__name__ for fam in FAMILIES for c in fam.model_classes)
-    raise DiffpruneError(f"model family {type(model).__name__!r} is not supported yet; supported: {supported}")
+    raise DiffpruneError(f"model family {type(model).__name__!r} is not supported yet; "
+                         f"supported: {supported_names()}")
 
 
 def supported_components() -> tuple[str, ...]:
@@ -28,4 +37,4 @@ def supported_components() -> tuple[str, ...]:
     return tuple(dict.fromkeys(fam.component for fam in FAMILIES))
 
 
-__all__ = ["FAMILIES", "Family", "family_for", "supported_components"]
+__all__ = ["FAMILIES", "Family", "family_for", "supported_components", "supported_names"]

@@ -1,8 +1,17 @@
-"""The interface every model-family adapter implements (one uniform signature per function)."""
+"""The interface every model-family adapter implements (one uniform signature per function).
+
+A family adapter knows one denoiser class: its example inputs (including the conditioning it needs,
+e.g. text embeddings or class labels), how to call it (`predict(model, x_t, t, cond)`), which layers
+are never pruned, its attention-head maps, and the fix-ups of static attributes after pruning.
+Latent autoencoders and text encoders belong to the pipeline, not the family (families/latent.py,
+families/unet2d_condition.py).
+"""
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import DiffpruneError
 
 
 class Family:
@@ -11,6 +20,16 @@ class Family:
     name: str = "base"
     component: str = "unet"  # the pipeline attribute holding the denoiser
     model_classes: tuple[type, ...] = ()
+    conditional: bool = False  # True when predict() needs `cond` (text embeddings, class labels)
+    residual_prunable: bool = True  # False: the residual/hidden width is protected (see ignored_layers)
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise DiffpruneError for configurations of the class this adapter does not handle."""
+
+    def example_cond(self, model: torch.nn.Module, batch_size: int = 1,
+                     device: torch.device | str = "cpu") -> dict:
+        """Conditioning keyword inputs of the right shapes for tracing and MAC counting ({} if none)."""
+        return {}
 
     def example_inputs(self, model: torch.nn.Module, batch_size: int = 1,
                        device: torch.device | str = "cpu") -> dict:
@@ -19,7 +38,11 @@ class Family:
 
     def predict(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 cond: dict | None = None) -> torch.Tensor:
-        """The model's prediction (eps, v or x0) for noisy input x_t at integer timesteps t."""
+        """The model's prediction (eps, v or x0) for noisy input x_t at integer timesteps t.
+
+        `cond` holds the family's conditioning tensors, batch-aligned with x_t (see example_cond).
+        The result has x_t's shape (a learned-variance half of the output is dropped).
+        """
         raise NotImplementedError
 
     def ignored_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -30,8 +53,10 @@ class Family:
         """q/k/v projections -> head count, so pruning keeps heads equal in size."""
         return {}
 
-    def fix_after_pruning(self, model: torch.nn.Module, before: dict[str, dict]) -> None:
-        """Make static attributes agree with the pruned tensors. `before` = structure() pre-pruning."""
+    def fix_after_pruning(self, model: torch.nn.Module, before: dict[str, dict],
+                          prune_heads: bool = False) -> None:
+        """Make static attributes agree with the pruned tensors. `before` = structure() pre-pruning;
+        `prune_heads`: whole heads were removed (head size kept) rather than head dims."""
 
     def sample_size(self, model: torch.nn.Module) -> int:
         size = model.config.sample_size
@@ -39,3 +64,8 @@ class Family:
 
     def in_channels(self, model: torch.nn.Module) -> int:
         return int(model.config.in_channels)
+
+    def _need(self, cond: dict | None, key: str) -> torch.Tensor:
+        if not cond or cond.get(key) is None:
+            raise DiffpruneError(f"{self.name} models need {key!r} as conditioning input")
+        return cond[key]

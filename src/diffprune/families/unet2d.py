@@ -32,14 +32,26 @@ class UNet2DFamily(Family):
     def num_heads(self, model):
         return qkv_head_map(model)
 
-    def fix_after_pruning(self, model, before):
-        for name, attn in attention_modules(model):
-            fix_attention(name, attn, before[name], prune_heads=False)
-        for m in model.modules():
-            if type(m).__name__ == "ResnetBlock2D":
-                m.in_channels, m.out_channels = m.conv1.in_channels, m.conv2.out_channels
+    def fix_after_pruning(self, model, before, prune_heads=False):
+        fix_unet_blocks(model, before, prune_heads)
         device = next(model.parameters()).device
         observe_resampler_channels(model, self.example_inputs(model, device=device))
+
+
+def fix_unet_blocks(model: nn.Module, before: dict, prune_heads: bool) -> None:
+    """Attention heads/inner dims/scale, ResnetBlock2D and Transformer2DModel widths."""
+    for name, attn in attention_modules(model):
+        fix_attention(name, attn, before[name], prune_heads=prune_heads)
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind == "ResnetBlock2D":
+            m.in_channels, m.out_channels = m.conv1.in_channels, m.conv2.out_channels
+        elif kind == "Transformer2DModel" and getattr(m, "proj_in", None) is not None:
+            proj_in, proj_out = m.proj_in, m.proj_out
+            linear = isinstance(proj_in, nn.Linear)
+            m.in_channels = proj_in.in_features if linear else proj_in.in_channels
+            m.inner_dim = proj_in.out_features if linear else proj_in.out_channels
+            m.out_channels = proj_out.out_features if linear else proj_out.out_channels
 
 
 def reset_parameters(model: nn.Module) -> None:

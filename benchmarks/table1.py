@@ -1,0 +1,221 @@
+"""The paper's Table 1, reproduced on the embedded digits teacher (PAPER.md, "Results to beat").
+
+Every pruned row has the same size (target 56% of the teacher's MACs, the paper's 3.4G/6.1G), the
+same post-training (steps, batch, lr, EMA) and the same seeds; only the importance criterion
+differs. The scratch rows train the pruned architecture from fresh weights ("reinit"), once with the
+same post-training budget and once with the teacher's whole training budget. All models are sampled
+from the same initial noise (DDIM, eta 0) so SSIM pairs image i of the teacher with image i of each
+student. Diff-Pruning's thresholds share one calibration sweep per seed (`importance.estimate_many`):
+each threshold sees exactly the gradients a separate run would have accumulated.
+
+    python benchmarks/table1.py --quick            # smoke check, < 15 min on 2 cores
+    python benchmarks/table1.py --seeds 3          # the full table (hours on CPU)
+
+Writes benchmarks/results/table1{_quick}.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffprune.demo import embedded_teacher
+from diffprune.evaluation import EvaluateConfig, evaluate
+from diffprune.importance import estimate_many
+from diffprune.io import library_versions
+from diffprune.prune_job import run_prune
+from diffprune.pruning import PruneConfig
+from diffprune.sampling import sample_to_folder
+from diffprune.training import FinetuneConfig, run_training
+
+RESULTS = Path(__file__).parent / "results"
+THRESHOLDS = (0.0, 0.02, 0.05, 0.10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Everything that differs between --quick and the full run."""
+
+    seeds: int
+    calibration_batch: int
+    finetune_fraction: float  # of the teacher's training steps
+    num_images: int
+    sample_steps: int
+    scratch_full: bool
+
+
+FULL = Budget(seeds=3, calibration_batch=64, finetune_fraction=0.15, num_images=1000, sample_steps=100,
+              scratch_full=True)
+QUICK = Budget(seeds=1, calibration_batch=16, finetune_fraction=0.02, num_images=200, sample_steps=20,
+               scratch_full=False)
+
+
+def row_specs(budget: Budget) -> list[dict]:
+    """(name, method, threshold, post-training kind) of every pruned or scratch row."""
+    rows = [{"name": "scratch (same budget)", "method": "reinit", "threshold": 0.0, "train": "short"}]
+    if budget.scratch_full:
+        rows.append({"name": "scratch (teacher budget)", "method": "reinit", "threshold": 0.0, "train": "full"})
+    rows += [{"name": n, "method": m, "threshold": 0.0, "train": "short"}
+             for n, m in (("random", "random"), ("magnitude", "magnitude"), ("taylor (all steps)", "taylor"))]
+    rows += [{"name": f"diff-pruning thr={t:.2f}", "method": "diff-pruning", "threshold": t, "train": "short"}
+             for t in THRESHOLDS]
+    return rows
+
+
+def teacher_recipe(teacher: Path) -> dict:
+    """The embedded teacher's own training settings (its train_config.json)."""
+    return json.loads((teacher / "train_config.json").read_text())
+
+
+def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budget: Budget, work: Path,
+            teacher_samples: Path) -> dict:
+    """Prune -> post-train -> sample -> evaluate one row for one seed; returns its metrics."""
+    tag = f"{spec['name'].replace(' ', '_').replace('=', '')}_s{seed}"
+    pruned = work / "pruned" / tag
+    report = run_prune(PruneConfig(model=str(teacher), data="digits", method=spec["method"], target_macs=0.56,
+                                   threshold=spec["threshold"], batch_size=budget.calibration_batch, seed=seed),
+                       pruned, progress=False, importance=importance)
+    steps = recipe["steps"] if spec["train"] == "full" else max(1, round(budget.finetune_fraction * recipe["steps"]))
+    tuned = work / "finetuned" / tag
+    run_training(FinetuneConfig(model=str(pruned), data="digits", steps=steps, batch_size=recipe["batch_size"],
+                                lr=recipe["lr"], ema_decay=recipe["ema_decay"], ema_warmup=recipe["ema_warmup"],
+                                dropout=recipe["dropout"], seed=seed, checkpoint_every=steps, keep_checkpoints=1),
+                 tuned, progress=False, tensorboard=False)
+    samples = sample_to_folder(tuned, work / "samples" / tag, budget.num_images, batch_size=250,
+                               steps=budget.sample_steps, seed=0, progress=False)
+    ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", teacher_samples=str(teacher_samples),
+                                 model=str(tuned), teacher_model=str(teacher), allow_download=False,
+                                 output=str(work / "evaluation" / f"{tag}.json")))
+    imp = report["importance"]
+    return {"params": report["params"]["after"], "macs": report["macs"]["after"],
+            "latency_speedup": ev["cost"]["ratios"]["latency_speedup"], "fid": ev["fid"]["value"],
+            "kid": ev["kid"]["mean"], "ssim": ev["consistency"]["ssim"]["mean"], "train_steps": steps,
+            "kept_timesteps": imp["num_kept_timesteps"] if spec["method"] in ("diff-pruning", "taylor") else None,
+            "prune_wall_s": report["wall_time_s"]["total"]}
+
+
+def run_teacher(teacher: Path, budget: Budget, work: Path) -> tuple[Path, dict]:
+    samples = sample_to_folder(teacher, work / "samples" / "teacher", budget.num_images, batch_size=250,
+                               steps=budget.sample_steps, seed=0, progress=False)
+    ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", model=str(teacher),
+                                 allow_download=False, output=str(work / "evaluation" / "teacher.json")))
+    return samples, {"params": ev["cost"]["student"]["params"], "macs": ev["cost"]["student"]["macs"],
+                     "latency_speedup": 1.0, "fid": ev["fid"]["value"], "kid": ev["kid"]["mean"], "ssim": 1.0,
+                     "train_steps": None, "kept_timesteps": None, "prune_wall_s": None}
+
+
+def aggregate(values: list) -> dict:
+    nums = [v for v in values if v is not None]
+    if not nums:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(nums)), "std": float(np.std(nums, ddof=1)) if len(nums) > 1 else 0.0,
+            "n": len(nums), "values": nums}
+
+
+COLUMNS = (("params", "params", 1e6, "{:.3f}M"), ("macs", "MACs", 1e6, "{:.1f}M"),
+           ("latency_speedup", "latency x", 1, "{:.2f}"), ("fid", "digits-FID", 1, "{:.2f}"),
+           ("kid", "KID", 1, "{:.4f}"), ("ssim", "SSIM", 1, "{:.3f}"), ("train_steps", "post-train steps", 1, "{:.0f}"),
+           ("kept_timesteps", "kept t", 1, "{:.0f}"), ("prune_wall_s", "prune s", 1, "{:.1f}"))
+
+
+def cell(stat: dict, scale: float, fmt: str) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = fmt.format(stat["mean"] / scale)
+    return text + (f" ± {fmt.format(stat['std'] / scale)}" if stat["n"] > 1 and stat["std"] else "")
+
+
+def markdown(table: dict, meta: dict) -> str:
+    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, stats in table.items():
+        lines.append(f"| {name} | " + " | ".join(cell(stats[k], s, f) for k, _, s, f in COLUMNS) + " |")
+    notes = [f"Seeds: {meta['seeds']}; mean ± std over seeds. Samples: {meta['num_images']} per model, "
+             f"DDIM {meta['sample_steps']} steps, eta 0, same noise for every model. FID/KID: "
+             f"digits-cnn-v1 features vs the 1797 digits. Latency x: teacher/student median forward time, "
+             f"batch 1, CPU. Post-training: {meta['finetune_steps']} steps "
+             f"({meta['finetune_fraction']:.0%} of the teacher's {meta['teacher_steps']}).",
+             f"Ran {meta['date']} on {meta['machine']} in {meta['wall_time_s'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def spread_notes(table: dict) -> list[str]:
+    """Which FID/SSIM differences from diff-pruning thr=0.05 exceed the seed spread (|d| > s1 + s2)."""
+    ref = table.get("diff-pruning thr=0.05")
+    notes = []
+    if not ref or ref["fid"]["n"] < 2:
+        return ["fewer than 2 seeds: no spread, no difference can be called significant"]
+    for name, stats in table.items():
+        if name in ("teacher", "diff-pruning thr=0.05") or stats["fid"]["n"] < 2:
+            continue
+        for key in ("fid", "ssim"):
+            d = stats[key]["mean"] - ref[key]["mean"]
+            if abs(d) > stats[key]["std"] + ref[key]["std"]:
+                notes.append(f"{name}: {key} differs from diff-pruning thr=0.05 by {d:+.4f} (beyond the spread)")
+    return notes or ["no FID/SSIM difference from diff-pruning thr=0.05 exceeds the seed spread"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke-check budget (1 seed, short runs)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
+    parser.add_argument("--work", type=Path, default=Path("runs/table1"), help="scratch folder for all runs")
+    args = parser.parse_args()
+    budget = QUICK if args.quick else FULL
+    if args.seeds:
+        budget = dataclasses.replace(budget, seeds=args.seeds)
+    start = time.perf_counter()
+    teacher = embedded_teacher()
+    recipe = teacher_recipe(teacher)
+    work = args.work / ("quick" if args.quick else "full")
+    if work.exists():
+        raise SystemExit(f"{work} exists; remove it first")
+    teacher_samples, teacher_row = run_teacher(teacher, budget, work)
+    results: dict[str, list[dict]] = {"teacher": [teacher_row]}
+    for seed in range(budget.seeds):
+        sweeps = estimate_many_for_seed(teacher, budget, seed)
+        for spec in row_specs(budget):
+            importance = sweeps.get((spec["method"], spec["threshold"]))
+            print(f"[seed {seed}] {spec['name']}", flush=True)
+            results.setdefault(spec["name"], []).append(
+                run_row(spec, seed, importance, teacher, recipe, budget, work, teacher_samples))
+    table = {name: {k: aggregate([r[k] for r in runs]) for k, *_ in COLUMNS} for name, runs in results.items()}
+    meta = {"seeds": budget.seeds, "num_images": budget.num_images, "sample_steps": budget.sample_steps,
+            "finetune_fraction": budget.finetune_fraction, "teacher_steps": recipe["steps"],
+            "finetune_steps": max(1, round(budget.finetune_fraction * recipe["steps"])),
+            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()} "
+            f"({__import__('os').cpu_count()} cores)", "wall_time_s": time.perf_counter() - start,
+            "budget": dataclasses.asdict(budget), "versions": library_versions()}
+    notes = spread_notes(table)
+    suffix = "_quick" if args.quick else ""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"table1{suffix}.json").write_text(json.dumps({"table": table, "runs": results, "meta": meta,
+                                                              "spread_notes": notes}, indent=2) + "\n")
+    md = markdown(table, meta) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    (RESULTS / f"table1{suffix}.md").write_text(md)
+    print(md)
+
+
+def estimate_many_for_seed(teacher: Path, budget: Budget, seed: int) -> dict:
+    """One calibration sweep per seed shared by taylor and every diff-pruning threshold."""
+    from diffprune.data import first_batch, make_dataset
+    from diffprune.families import family_for
+    from diffprune.io import load_pipeline
+
+    pipe = load_pipeline(teacher)
+    model = pipe.unet.requires_grad_(True)
+    family = family_for(model)
+    images = first_batch(make_dataset("digits", family.sample_size(model), family.in_channels(model)),
+                         budget.calibration_batch, seed)
+    return estimate_many(model, family, pipe.scheduler, images, THRESHOLDS, seed=seed, progress=True)
+
+
+if __name__ == "__main__":
+    main()
