@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.unet2d import UNet2DFamily
-from diffprune.importance import METHODS, ImportanceResult, estimate, threshold_sweep
+from diffprune.importance import METHODS, ImportanceResult, estimate, estimate_many, threshold_sweep
 from diffprune.metrics.complexity import count_macs_params
 from diffprune.pruning import PruneConfig, prune, prune_with_ratio
 from diffprune.structure import validate_structure
@@ -174,3 +174,19 @@ def test_round_to_keeps_the_paper_size_and_valid_groupnorm():
     widths = [m.out_features for m in out.model.modules() if isinstance(m, torch.nn.Linear)]
     assert all(w % 8 == 0 for w in widths)
     validate_structure(out.model)
+
+
+def test_estimate_many_equals_separate_sweeps():
+    """One shared sweep gives each threshold (and taylor) exactly what a separate run computes."""
+    model = tiny_unet()
+    fam = family_for(model)
+    sched = DDPMScheduler(num_train_timesteps=30, prediction_type="sample")  # L_t falls slowly here
+    images = _images(n=3)
+    many = estimate_many(model, fam, sched, images, (0.0, 0.96, 0.99), seed=1, progress=False)
+    assert 1 < len(many[("diff-pruning", 0.96)].kept_timesteps) < 30  # the cut paths are exercised
+    for (method, thr), shared in many.items():
+        alone = estimate(model, fam, sched, images, method, threshold=thr, seed=1, progress=False)
+        assert shared.kept_timesteps == alone.kept_timesteps and shared.losses == alone.losses
+        assert shared.tail_losses == alone.tail_losses
+        for name, g in alone.grads.items():
+            torch.testing.assert_close(shared.grads[name], g, rtol=1e-6, atol=1e-8)

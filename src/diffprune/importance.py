@@ -25,7 +25,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 from .diffusion import noisy_and_target, num_train_timesteps
-from .errors import DiffpruneError
+from .errors import DiffpruneError, check_range
 
 METHODS = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 GRADIENT_METHODS = ("diff-pruning", "taylor")
@@ -96,6 +96,29 @@ def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, 
     return kept, losses
 
 
+def _calibration_loss(model: torch.nn.Module, family, scheduler, images: torch.Tensor, seed: int,
+                      cond: dict | None) -> Callable[..., torch.Tensor]:
+    """L_t on one fixed batch and one fixed noise tensor (seeded): `loss_at(t, grad=True)`."""
+    device = next(model.parameters()).device
+    images = images.to(device)
+    cond = {k: v.to(device) for k, v in cond.items()} if cond else cond
+    if not torch.isfinite(images).all():
+        raise DiffpruneError("calibration images contain NaN or inf values")
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def loss_at(t: int, grad: bool = True) -> torch.Tensor:
+        ts = torch.full((images.shape[0],), t, device=device, dtype=torch.long)
+        x_t, target = noisy_and_target(scheduler, images, noise, ts)
+        with torch.set_grad_enabled(grad):
+            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts, cond), target)
+
+    return loss_at
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, method: str,
              threshold: float = 0.0, seed: int = 0, progress: bool = True,
              tail_stride: int = 10, cond: dict | None = None) -> ImportanceResult:
@@ -111,28 +134,16 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
     start = time.perf_counter()
     if method not in GRADIENT_METHODS:
         return ImportanceResult(method, threshold, [], [], [], None, 0, 0.0)
-    device = next(model.parameters()).device
-    images = images.to(device)
-    cond = {k: v.to(device) for k, v in cond.items()} if cond else cond
-    if not torch.isfinite(images).all():
-        raise DiffpruneError("calibration images contain NaN or inf values")
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    loss_at = _calibration_loss(model, family, scheduler, images, seed, cond)
     was_training = model.training
     model.eval()  # no dropout: the sweep must be deterministic
     model.zero_grad(set_to_none=True)
-
-    def loss_at(t: int, grad: bool = True) -> torch.Tensor:
-        ts = torch.full((images.shape[0],), t, device=device, dtype=torch.long)
-        x_t, target = noisy_and_target(scheduler, images, noise, ts)
-        with torch.set_grad_enabled(grad):
-            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts, cond), target)
-
     total = num_train_timesteps(scheduler)
     thr = threshold if method == "diff-pruning" else 0.0
     try:
         kept, losses = threshold_sweep(loss_at, total, thr, on_keep=lambda t, loss: _backward(model, t, loss),
                                        progress=progress)
-        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        grads = _grads(model)
         tail = [(t, float(loss_at(t, grad=False).detach())) for t in range(losses[-1][0] + 1, total, tail_stride)] \
             if len(kept) < total else []
     finally:
@@ -140,6 +151,53 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
         model.train(was_training)
     return ImportanceResult(method, thr, kept, losses, tail, grads, len(kept) * images.shape[0],
                             time.perf_counter() - start)
+
+
+def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tensor,
+                  thresholds: tuple[float, ...], seed: int = 0, progress: bool = True,
+                  tail_stride: int = 10, cond: dict | None = None) -> dict[tuple[str, float], ImportanceResult]:
+    """One all-timestep sweep that serves Diff-Pruning at every threshold and Taylor (all steps).
+
+    The threshold rule only looks back (running max), so each threshold's cut is known when the
+    sweep reaches it; its gradients are snapshotted there. Each result equals a separate
+    `estimate(...)` with the same images and seed; its wall time is the sweep's time up to its cut.
+    Keys: ("diff-pruning", thr) for each threshold and ("taylor", 0.0).
+    """
+    for thr in thresholds:
+        check_range("threshold", thr, 0.0, 1.0, high_open=True)
+    start = time.perf_counter()
+    loss_at = _calibration_loss(model, family, scheduler, images, seed, cond)
+    total, n = num_train_timesteps(scheduler), images.shape[0]
+    pending = sorted(set(thresholds), reverse=True)  # the highest threshold cuts first
+    cuts: dict[float, tuple[int, dict, float]] = {}
+    l_max = 0.0
+
+    def on_keep(t: int, loss: torch.Tensor) -> None:
+        nonlocal l_max
+        value = float(loss.detach())
+        l_max = max(l_max, value)
+        while pending and pending[0] > 0 and value < pending[0] * l_max:
+            cuts[pending.pop(0)] = (t, _grads(model), time.perf_counter() - start)
+        _backward(model, t, loss)
+
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        _, losses = threshold_sweep(loss_at, total, 0.0, on_keep=on_keep, progress=progress)
+        full = (total, _grads(model), time.perf_counter() - start)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    out = {}
+    for thr in thresholds:
+        cut, grads, wall = cuts.get(thr, full)
+        seen = losses[: cut + 1] if cut < total else losses
+        tail = [losses[t] for t in range(cut + 1, total, tail_stride)] if cut < total else []
+        out[("diff-pruning", thr)] = ImportanceResult("diff-pruning", thr, list(range(cut)), seen, tail, grads,
+                                                      cut * n, wall)
+    out[("taylor", 0.0)] = ImportanceResult("taylor", 0.0, list(range(total)), losses, [], full[1], total * n, full[2])
+    return out
 
 
 def _backward(model: torch.nn.Module, t: int, loss: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ from .data import first_batch, make_dataset
 from .errors import DiffpruneError
 from .families import family_for, supported_names
 from .families.conditioning import attach_dataset, context_for
-from .fsutil import atomic_dir, check_output_dir, write_json_atomic
-from .importance import estimate
+from .fsutil import atomic_dir, check_output_dir, output_lock, write_json_atomic
+from .importance import ImportanceResult, estimate
 from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
 from .plots import plot_timestep_losses
 from .pruning import PruneConfig, prune
@@ -46,9 +46,19 @@ def calibration_indices(n: int, batch_size: int, seed: int) -> list[int]:
 
 
 def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
-              progress: bool = True) -> dict:
-    """Run the whole prune stage; returns the report dict (also written as prune_report.json)."""
+              progress: bool = True, importance: ImportanceResult | None = None) -> dict:
+    """Run the whole prune stage; returns the report dict (also written as prune_report.json).
+
+    `importance` may carry a sweep already made for this config (e.g. one of
+    `importance.estimate_many`'s results); it must name the same method and threshold.
+    """
     check_output_dir(output_dir, overwrite)
+    with output_lock(output_dir):
+        return _run_prune(config, output_dir, overwrite, progress, importance)
+
+
+def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, progress: bool,
+               importance: ImportanceResult | None) -> dict:
     start = time.perf_counter()
     device = torch.device(config.device)
     pipe = load_pipeline(config.model, device=device)
@@ -68,8 +78,13 @@ def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = Fal
     cond = ctx.cond_for(idx, device)
     samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
 
-    importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
-                          config.seed, progress=progress, cond=cond)
+    if importance is None:
+        importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
+                              config.seed, progress=progress, cond=cond)
+    elif importance.method != config.method or (
+            config.method == "diff-pruning" and importance.threshold != config.threshold):
+        raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
+                             f"threshold={importance.threshold}, not for {config.method!r} {config.threshold}")
     outcome = prune(model, family, config, importance, progress=progress)
     info = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
