@@ -41,15 +41,15 @@ class DemoConfig(StageConfig):
     method: str = "diff-pruning"
     threshold: float = 0.05
     target_macs: float = 0.56
-    calibration_batch: int = 64
-    finetune_steps: int = 400
+    calibration_batch: int = 32
+    finetune_steps: int = 300
     finetune_batch: int = 64
-    lr: float = 2e-4
+    lr: float = 1e-3  # the teacher's own training lr, as the paper post-trains at the pre-training lr
     ema_decay: float = 0.999
     distill: str = "none"
-    num_images: int = 360
-    sample_steps: int = 100
-    sample_batch: int = 120
+    num_images: int = 256
+    sample_steps: int = 50
+    sample_batch: int = 128
     seed: int = 0
     device: str = "cpu"
 
