@@ -173,12 +173,13 @@ def write_json_atomic(path: str | Path, data) -> Path:
     """Write JSON via a temp file + rename, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, default=json_default) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def _json_default(obj):
+def json_default(obj):
+    """`json.dumps(default=...)` for numpy/torch values and paths."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, Path):

@@ -157,16 +157,22 @@ def to_pruned(model: torch.nn.Module, info: dict[str, Any]):
 # --------------------------------------------------------------------------- reading files
 
 
-def read_pruning_info(folder: Path) -> dict[str, Any]:
-    path = folder / PRUNING_FILE
+def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`, or one DiffpruneError line naming the file and the problem."""
     try:
-        info = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DiffpruneError(f"{path}: missing; this is not a diffprune pruned model folder") from None
+        raise DiffpruneError(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DiffpruneError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(info, dict):
+    if not isinstance(data, dict):
         raise DiffpruneError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_pruning_info(folder: Path) -> dict[str, Any]:
+    path = folder / PRUNING_FILE
+    info = _read_json_object(path, "missing; this is not a diffprune pruned model folder")
     missing = [k for k in REQUIRED_KEYS if k not in info]
     if missing:
         raise DiffpruneError(f"{path}: missing keys {missing}")
@@ -179,16 +185,7 @@ def read_pruning_info(folder: Path) -> dict[str, Any]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffpruneError(f"{path}: missing model config") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DiffpruneError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise DiffpruneError(f"{path}: expected a JSON object")
-    return config
+    return _read_json_object(folder / CONFIG_FILE, "missing model config")
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import diffusion
 from .config import StageConfig
 from .errors import DiffpruneError, check_range
-from .fsutil import check_output_dir, output_lock, write_json_atomic
+from .fsutil import check_output_dir, json_default, output_lock, write_json_atomic
 
 DISTILL_MODES = ("none", "output", "features", "both")
 EMA_WARMUPS = ("none", "ratio", "power")
@@ -496,7 +496,7 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, dict[str, torch.
         for name, tensors in files.items():
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for name, data in json_files.items():
-            (tmp / name).write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+            (tmp / name).write_text(json.dumps(data, indent=2, default=json_default) + "\n")
         _replace_dir(tmp, final)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -518,14 +518,6 @@ def _replace_dir(new: Path, final: Path) -> None:
     new.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _json_default(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict]:

@@ -21,15 +21,15 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import DiffpruneError
-from .attention import observe_resampler_channels, qkv_head_map
-from .base import Family
-from .unet2d import fix_unet_blocks
+from .unet2d import UNet2DFamily
 
 CAPTION_FILES = ("captions.jsonl", "captions.txt")
 TEXT_LENGTH = 77  # CLIP's model_max_length; only shapes for tracing and MAC counting depend on it
 
 
-class UNet2DConditionFamily(Family):
+class UNet2DConditionFamily(UNet2DFamily):
+    """Same layers, protections and fix-ups as UNet2DModel; adds the text conditioning."""
+
     name = "unet2d_condition"
     component = "unet"
     model_classes = (UNet2DConditionModel,)
@@ -59,16 +59,6 @@ class UNet2DConditionFamily(Family):
     def predict(self, model, x_t, t, cond=None):
         return model(x_t, t, encoder_hidden_states=self._need(cond, "encoder_hidden_states")).sample
 
-    def ignored_layers(self, model):
-        return [model.conv_out]
-
-    def num_heads(self, model):
-        return qkv_head_map(model)
-
-    def fix_after_pruning(self, model, before, prune_heads=False):
-        fix_unet_blocks(model, before, prune_heads)
-        device = next(model.parameters()).device
-        observe_resampler_channels(model, self.example_inputs(model, device=device))
 
 
 # --------------------------------------------------------------------------- prompts
