@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -111,6 +112,17 @@ def run_teacher(teacher: Path, budget: Budget, work: Path) -> tuple[Path, dict]:
                      "train_steps": None, "kept_timesteps": None, "prune_wall_s": None}
 
 
+def machine() -> str:
+    """CPU model and core count, e.g. 'AMD EPYC 9R14 (2 cores)'."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def aggregate(values: list) -> dict:
     nums = [v for v in values if v is not None]
     if not nums:
@@ -190,8 +202,7 @@ def main() -> None:
     meta = {"seeds": budget.seeds, "num_images": budget.num_images, "sample_steps": budget.sample_steps,
             "finetune_fraction": budget.finetune_fraction, "teacher_steps": recipe["steps"],
             "finetune_steps": max(1, round(budget.finetune_fraction * recipe["steps"])),
-            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()} "
-            f"({__import__('os').cpu_count()} cores)", "wall_time_s": time.perf_counter() - start,
+            "date": datetime.date.today().isoformat(), "machine": machine(), "wall_time_s": time.perf_counter() - start,
             "budget": dataclasses.asdict(budget), "versions": library_versions()}
     notes = spread_notes(table)
     suffix = "_quick" if args.quick else ""

@@ -78,6 +78,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     cond = ctx.cond_for(idx, device)
     samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
 
+    precomputed = importance is not None
     if importance is None:
         importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
                               config.seed, progress=progress, cond=cond)
@@ -115,8 +116,10 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         "importance": importance.summary(),
         "widths": {"before": widths(outcome.widths_before), "after": widths(outcome.widths_after)},
         "ratio_search": outcome.search,
+        # A precomputed sweep's time counts as if this run had made it (it is this run's work).
         "wall_time_s": {"importance": importance.wall_time_s, "prune": outcome.wall_time_s,
-                        "total": time.perf_counter() - start},
+                        "total": time.perf_counter() - start + (importance.wall_time_s if precomputed else 0.0),
+                        "importance_precomputed": precomputed},
         "versions": library_versions(),
     }
     with atomic_dir(output_dir, overwrite) as tmp:
