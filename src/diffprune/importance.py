@@ -11,6 +11,10 @@ per-element |w * g| summed over each layer's slice and reduced over the dependen
 (torch-pruning's TaylorImportance, multivariable=False). `taylor` is the classic baseline: all
 timesteps, |sum w * g| (multivariable=True). `magnitude` = L2 norm, `random` = random scores,
 `reinit` = random structure with fresh weights (the paper's "scratch" architecture).
+
+`estimate_fast` approximates Diff-Pruning's sum at a fraction of the cost: the cut from a coarse
+forward-only loss curve, then a few backward passes on (image, t) pairs sampled from a larger
+image pool with t stratified over the kept prefix (benchmarks/importance_cost.py measures it).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .errors import DiffpruneError, check_range
 
 METHODS = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 GRADIENT_METHODS = ("diff-pruning", "taylor")
+ESTIMATORS = ("exact", "fast")  # how Diff-Pruning's sum is computed: estimate / estimate_fast
 
 
 @dataclasses.dataclass
@@ -43,17 +48,25 @@ class ImportanceResult:
     grads: dict[str, torch.Tensor] | None  # parameter name -> sum_t alpha_t dL_t/dtheta
     sample_gradient_evals: int  # images x timesteps that went through backward
     wall_time_s: float
+    estimator: str = "exact"  # "exact": the per-timestep sweep; "fast": estimate_fast (coarse cut, sampled pairs)
 
     @property
     def cut(self) -> int | None:
-        """First timestep not kept, or None when every timestep was kept."""
-        return self.losses[-1][0] if len(self.losses) > len(self.kept_timesteps) else None
+        """First timestep not kept, or None when every timestep was kept.
+
+        The last evaluated t is the cut when it lies past the kept prefix (exact sweep: t = cut;
+        fast: the coarse grid point that failed the rule); otherwise every timestep was kept.
+        """
+        if not self.losses or self.losses[-1][0] < len(self.kept_timesteps):
+            return None
+        return self.losses[-1][0]
 
     def summary(self) -> dict:
         return {"method": self.method, "threshold": self.threshold,
                 "kept_timesteps": _ranges(self.kept_timesteps), "num_kept_timesteps": len(self.kept_timesteps),
                 "cut_timestep": self.cut, "losses": self.losses, "tail_losses": self.tail_losses,
-                "sample_gradient_evals": self.sample_gradient_evals, "wall_time_s": self.wall_time_s}
+                "sample_gradient_evals": self.sample_gradient_evals, "wall_time_s": self.wall_time_s,
+                "estimator": self.estimator}
 
 
 def _ranges(ts: list[int]) -> list[list[int]]:
@@ -198,6 +211,105 @@ def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tenso
                                                       cut * n, wall)
     out[("taylor", 0.0)] = ImportanceResult("taylor", 0.0, list(range(total)), losses, [], full[1], total * n, full[2])
     return out
+
+
+def coarse_cut(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, threshold: float,
+               stride: int) -> tuple[int, list[tuple[int, float]]]:
+    """The threshold rule on the grid t = 0, stride, 2*stride, ...: (cut, every (t, L_t) evaluated).
+
+    cut = the first grid t with L_t < threshold * (running max of the grid losses), or
+    num_timesteps when no grid point falls below (or threshold = 0); the kept timesteps are [0, cut).
+    """
+    if stride < 1:
+        raise DiffpruneError(f"grid_stride={stride} must be an integer >= 1")
+    losses: list[tuple[int, float]] = []
+    l_max = 0.0
+    for t in range(0, num_timesteps, stride):
+        value = float(loss_at(t))
+        if not math.isfinite(value):
+            raise DiffpruneError(f"calibration loss is {value} at timestep t={t}; check the calibration "
+                                 "images and the model weights")
+        losses.append((t, value))
+        l_max = max(l_max, value)
+        if threshold > 0 and value < threshold * l_max:
+            return t, losses
+    return num_timesteps, losses
+
+
+def stratified_timesteps(cut: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps in [0, cut), one uniformly drawn from each of n equal strata (n may exceed cut)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    t = ((torch.arange(n, dtype=torch.float64) + u) * cut / n).floor().long()
+    return t.clamp_(0, cut - 1)[torch.randperm(n, generator=generator)]
+
+
+def default_passes(cut: int, pairs_per_pass: int) -> int:
+    """~6 (image, t) pairs per kept timestep: under 10% of an exact sweep with a 64-image batch."""
+    return max(1, math.ceil(6 * cut / pairs_per_pass))
+
+
+def estimate_fast(model: torch.nn.Module, family, scheduler, images: torch.Tensor, threshold: float,
+                  seed: int = 0, grid_stride: int = 10, cut_batch: int = 8, pairs_per_pass: int = 64,
+                  passes: int | None = None, progress: bool = True, cond: dict | None = None) -> ImportanceResult:
+    """Diff-Pruning's importance at a fraction of the exact sweep's cost.
+
+    1. The cut: the threshold rule on a forward-only loss curve over the coarse grid
+       t = 0, grid_stride, ... with the first `cut_batch` images and one fixed noise tensor.
+    2. sum_{t < cut} dL_t/dtheta, up to scale: `passes` backward passes, each on the mean loss of
+       `pairs_per_pass` (image, t) pairs, images drawn from all of `images` (without replacement
+       until the pool is used up), timesteps stratified over [0, cut), fresh noise per pair.
+       Default passes: `default_passes(cut, pairs_per_pass)`. The scale is irrelevant: pruning
+       ranks channels within each group.
+    Deterministic for a given seed. `sample_gradient_evals` = passes * pairs_per_pass.
+    """
+    check_range("threshold", threshold, 0.0, 1.0, high_open=True)
+    for name, value in (("cut_batch", cut_batch), ("pairs_per_pass", pairs_per_pass)):
+        if value < 1:
+            raise DiffpruneError(f"{name}={value} must be an integer >= 1")
+    if passes is not None and passes < 1:
+        raise DiffpruneError(f"passes={passes} must be an integer >= 1")
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if not torch.isfinite(images).all():
+        raise DiffpruneError("calibration images contain NaN or inf values")
+    n = images.shape[0]
+    head = list(range(min(cut_batch, n)))
+    cond_head = _select(cond, head, n)
+    total = num_train_timesteps(scheduler)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        loss_at = _calibration_loss(model, family, scheduler, images[head], seed, cond_head)
+        cut, losses = coarse_cut(lambda t: loss_at(t, grad=False), total, threshold, grid_stride)
+        passes = default_passes(cut, pairs_per_pass) if passes is None else passes
+        g = torch.Generator().manual_seed(seed + 1)
+        order: list[int] = []
+        for _ in tqdm(range(passes), desc=f"importance (fast, cut={cut})", disable=not progress, leave=False):
+            while len(order) < pairs_per_pass:
+                order += torch.randperm(n, generator=g).tolist()
+            idx, order = order[:pairs_per_pass], order[pairs_per_pass:]
+            ts = stratified_timesteps(cut, pairs_per_pass, g).to(device)
+            noise = torch.randn((pairs_per_pass, *images.shape[1:]), generator=g).to(device)
+            x0 = images[idx]
+            x_t, target = noisy_and_target(scheduler, x0, noise, ts)
+            loss = torch.nn.functional.mse_loss(family.predict(model, x_t, ts, _select(cond, idx, n)), target)
+            _backward(model, int(ts[0]), loss)
+        grads = _grads(model)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return ImportanceResult("diff-pruning", threshold, list(range(cut)), losses, [], grads,
+                            passes * pairs_per_pass, time.perf_counter() - start, estimator="fast")
+
+
+def _select(cond: dict | None, idx: list[int], n: int) -> dict | None:
+    """The conditioning rows of images `idx` (tensors with a leading dimension of n; others as is)."""
+    if not cond:
+        return cond
+    return {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in cond.items()}
 
 
 def _backward(model: torch.nn.Module, t: int, loss: torch.Tensor) -> None:

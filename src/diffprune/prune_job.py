@@ -17,7 +17,7 @@ from .errors import DiffpruneError
 from .families import family_for, supported_names
 from .families.conditioning import attach_dataset, context_for
 from .fsutil import atomic_dir, check_output_dir, output_lock, write_json_atomic
-from .importance import ImportanceResult, estimate
+from .importance import ImportanceResult, estimate, estimate_fast
 from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
 from .plots import plot_timestep_losses
 from .pruning import PruneConfig, prune
@@ -79,7 +79,10 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
 
     precomputed = importance is not None
-    if importance is None:
+    if importance is None and config.estimator == "fast":
+        importance = estimate_fast(model, family, pipe.scheduler, samples, config.threshold, config.seed,
+                                   progress=progress, cond=cond)
+    elif importance is None:
         importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
                               config.seed, progress=progress, cond=cond)
     elif importance.method != config.method or (
@@ -94,6 +97,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                    "ratio_rule": config.ratio_rule, "target_macs": config.target_macs,
                    "target_params": config.target_params, "round_to": config.round_to,
                    "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed,
+                   "estimator": importance.estimator,
                    "prune_heads": config.prune_heads, "head_pruning_ratio": config.head_pruning_ratio,
                    "latent": ctx.codec is not None, "residual_pruned": family.residual_prunable},
         "kept_timesteps": importance.summary()["kept_timesteps"],

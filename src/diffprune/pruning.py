@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch_pruning as tp
@@ -25,7 +26,7 @@ from .config import StageConfig
 from .errors import DiffpruneError, check_range
 from .families import Family
 from .families.unet2d import reset_parameters
-from .importance import ImportanceResult, tp_importance
+from .importance import ESTIMATORS, ImportanceResult, tp_importance
 from .metrics.complexity import count_macs_params
 from .structure import record_structure, validate_structure
 
@@ -48,6 +49,7 @@ class PruneConfig(StageConfig):
     target_params: float | None = None
     threshold: float = 0.05
     batch_size: int = 32
+    estimator: str = "exact"  # "fast": importance.estimate_fast (diff-pruning only); batch_size = image pool
     round_to: int | None = None
     ratio_rule: str = "torch-pruning"
     seed: int = 0
@@ -68,6 +70,10 @@ class PruneConfig(StageConfig):
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), 0.0, 1.0, low_open=True)
         check_range("threshold", self.threshold, 0.0, 1.0, high_open=True)
+        if self.estimator not in ESTIMATORS:
+            raise DiffpruneError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}")
+        if self.estimator == "fast" and self.method != "diff-pruning":
+            raise DiffpruneError(f"estimator='fast' applies to method 'diff-pruning' only, not {self.method!r}")
         if self.ratio_rule not in RATIO_RULES:
             raise DiffpruneError(f"ratio_rule={self.ratio_rule!r} is not one of {RATIO_RULES}")
         if self.head_pruning_ratio is not None:
@@ -166,8 +172,13 @@ def head_ratio_dict(num_heads: dict[torch.nn.Module, int], ratio: float) -> dict
 def prune_with_ratio(model: torch.nn.Module, family: Family, importance: ImportanceResult,
                      ratio: float, round_to: int | None = None, seed: int = 0,
                      ratio_rule: str = "torch-pruning", prune_heads: bool = False,
-                     head_pruning_ratio: float | None = None) -> torch.nn.Module:
+                     head_pruning_ratio: float | None = None,
+                     on_group: Callable[[str, list[int], int], None] | None = None) -> torch.nn.Module:
     """A pruned deep copy of `model` at `ratio` under `ratio_rule` (the original is untouched).
+
+    `on_group(root_name, removed_idxs, root_channels)` is called for each group just before it is
+    pruned (names as in `model`; indices in the root layer's original channels, output channels or,
+    for attention head dims rooted at an output projection, its input channels).
 
     Attention: by default every head keeps its count and loses head dims (`ratio` of them, the
     softmax scale preserved); `prune_heads=True` removes whole heads instead (`head_pruning_ratio`,
@@ -202,8 +213,15 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
         head_pruning_ratio=head_ratio if prune_heads else 0.0,
         head_pruning_ratio_dict=head_ratio_dict(num_heads, head_ratio) if prune_heads else None,
         round_to=round_to)
+    names = {m: n for n, m in pruned.named_modules()}
     with torch.no_grad():
         for group in pruner.step(interactive=True):
+            if on_group is not None:
+                dep, root = group[0].dep, group[0].dep.target.module
+                graph = pruner.DG
+                channels = graph.get_out_channels(root) if graph.is_out_channel_pruning_fn(dep.handler) \
+                    else graph.get_in_channels(root)
+                on_group(names.get(root, ""), sorted(int(i) for i in group[0].idxs), int(channels or 0))
             group.prune()
     pruned.zero_grad(set_to_none=True)
     family.fix_after_pruning(pruned, before, prune_heads=prune_heads)

@@ -35,6 +35,12 @@ def register(subparsers) -> None:
                         "L_t < thr * max L (0 keeps all timesteps)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="calibration images (one batch, one fixed noise tensor), integer >= 1")
+    p.add_argument("--estimator", choices=("exact", "fast"), default="exact",
+                   help="how Diff-Pruning sums gradients over the kept timesteps: 'exact' backpropagates every "
+                        "kept timestep on the whole batch; 'fast' finds the cut on a coarse forward-only grid "
+                        "and backpropagates ~6 sampled (image, timestep) pairs per kept timestep drawn from "
+                        "all --batch-size images (use a larger --batch-size, e.g. 512, as the pool); "
+                        "--method diff-pruning only")
     p.add_argument("--round-to", type=positive_int, default=None,
                    help="keep channel counts multiples of this integer >= 1 (faster kernels)")
     p.add_argument("--prune-heads", action="store_true",
@@ -65,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
         ratio = 0.3
     config = PruneConfig(model=args.model, data=args.data, method=args.method, ratio=ratio,
                          target_macs=args.target_macs, target_params=args.target_params,
-                         threshold=args.threshold, batch_size=args.batch_size, round_to=args.round_to,
+                         threshold=args.threshold, batch_size=args.batch_size, estimator=args.estimator,
+                         round_to=args.round_to,
                          ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels)
