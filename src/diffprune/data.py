@@ -135,8 +135,12 @@ def make_dataset(source: str | Path, size: int, channels: int) -> torch.utils.da
     return ImageFolderDataset(source, size, channels)
 
 
+def batch_indices(n: int, batch_size: int, seed: int) -> list[int]:
+    """The dataset indices `first_batch` draws: a seeded permutation's first `batch_size`."""
+    g = torch.Generator().manual_seed(seed)
+    return [int(i) for i in torch.randperm(n, generator=g)[:batch_size]]
+
+
 def first_batch(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> torch.Tensor:
     """A reproducible random batch of `batch_size` images (fewer if the dataset is smaller)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:batch_size]
-    return torch.stack([dataset[int(i)] for i in idx])
+    return torch.stack([dataset[i] for i in batch_indices(len(dataset), batch_size, seed)])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .data import first_batch, make_dataset
+from .data import batch_indices, first_batch, make_dataset
 from .errors import DiffpruneError
 from .families import family_for, supported_names
 from .families.conditioning import attach_dataset, context_for
@@ -37,12 +37,6 @@ def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
             return name, module
     raise DiffpruneError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to prune; "
                          f"supported denoisers: {supported_names()}")
-
-
-def calibration_indices(n: int, batch_size: int, seed: int) -> list[int]:
-    """The dataset indices of `data.first_batch(dataset, batch_size, seed)` (same draw)."""
-    g = torch.Generator().manual_seed(seed)
-    return [int(i) for i in torch.randperm(n, generator=g)[:batch_size]]
 
 
 def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
@@ -74,7 +68,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     attach_dataset(ctx, dataset, str(config.data), prompt=config.prompt, captions=config.captions,
                    class_labels=config.class_labels, seed=config.seed)
     images = first_batch(dataset, config.batch_size, config.seed)
-    idx = calibration_indices(len(dataset), config.batch_size, config.seed)
+    idx = batch_indices(len(dataset), config.batch_size, config.seed)
     cond = ctx.cond_for(idx, device)
     samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
 
