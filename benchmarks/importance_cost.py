@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from diffprune.demo import embedded_teacher
 from diffprune.families import family_for
 from diffprune.importance import ImportanceResult, estimate, estimate_fast, tp_importance
 from diffprune.io import library_versions, load_pipeline
+from diffprune.metrics.latency import cpu_model
 from diffprune.metrics.ssim import ssim_per_image
 from diffprune.pruning import PruneConfig, prune, prune_with_ratio
 from diffprune.sampling import sample
@@ -127,13 +127,7 @@ def stats(values: list[float]) -> dict:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return f"{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def main() -> None:

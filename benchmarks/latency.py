@@ -36,24 +36,13 @@ from anchor_cifar10 import cifar10_unet  # noqa: E402
 from diffprune.families import family_for  # noqa: E402
 from diffprune.importance import ImportanceResult  # noqa: E402
 from diffprune.io import library_versions  # noqa: E402
-from diffprune.metrics.latency import ddim_sampler, forward_latency, ratio, sampling_throughput  # noqa: E402
+from diffprune.metrics.latency import cpu_model, ddim_sampler, forward_latency, ratio, sampling_throughput  # noqa: E402
 from diffprune.pruning import PruneConfig, prune  # noqa: E402
 
 FULL_SIZES = [{"target_macs": 0.8}, {"target_macs": 0.56}, {"target_macs": 0.4},
               {"ratio": 0.3, "ratio_rule": "paper"}]
 QUICK_SIZES = [{"ratio": 0.3, "ratio_rule": "paper"}]  # 3.39G / 6.06G = 0.56, no search needed
 GOAL_MACS, GOAL_EFFICIENCY = 0.56, 0.9
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def size_label(setting: dict, round_to: int | None) -> str:

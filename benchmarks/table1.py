@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from diffprune.demo import embedded_teacher
 from diffprune.evaluation import EvaluateConfig, evaluate
 from diffprune.importance import estimate_many
 from diffprune.io import library_versions
+from diffprune.metrics.latency import cpu_model
 from diffprune.prune_job import run_prune
 from diffprune.pruning import PruneConfig
 from diffprune.sampling import sample_to_folder
@@ -113,14 +113,7 @@ def run_teacher(teacher: Path, budget: Budget, work: Path) -> tuple[Path, dict]:
 
 
 def machine() -> str:
-    """CPU model and core count, e.g. 'AMD EPYC 9R14 (2 cores)'."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def aggregate(values: list) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -80,18 +80,20 @@ def _ranges(ts: list[int]) -> list[list[int]]:
     return out
 
 
-def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, threshold: float,
+def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int | Sequence[int], threshold: float,
                     on_keep: Callable[[int, torch.Tensor], None] | None = None,
                     progress: bool = False) -> tuple[list[int], list[tuple[int, float]]]:
     """Evaluate L_t for t = 0, 1, ... and stop at the first t with L_t < threshold * max L.
 
-    Returns the kept timesteps (a prefix, [0, cut)) and every (t, L_t) evaluated. `on_keep` gets
-    each kept loss (the caller backpropagates it). threshold = 0 keeps all timesteps.
+    `num_timesteps` may also be an increasing sequence of timesteps (a coarse grid). Returns the kept
+    timesteps (those before the cut) and every (t, L_t) evaluated. `on_keep` gets each kept loss
+    (the caller backpropagates it). threshold = 0 keeps all timesteps.
     """
     kept: list[int] = []
     losses: list[tuple[int, float]] = []
     l_max = 0.0
-    bar = tqdm(range(num_timesteps), desc="importance (t sweep)", disable=not progress, leave=False)
+    steps = range(num_timesteps) if isinstance(num_timesteps, int) else num_timesteps
+    bar = tqdm(steps, desc="importance (t sweep)", disable=not progress, leave=False)
     for t in bar:
         loss = loss_at(t)
         value = float(loss.detach())
@@ -222,18 +224,8 @@ def coarse_cut(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, thres
     """
     if stride < 1:
         raise DiffpruneError(f"grid_stride={stride} must be an integer >= 1")
-    losses: list[tuple[int, float]] = []
-    l_max = 0.0
-    for t in range(0, num_timesteps, stride):
-        value = float(loss_at(t))
-        if not math.isfinite(value):
-            raise DiffpruneError(f"calibration loss is {value} at timestep t={t}; check the calibration "
-                                 "images and the model weights")
-        losses.append((t, value))
-        l_max = max(l_max, value)
-        if threshold > 0 and value < threshold * l_max:
-            return t, losses
-    return num_timesteps, losses
+    kept, losses = threshold_sweep(loss_at, range(0, num_timesteps, stride), threshold)
+    return (losses[-1][0] if len(kept) < len(losses) else num_timesteps), losses
 
 
 def stratified_timesteps(cut: int, n: int, generator: torch.Generator) -> torch.Tensor:

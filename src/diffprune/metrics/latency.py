@@ -180,3 +180,17 @@ def ratio(teacher: float | None, student: float | None) -> float | None:
 
 
 __all__ = ["ddim_sampler", "forward_latency", "ratio", "sampling_throughput"]
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere), for reports."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
