@@ -52,7 +52,7 @@ class Budget:
     scratch_full: bool
 
 
-FULL = Budget(seeds=3, calibration_batch=64, finetune_fraction=0.15, num_images=1000, sample_steps=100,
+FULL = Budget(seeds=3, calibration_batch=64, finetune_fraction=0.15, num_images=500, sample_steps=100,
               scratch_full=True)
 QUICK = Budget(seeds=1, calibration_batch=16, finetune_fraction=0.02, num_images=200, sample_steps=20,
                scratch_full=False)
@@ -82,15 +82,15 @@ def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budg
     pruned = work / "pruned" / tag
     report = run_prune(PruneConfig(model=str(teacher), data="digits", method=spec["method"], target_macs=0.56,
                                    threshold=spec["threshold"], batch_size=budget.calibration_batch, seed=seed),
-                       pruned, progress=False, importance=importance)
+                       pruned, overwrite=True, progress=False, importance=importance)
     steps = recipe["steps"] if spec["train"] == "full" else max(1, round(budget.finetune_fraction * recipe["steps"]))
     tuned = work / "finetuned" / tag
     run_training(FinetuneConfig(model=str(pruned), data="digits", steps=steps, batch_size=recipe["batch_size"],
                                 lr=recipe["lr"], ema_decay=recipe["ema_decay"], ema_warmup=recipe["ema_warmup"],
                                 dropout=recipe["dropout"], seed=seed, checkpoint_every=steps, keep_checkpoints=1),
-                 tuned, progress=False, tensorboard=False)
+                 tuned, overwrite=True, progress=False, tensorboard=False)
     samples = sample_to_folder(tuned, work / "samples" / tag, budget.num_images, batch_size=250,
-                               steps=budget.sample_steps, seed=0, progress=False)
+                               steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
     ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", teacher_samples=str(teacher_samples),
                                  model=str(tuned), teacher_model=str(teacher), allow_download=False,
                                  output=str(work / "evaluation" / f"{tag}.json")))
@@ -104,7 +104,7 @@ def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budg
 
 def run_teacher(teacher: Path, budget: Budget, work: Path) -> tuple[Path, dict]:
     samples = sample_to_folder(teacher, work / "samples" / "teacher", budget.num_images, batch_size=250,
-                               steps=budget.sample_steps, seed=0, progress=False)
+                               steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
     ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", model=str(teacher),
                                  allow_download=False, output=str(work / "evaluation" / "teacher.json")))
     return samples, {"params": ev["cost"]["student"]["params"], "macs": ev["cost"]["student"]["macs"],
@@ -171,8 +171,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke-check budget (1 seed, short runs)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes, one torch thread each (2 on a 2-core machine)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished rows found in the work folder")
     parser.add_argument("--work", type=Path, default=Path("runs/table1"), help="scratch folder for all runs")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     budget = QUICK if args.quick else FULL
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=args.seeds)
@@ -180,22 +185,15 @@ def main() -> None:
     teacher = embedded_teacher()
     recipe = teacher_recipe(teacher)
     work = args.work / ("quick" if args.quick else "full")
-    if work.exists():
-        raise SystemExit(f"{work} exists; remove it first")
-    teacher_samples, teacher_row = run_teacher(teacher, budget, work)
-    results: dict[str, list[dict]] = {"teacher": [teacher_row]}
-    for seed in range(budget.seeds):
-        sweeps = estimate_many_for_seed(teacher, budget, seed)
-        for spec in row_specs(budget):
-            importance = sweeps.get((spec["method"], spec["threshold"]))
-            print(f"[seed {seed}] {spec['name']}", flush=True)
-            results.setdefault(spec["name"], []).append(
-                run_row(spec, seed, importance, teacher, recipe, budget, work, teacher_samples))
+    if work.exists() and not args.resume:
+        raise SystemExit(f"{work} exists; remove it first or pass --resume")
+    results = run_all(Plan(teacher, recipe, budget, work), args.jobs)
     table = {name: {k: aggregate([r[k] for r in runs]) for k, *_ in COLUMNS} for name, runs in results.items()}
     meta = {"seeds": budget.seeds, "num_images": budget.num_images, "sample_steps": budget.sample_steps,
             "finetune_fraction": budget.finetune_fraction, "teacher_steps": recipe["steps"],
             "finetune_steps": max(1, round(budget.finetune_fraction * recipe["steps"])),
-            "date": datetime.date.today().isoformat(), "machine": machine(), "wall_time_s": time.perf_counter() - start,
+            "date": datetime.date.today().isoformat(), "machine": machine(), "jobs": args.jobs,
+            "wall_time_s": time.perf_counter() - start, "resumed": args.resume,
             "budget": dataclasses.asdict(budget), "versions": library_versions()}
     notes = spread_notes(table)
     suffix = "_quick" if args.quick else ""
@@ -207,7 +205,109 @@ def main() -> None:
     print(md)
 
 
-def estimate_many_for_seed(teacher: Path, budget: Budget, seed: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every task needs to know; picklable so worker processes receive it."""
+
+    teacher: Path
+    recipe: dict
+    budget: Budget
+    work: Path
+
+    @property
+    def teacher_samples(self) -> Path:
+        return self.work / "samples" / "teacher"
+
+    def row_file(self, name: str, seed: int | None) -> Path:
+        tag = name.replace(" ", "_").replace("=", "") + ("" if seed is None else f"_s{seed}")
+        return self.work / "rows" / f"{tag}.json"
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _teacher_task(plan: Plan) -> dict:
+    return run_teacher(plan.teacher, plan.budget, plan.work)[1]
+
+
+def _sweep_task(plan: Plan, seed: int) -> dict:
+    return estimate_many_for_seed(plan.teacher, plan.budget, seed, progress=False)
+
+
+def _row_task(plan: Plan, spec: dict, seed: int, importance) -> dict:
+    return run_row(spec, seed, importance, plan.teacher, plan.recipe, plan.budget, plan.work, plan.teacher_samples)
+
+
+def run_all(plan: Plan, jobs: int) -> dict[str, list[dict]]:
+    """Run the teacher, the per-seed sweeps and every (row, seed) on `jobs` processes.
+
+    A task starts once what it needs is done (rows need the teacher's samples for SSIM and, for
+    gradient methods, their seed's sweep); the longest tasks are queued first. Each finished row is
+    written to work/rows/*.json, so `--resume` skips it after an interruption.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    done: dict[tuple, object] = {}
+    for key, path in [(("teacher",), plan.row_file("teacher", None))] + [
+            (("row", spec["name"], seed), plan.row_file(spec["name"], seed))
+            for seed in range(plan.budget.seeds) for spec in row_specs(plan.budget)]:
+        if path.exists():
+            done[key] = json.loads(path.read_text())
+    pending = [("sweep", seed) for seed in range(plan.budget.seeds)] + [("teacher",)]
+    pending += [("row", s["name"], seed) for s in row_specs(plan.budget) if s["train"] == "full"
+                for seed in range(plan.budget.seeds)]
+    pending += [("row", s["name"], seed) for seed in range(plan.budget.seeds) for s in row_specs(plan.budget)
+                if s["train"] != "full"]
+    pending = [k for k in pending if k not in done]
+    specs = {s["name"]: s for s in row_specs(plan.budget)}
+    needs_sweep = {k[2] for k in pending if k[0] == "row" and specs[k[1]]["method"] in ("diff-pruning", "taylor")}
+    pending = [k for k in pending if k[0] != "sweep" or k[1] in needs_sweep]
+
+    def deps(key: tuple) -> list[tuple]:
+        if key[0] != "row":
+            return []
+        sweep = [("sweep", key[2])] if specs[key[1]]["method"] in ("diff-pruning", "taylor") else []
+        return [("teacher",)] + sweep
+
+    def submit(pool, key: tuple):
+        print(f"[start] {key}", flush=True)
+        if key[0] == "teacher":
+            return pool.submit(_teacher_task, plan)
+        if key[0] == "sweep":
+            return pool.submit(_sweep_task, plan, key[1])
+        spec = specs[key[1]]
+        sweep = done.get(("sweep", key[2]), {})
+        return pool.submit(_row_task, plan, spec, key[2], sweep.get((spec["method"], spec["threshold"])))
+
+    running: dict = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        while pending or running:
+            for key in [k for k in pending if all(d in done for d in deps(k))][:jobs - len(running)]:
+                pending.remove(key)
+                running[submit(pool, key)] = (key, time.perf_counter())
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key, began = running.pop(future)
+                done[key] = future.result()
+                print(f"[done {time.perf_counter() - began:.0f}s] {key}", flush=True)
+                if key[0] != "sweep":
+                    path = plan.row_file(key[1] if key[0] == "row" else "teacher",
+                                         key[2] if key[0] == "row" else None)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(done[key], indent=2) + "\n")
+    results: dict[str, list[dict]] = {"teacher": [done[("teacher",)]]}
+    for seed in range(plan.budget.seeds):
+        for spec in row_specs(plan.budget):
+            results.setdefault(spec["name"], []).append(done[("row", spec["name"], seed)])
+    return results
+
+
+def estimate_many_for_seed(teacher: Path, budget: Budget, seed: int, progress: bool = True) -> dict:
     """One calibration sweep per seed shared by taylor and every diff-pruning threshold."""
     from diffprune.data import first_batch, make_dataset
     from diffprune.families import family_for
@@ -218,7 +318,7 @@ def estimate_many_for_seed(teacher: Path, budget: Budget, seed: int) -> dict:
     family = family_for(model)
     images = first_batch(make_dataset("digits", family.sample_size(model), family.in_channels(model)),
                          budget.calibration_batch, seed)
-    return estimate_many(model, family, pipe.scheduler, images, THRESHOLDS, seed=seed, progress=True)
+    return estimate_many(model, family, pipe.scheduler, images, THRESHOLDS, seed=seed, progress=progress)
 
 
 if __name__ == "__main__":
