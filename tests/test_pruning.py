@@ -190,3 +190,23 @@ def test_estimate_many_equals_separate_sweeps():
         assert shared.tail_losses == alone.tail_losses
         for name, g in alone.grads.items():
             torch.testing.assert_close(shared.grads[name], g, rtol=1e-6, atol=1e-8)
+
+
+def test_estimate_many_prefixes_sum_exactly_the_fixed_range():
+    """("prefix", k) holds the gradients over [0, k): equal to a threshold cut at k, and to taylor at k = T."""
+    model = tiny_unet()
+    fam = family_for(model)
+    sched = DDPMScheduler(num_train_timesteps=30, prediction_type="sample")
+    images = _images(n=3)
+    first = estimate_many(model, fam, sched, images, (0.96,), seed=1, progress=False)
+    cut = first[("diff-pruning", 0.96)].cut
+    assert cut is not None and 1 < cut < 30
+    many = estimate_many(model, fam, sched, images, (0.96,), seed=1, progress=False, prefixes=(1, cut, 30))
+    for key, ref in ((("prefix", cut), first[("diff-pruning", 0.96)]), (("prefix", 30), first[("taylor", 0.0)])):
+        got = many[key]
+        assert got.kept_timesteps == ref.kept_timesteps and got.cut == ref.cut
+        for name, g in ref.grads.items():
+            torch.testing.assert_close(got.grads[name], g, rtol=1e-6, atol=1e-8)
+    assert many[("prefix", 1)].kept_timesteps == [0] and many[("prefix", 1)].sample_gradient_evals == 3
+    with pytest.raises(DiffpruneError, match="prefix"):
+        estimate_many(model, fam, sched, images, (), progress=False, prefixes=(31,))

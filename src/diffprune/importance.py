@@ -170,19 +170,25 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
 
 def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tensor,
                   thresholds: tuple[float, ...], seed: int = 0, progress: bool = True,
-                  tail_stride: int = 10, cond: dict | None = None) -> dict[tuple[str, float], ImportanceResult]:
+                  tail_stride: int = 10, cond: dict | None = None,
+                  prefixes: Sequence[int] = ()) -> dict[tuple[str, float], ImportanceResult]:
     """One all-timestep sweep that serves Diff-Pruning at every threshold and Taylor (all steps).
 
     The threshold rule only looks back (running max), so each threshold's cut is known when the
     sweep reaches it; its gradients are snapshotted there. Each result equals a separate
     `estimate(...)` with the same images and seed; its wall time is the sweep's time up to its cut.
-    Keys: ("diff-pruning", thr) for each threshold and ("taylor", 0.0).
+    Keys: ("diff-pruning", thr) for each threshold and ("taylor", 0.0); with `prefixes`, also
+    ("prefix", k): the gradients summed over the fixed timesteps [0, k) (the paper's ablation of
+    the kept range, Sec. 4.3).
     """
     for thr in thresholds:
         check_range("threshold", thr, 0.0, 1.0, high_open=True)
     start = time.perf_counter()
     loss_at = _calibration_loss(model, family, scheduler, images, seed, cond)
     total, n = num_train_timesteps(scheduler), images.shape[0]
+    for k in prefixes:
+        check_range("prefix", k, 1, total)
+    fixed = {k: None for k in prefixes if k < total}  # k -> (grads, wall) once the sweep reaches t = k
     pending = sorted(set(thresholds), reverse=True)  # the highest threshold cuts first
     cuts: dict[float, tuple[int, dict, float]] = {}
     l_max = 0.0
@@ -193,6 +199,8 @@ def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tenso
         l_max = max(l_max, value)
         while pending and pending[0] > 0 and value < pending[0] * l_max:
             cuts[pending.pop(0)] = (t, _grads(model), time.perf_counter() - start)
+        if t in fixed:
+            fixed[t] = (_grads(model), time.perf_counter() - start)
         _backward(model, t, loss)
 
     was_training = model.training
@@ -212,6 +220,10 @@ def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tenso
         out[("diff-pruning", thr)] = ImportanceResult("diff-pruning", thr, list(range(cut)), seen, tail, grads,
                                                       cut * n, wall)
     out[("taylor", 0.0)] = ImportanceResult("taylor", 0.0, list(range(total)), losses, [], full[1], total * n, full[2])
+    for k in prefixes:
+        grads, wall = fixed[k] if k < total else full[1:]
+        out[("prefix", k)] = ImportanceResult("diff-pruning", 0.0, list(range(k)), losses[: k + 1], [], grads,
+                                              k * n, wall)
     return out
 
 
