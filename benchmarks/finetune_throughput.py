@@ -113,7 +113,7 @@ class Hooks:
         from accelerate.optimizer import AcceleratedOptimizer
 
         targets = [(training, "_train_step", "step"), (training, "_micro_batch", "batch"),
-                   (training, "_losses", "forward"), (training, "_check_finite", "loss check"),
+                   (training, "_losses", "forward"), (training, "_settle", "loss check"),
                    (Accelerator, "backward", "backward"), (Accelerator, "clip_grad_norm_", "clip"),
                    (AcceleratedOptimizer, "step", "optimizer"), (AcceleratedOptimizer, "zero_grad", "zero_grad"),
                    (training.EMA, "update", "EMA"), (training, "_save", "checkpoint"), (training, "_loop", "loop")]

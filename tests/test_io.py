@@ -136,3 +136,27 @@ def test_missing_model_path(path, match):
 
 def test_public_api_exports():
     assert diffprune.load_pipeline is load_pipeline and diffprune.PrunedUNet2DModel is PrunedUNet2DModel
+
+
+def test_image_folder_is_decoded_once_and_served_from_memory(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffprune.data import ImageFolderDataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cached = ImageFolderDataset(folder, 16, 3)
+    uncached = ImageFolderDataset(folder, 16, 3, cache_bytes=0)
+    decoded = [uncached[i] for i in range(3)]
+    first = [cached[i] for i in range(3)]
+    for i in range(3):
+        assert torch.equal(first[i], decoded[i])
+        (folder / f"{i}.png").unlink()  # from now on only the cache can serve it
+    first[0].fill_(0)  # a caller writing into its item must not change the cache
+    assert all(torch.equal(cached[i], decoded[i]) for i in range(3))
+    with pytest.raises(FileNotFoundError):
+        uncached[0]

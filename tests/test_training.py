@@ -246,6 +246,43 @@ def test_ema_warmups():
     assert EMA(model, 0.5, "ratio").decay_at(10 ** 6) == 0.5
 
 
+def test_ema_update_matches_the_formula_and_copies_integer_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, 0.9, "none")
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[1].num_batches_tracked += 5
+    ema.update(model, 0)
+    for k, v in model.state_dict().items():
+        want = v.clone() if not v.is_floating_point() else before[k] + 0.1 * (v.float() - before[k])
+        torch.testing.assert_close(ema.shadow[k], want, rtol=0, atol=1e-7)
+    assert int(ema.shadow["1.num_batches_tracked"]) == 5
+
+
+def test_optimizer_is_fused_adam_on_cpu():
+    opt = training.make_optimizer(torch.nn.Linear(2, 2), 1e-3)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
+
+
+def test_nan_in_a_logged_window_names_its_own_step(tmp_path, pipe_dir, monkeypatch):
+    """Losses are checked at log/checkpoint steps only; the message still names the first bad step."""
+    real = diffusion.noisy_and_target
+    calls = {"n": 0}
+
+    def poisoned(scheduler, x0, noise, t):
+        calls["n"] += 1
+        x_t, target = real(scheduler, x0, noise, t)
+        return x_t, target * float("nan") if calls["n"] >= 2 else target
+
+    monkeypatch.setattr(diffusion, "noisy_and_target", poisoned)
+    kw = {**FAST, "log_every": 4}
+    with pytest.raises(DiffpruneError, match=r"loss is nan at step 2; .*no checkpoint"):
+        finetune(pipe_dir, "digits", tmp_path / "nan", steps=8, checkpoint_every=4, **kw)
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not any((tmp_path / "nan" / "checkpoints").iterdir())
+
+
 def test_two_processes_train_in_sync(tmp_path, pipe_dir):
     out = tmp_path / "ddp"
     proc = launch(["finetune", "--model", str(pipe_dir), "--data", "digits", "--output-dir", str(out),
