@@ -5,10 +5,14 @@ its pruned copy (ratio 0.3, paper rule, ~56% MACs), saved as pipeline folders in
 timing hooks wrapped around the loop's pieces (no change to training.py; on CPU every op is
 synchronous, so wall time per piece is exact):
   data (next batch from the DataLoader), noise (timesteps, noise, x_t), forward (+ loss),
-  loss check (finite check + all-reduce, .tolist()), backward, clip, optimizer, zero_grad, EMA,
-  other (the rest of a step), outside step (logging, progress bar; checkpoints listed apart).
-Then micro-benchmarks of cheaper alternatives for the overheads found: EMA via torch._foreach_lerp_,
-Adam foreach/fused, and data from memory instead of decoding PNGs. `--profile` adds a
+  loss check (the deferred finite check + all-reduce at log/checkpoint steps), backward, clip,
+  optimizer, zero_grad, EMA, other (the rest of a step), outside step (logging, progress bar;
+  checkpoints listed apart).
+The pruned model also runs with the loop as it was before the overhead fixes ("pre-fix": default
+Adam, per-tensor EMA lerp, a host sync of the losses every step, PNGs decoded every step), side by
+side in the same process, and micro-benchmarks time each piece alone (EMA per-tensor vs foreach,
+Adam default/foreach/fused, data from PNGs vs memory). The PNG folder holds `skip` batches, so the
+counted steps are in the steady state of a long run (every image seen before). `--profile` adds a
 torch.profiler table (top ops by self CPU time) for a few student steps.
 
     python benchmarks/finetune_throughput.py [--arch small|cifar10] [--steps N] [--batch-size B]
@@ -171,14 +175,52 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return 1000 * statistics.median(times)
 
 
+@torch.no_grad()
+def ema_update_per_tensor(ema, model, k: int) -> float:
+    """The pre-fix EMA.update: one lerp_ kernel per tensor."""
+    decay = ema.decay_at(k)
+    for name, value in model.state_dict().items():
+        shadow = ema.shadow[name]
+        if shadow.is_floating_point():
+            shadow.lerp_(value.detach().float(), 1 - decay)
+        else:
+            shadow.copy_(value)
+    return decay
+
+
 def ema_costs(unet, repeats: int) -> dict:
-    """EMA.update as in training.py vs one torch._foreach_lerp_ over cached tensor lists."""
+    """The pre-fix per-tensor EMA update vs EMA.update as in training.py (one foreach lerp)."""
     ema = training.EMA(unet, 0.9999)
-    names = [k for k, v in ema.shadow.items() if v.is_floating_point()]
-    state = unet.state_dict()  # detached views of the parameters: stay current as Adam updates in place
-    shadows, values = [ema.shadow[k] for k in names], [state[k] for k in names]
-    return {"ema_loop_ms": median_ms(lambda: ema.update(unet, 0), repeats),
-            "ema_foreach_ms": median_ms(lambda: torch._foreach_lerp_(shadows, values, 1e-4), repeats)}
+    return {"ema_loop_ms": median_ms(lambda: ema_update_per_tensor(ema, unet, 0), repeats),
+            "ema_foreach_ms": median_ms(lambda: ema.update(unet, 0), repeats)}
+
+
+@contextlib.contextmanager
+def pre_fix_loop():
+    """Swap the loop's fixed pieces back to what they were before the overhead fixes."""
+    from diffprune import data as data_module
+
+    originals = (training.make_optimizer, training.EMA.update, training._train_step, data_module.make_dataset)
+
+    def train_step_with_sync(run, batches, step):
+        out = originals[2](run, batches, step)
+        keys = sorted(k for k, v in out.items() if isinstance(v, torch.Tensor))
+        out.update(zip(keys, torch.stack([out[k] for k in keys]).tolist(), strict=True))  # host sync every step
+        return out
+
+    def uncached_dataset(source, size, channels):
+        if Path(source).is_dir():
+            return data_module.ImageFolderDataset(source, size, channels, cache_bytes=0)
+        return originals[3](source, size, channels)
+
+    training.make_optimizer = lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr)
+    training.EMA.update = ema_update_per_tensor
+    training._train_step = train_step_with_sync
+    data_module.make_dataset = uncached_dataset
+    try:
+        yield
+    finally:
+        training.make_optimizer, training.EMA.update, training._train_step, data_module.make_dataset = originals
 
 
 def adam_costs(unet, repeats: int) -> dict:
@@ -197,13 +239,17 @@ def adam_costs(unet, repeats: int) -> dict:
 
 
 def data_costs(png: Path, size: int, batch_size: int, repeats: int) -> dict:
-    """next(batch) from PNG files (decode every step, num_workers 0) vs from an in-memory tensor."""
-    from diffprune.data import make_dataset
+    """next(batch) from PNG files decoded every step (num_workers 0) vs cached after the first epoch vs memory."""
+    from diffprune.data import ImageFolderDataset, make_dataset
 
     config = training.FinetuneConfig(model="x", data="digits", batch_size=batch_size)
+    datasets = {"png": ImageFolderDataset(png, size, 3, cache_bytes=0), "png_cached": ImageFolderDataset(png, size, 3),
+                "memory": make_dataset("digits", size, 3)}
     out = {}
-    for label, source in (("png", str(png)), ("memory", "digits")):
-        stream = training.batch_stream(make_dataset(source, size, 3), config, 0, 1, 0)
+    for label, dataset in datasets.items():
+        if label == "png_cached":
+            [dataset[i] for i in range(len(dataset))]  # the first epoch fills the cache
+        stream = training.batch_stream(dataset, config, 0, 1, 0)
         out[f"data_{label}_ms"] = median_ms(lambda s=stream: next(s), repeats)
     return out
 
@@ -223,17 +269,18 @@ def alternatives(folders: dict[str, Path], png: Path, args) -> dict:
 
 def print_breakdown(runs: dict[str, dict]) -> None:
     names = list(runs)
-    print(f"{'piece (ms/step)':<18}" + "".join(f"{n:>12}{'%':>6}" for n in names))
+    width = {n: max(12, len(n) + 2) for n in names}
+    print(f"{'piece (ms/step)':<18}" + "".join(f"{n:>{width[n]}}{'%':>6}" for n in names))
     for piece in ("step", "data", "noise", "forward", "backward", "loss check", "clip", "optimizer", "zero_grad",
                   "EMA", "other"):
         line = f"{piece:<18}"
         for n in names:
             ms = runs[n]["ms_per_step"]
-            line += f"{ms[piece]:>12.2f}{100 * ms[piece] / ms['step']:>6.1f}"
+            line += f"{ms[piece]:>{width[n]}.2f}{100 * ms[piece] / ms['step']:>6.1f}"
         print(line)
-    print(f"{'outside step':<18}" + "".join(f"{runs[n]['outside_step_ms_per_step']:>12.2f}{'':>6}" for n in names))
-    print(f"{'steps/s':<18}" + "".join(f"{runs[n]['steps_per_s']:>12.3f}{'':>6}" for n in names))
-    print(f"{'images/s':<18}" + "".join(f"{runs[n]['images_per_s']:>12.2f}{'':>6}" for n in names))
+    for label, key, fmt in (("outside step", "outside_step_ms_per_step", ".2f"), ("steps/s", "steps_per_s", ".3f"),
+                            ("images/s", "images_per_s", ".2f")):
+        print(f"{label:<18}" + "".join(f"{runs[n][key]:>{width[n]}{fmt}}{'':>6}" for n in names))
 
 
 def print_alternatives(alt: dict) -> None:
@@ -243,7 +290,8 @@ def print_alternatives(alt: dict) -> None:
               f"{a['ema_foreach_ms']:.2f} ms; Adam default {_ms(a['adam_default_ms'])} / foreach "
               f"{_ms(a['adam_foreach_ms'])} / fused {_ms(a['adam_fused_ms'])}")
     d = alt["data"]
-    print(f"data: next(batch) from PNGs {d['data_png_ms']:.2f} ms vs from memory {d['data_memory_ms']:.2f} ms")
+    print(f"data: next(batch) decoding PNGs {d['data_png_ms']:.2f} ms, from the decoded cache "
+          f"{d['data_png_cached_ms']:.2f} ms, from an in-memory tensor {d['data_memory_ms']:.2f} ms")
 
 
 def _ms(v) -> str:
@@ -286,9 +334,13 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         folders = make_models(args.arch, tmp)
         size = int(training.unet_config(**ARCHS[args.arch])["sample_size"])
-        png = png_folder(tmp / "png", size)
+        png = png_folder(tmp / "png", size, count=max(1, args.skip) * args.batch_size)
         data = str(png) if args.data == "png" else "digits"
-        runs = {name: timed_run(folder, data, tmp / f"run_{name}", args) for name, folder in folders.items()}
+        runs = {}
+        for name, folder in folders.items():
+            runs[name] = timed_run(folder, data, tmp / f"run_{name}", args)
+        with pre_fix_loop():
+            runs["pruned, pre-fix loop"] = timed_run(folders["pruned"], data, tmp / "run_prefix", args)
         if args.profile:  # a separate run: the profiler's own overhead stays out of the timings above
             runs["pruned"]["profile_table"] = timed_run(folders["pruned"], data, tmp / "run_profile", args,
                                                         profile=True)["profile_table"]
@@ -298,6 +350,8 @@ def main(argv=None) -> None:
           + ("  [--quick: smoke numbers, not results]" if args.quick else ""))
     print_breakdown(runs)
     print(f"pruned / teacher steps/s: {runs['pruned']['steps_per_s'] / runs['teacher']['steps_per_s']:.2f}")
+    print(f"pruned, this loop / pre-fix loop steps/s: "
+          f"{runs['pruned']['steps_per_s'] / runs['pruned, pre-fix loop']['steps_per_s']:.2f}")
     print_alternatives(alt)
     if "profile_table" in runs["pruned"]:
         print(runs["pruned"]["profile_table"])
