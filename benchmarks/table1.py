@@ -38,6 +38,7 @@ from diffprune.training import FinetuneConfig, run_training
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.02, 0.05, 0.10)
+FAST_POOL = 512  # calibration images the fast estimator draws its (image, t) pairs from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,14 @@ def row_specs(budget: Budget) -> list[dict]:
              for n, m in (("random", "random"), ("magnitude", "magnitude"), ("taylor (all steps)", "taylor"))]
     rows += [{"name": f"diff-pruning thr={t:.2f}", "method": "diff-pruning", "threshold": t, "train": "short"}
              for t in THRESHOLDS]
+    rows.append({"name": "diff-pruning thr=0.05, fast estimator", "method": "diff-pruning", "threshold": 0.05,
+                 "train": "short", "estimator": "fast"})
     return rows
+
+
+def uses_sweep(spec: dict) -> bool:
+    """Rows whose importance comes from the shared exact sweep of their seed."""
+    return spec["method"] in ("diff-pruning", "taylor") and spec.get("estimator", "exact") == "exact"
 
 
 def teacher_recipe(teacher: Path) -> dict:
@@ -80,8 +88,10 @@ def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budg
     """Prune -> post-train -> sample -> evaluate one row for one seed; returns its metrics."""
     tag = f"{spec['name'].replace(' ', '_').replace('=', '')}_s{seed}"
     pruned = work / "pruned" / tag
+    fast = spec.get("estimator") == "fast"  # its own cut and pairs from a larger pool (importance.estimate_fast)
     report = run_prune(PruneConfig(model=str(teacher), data="digits", method=spec["method"], target_macs=0.56,
-                                   threshold=spec["threshold"], batch_size=budget.calibration_batch, seed=seed),
+                                   threshold=spec["threshold"], seed=seed, estimator=spec.get("estimator", "exact"),
+                                   batch_size=FAST_POOL if fast else budget.calibration_batch),
                        pruned, overwrite=True, progress=False, importance=importance)
     steps = recipe["steps"] if spec["train"] == "full" else max(1, round(budget.finetune_fraction * recipe["steps"]))
     tuned = work / "finetuned" / tag
@@ -99,6 +109,7 @@ def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budg
             "latency_speedup": ev["cost"]["ratios"]["latency_speedup"], "fid": ev["fid"]["value"],
             "kid": ev["kid"]["mean"], "ssim": ev["consistency"]["ssim"]["mean"], "train_steps": steps,
             "kept_timesteps": imp["num_kept_timesteps"] if spec["method"] in ("diff-pruning", "taylor") else None,
+            "sample_gradient_evals": imp.get("sample_gradient_evals"),
             "prune_wall_s": report["wall_time_s"]["total"]}
 
 
@@ -264,13 +275,13 @@ def run_all(plan: Plan, jobs: int) -> dict[str, list[dict]]:
                 if s["train"] != "full"]
     pending = [k for k in pending if k not in done]
     specs = {s["name"]: s for s in row_specs(plan.budget)}
-    needs_sweep = {k[2] for k in pending if k[0] == "row" and specs[k[1]]["method"] in ("diff-pruning", "taylor")}
+    needs_sweep = {k[2] for k in pending if k[0] == "row" and uses_sweep(specs[k[1]])}
     pending = [k for k in pending if k[0] != "sweep" or k[1] in needs_sweep]
 
     def deps(key: tuple) -> list[tuple]:
         if key[0] != "row":
             return []
-        sweep = [("sweep", key[2])] if specs[key[1]]["method"] in ("diff-pruning", "taylor") else []
+        sweep = [("sweep", key[2])] if uses_sweep(specs[key[1]]) else []
         return [("teacher",)] + sweep
 
     def submit(pool, key: tuple):
