@@ -55,6 +55,10 @@ RESULTS = Path(__file__).parent / "results"
 THRESHOLD = 0.05
 TARGET_MACS = 0.56
 FAST_BUDGET = 0.10  # fast's sample-gradient evaluations <= this fraction of the exact sweep's
+# The fast estimator's cut comes from a forward-only loss curve on its first `cut_batch` images: the
+# default 8, and 64 (the exact sweep's batch, still forward only) to see whether the cut's noise is
+# what separates fast from exact.
+FAST_VARIANTS = {"fast": {"cut_batch": 8}, "fast (cut batch 64)": {"cut_batch": 64}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,17 +163,21 @@ def main() -> None:
         imgs = sample(pruned, scheduler, budget.ssim_images, steps=budget.sample_steps, seed=0, progress=False)
         return float(ssim_per_image(teacher_images, imgs).mean())
 
-    runs: dict[str, list[dict]] = {"exact": [], "fast": []}
-    kept: dict[str, list] = {"exact": [], "fast": []}
-    scores: dict[str, list] = {"exact": [], "fast": []}
+    names = ["exact", *FAST_VARIANTS]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    kept: dict[str, list] = {name: [] for name in names}
+    scores: dict[str, list] = {name: [] for name in names}
     for seed in range(budget.seeds):
         images = first_batch(dataset, budget.exact_batch, seed)
-        exact = estimate(model, family, scheduler, images, "diff-pruning", THRESHOLD, seed=seed, progress=False)
-        passes = max(1, math.floor(FAST_BUDGET * exact.sample_gradient_evals / budget.pairs_per_pass))
+        scorings = {"exact": estimate(model, family, scheduler, images, "diff-pruning", THRESHOLD, seed=seed,
+                                      progress=False)}
+        passes = max(1, math.floor(FAST_BUDGET * scorings["exact"].sample_gradient_evals / budget.pairs_per_pass))
         pool = first_batch(dataset, budget.pool, seed)
-        fast = estimate_fast(model, family, scheduler, pool, THRESHOLD, seed=seed,
-                             pairs_per_pass=budget.pairs_per_pass, passes=passes, progress=False)
-        for name, imp in (("exact", exact), ("fast", fast)):
+        for name, kwargs in FAST_VARIANTS.items():
+            scorings[name] = estimate_fast(model, family, scheduler, pool, THRESHOLD, seed=seed,
+                                           pairs_per_pass=budget.pairs_per_pass, passes=passes, progress=False,
+                                           **kwargs)
+        for name, imp in scorings.items():
             k, pruned = kept_sets(model, family, imp, ratio)
             kept[name].append(k)
             scores[name].append(group_scores(model, family, imp))
@@ -177,42 +185,39 @@ def main() -> None:
                                "sample_gradient_evals": imp.sample_gradient_evals, "wall_time_s": imp.wall_time_s,
                                "ssim_vs_teacher": ssim_of(pruned),
                                "calibration_images": images.shape[0] if name == "exact" else pool.shape[0]})
-        print(f"[seed {seed}] exact cut {exact.cut} evals {exact.sample_gradient_evals} {exact.wall_time_s:.1f}s | "
-              f"fast cut {fast.cut} evals {fast.sample_gradient_evals} {fast.wall_time_s:.1f}s | "
-              f"IoU {iou(kept['exact'][-1], kept['fast'][-1]):.3f} | "
-              f"SSIM exact {runs['exact'][-1]['ssim_vs_teacher']:.3f} fast {runs['fast'][-1]['ssim_vs_teacher']:.3f}",
-              flush=True)
+        print(f"[seed {seed}] " + " | ".join(
+            f"{name}: cut {imp.cut} evals {imp.sample_gradient_evals} {imp.wall_time_s:.1f}s "
+            f"SSIM {runs[name][-1]['ssim_vs_teacher']:.3f}"
+            + (f" IoU vs exact {iou(kept['exact'][-1], kept[name][-1]):.3f}" if name != "exact" else "")
+            for name, imp in scorings.items()), flush=True)
 
     mag_kept, mag_pruned = kept_sets(model, family, magnitude, ratio)
     mag_scores = group_scores(model, family, magnitude)
     seeds = range(budget.seeds)
     pairs = list(itertools.combinations(seeds, 2))
-    agreement = {
-        "fast_vs_exact (same seed)": {
-            "iou": stats([iou(kept["fast"][s], kept["exact"][s]) for s in seeds]),
-            "spearman": stats([spearman(scores["fast"][s], scores["exact"][s]) for s in seeds])},
-        "fast_vs_exact (other seed)": {
-            "iou": stats([iou(kept["fast"][a], kept["exact"][b]) for a in seeds for b in seeds if a != b]),
-            "spearman": stats([spearman(scores["fast"][a], scores["exact"][b]) for a in seeds for b in seeds if a != b])},
-        "exact_vs_exact (across seeds)": {
-            "iou": stats([iou(kept["exact"][a], kept["exact"][b]) for a, b in pairs]),
-            "spearman": stats([spearman(scores["exact"][a], scores["exact"][b]) for a, b in pairs])},
-        "fast_vs_fast (across seeds)": {
-            "iou": stats([iou(kept["fast"][a], kept["fast"][b]) for a, b in pairs]),
-            "spearman": stats([spearman(scores["fast"][a], scores["fast"][b]) for a, b in pairs])},
-        "magnitude_vs_exact": {
-            "iou": stats([iou(mag_kept, kept["exact"][s]) for s in seeds]),
-            "spearman": stats([spearman(mag_scores, scores["exact"][s]) for s in seeds])},
-    }
+    agreement = {}
+    for name in FAST_VARIANTS:
+        agreement[f"{name} vs exact (same seed)"] = {
+            "iou": stats([iou(kept[name][s], kept["exact"][s]) for s in seeds]),
+            "spearman": stats([spearman(scores[name][s], scores["exact"][s]) for s in seeds])}
+        agreement[f"{name} vs exact (other seed)"] = {
+            "iou": stats([iou(kept[name][a], kept["exact"][b]) for a in seeds for b in seeds if a != b]),
+            "spearman": stats([spearman(scores[name][a], scores["exact"][b]) for a in seeds for b in seeds if a != b])}
+    for name in names:
+        agreement[f"{name} vs itself (across seeds)"] = {
+            "iou": stats([iou(kept[name][a], kept[name][b]) for a, b in pairs]),
+            "spearman": stats([spearman(scores[name][a], scores[name][b]) for a, b in pairs])}
+    agreement["magnitude vs exact"] = {
+        "iou": stats([iou(mag_kept, kept["exact"][s]) for s in seeds]),
+        "spearman": stats([spearman(mag_scores, scores["exact"][s]) for s in seeds])}
     cost = {name: {"sample_gradient_evals": stats([r["sample_gradient_evals"] for r in runs[name]]),
                    "wall_time_s": stats([r["wall_time_s"] for r in runs[name]]),
                    "kept_timesteps": stats([r["kept_timesteps"] for r in runs[name]]),
                    "ssim_vs_teacher": stats([r["ssim_vs_teacher"] for r in runs[name]])} for name in runs}
     cost["magnitude"] = {"ssim_vs_teacher": stats([ssim_of(mag_pruned)])}
-    ratios = {"evals_fast_over_exact": stats([f["sample_gradient_evals"] / e["sample_gradient_evals"]
-                                              for f, e in zip(runs["fast"], runs["exact"], strict=True)]),
-              "wall_fast_over_exact": stats([f["wall_time_s"] / e["wall_time_s"]
-                                             for f, e in zip(runs["fast"], runs["exact"], strict=True)])}
+    ratios = {f"{key}_{name}_over_exact": stats([f[field] / e[field] for f, e in zip(runs[name], runs["exact"],
+                                                                                    strict=True)])
+              for name in FAST_VARIANTS for key, field in (("evals", "sample_gradient_evals"), ("wall", "wall_time_s"))}
     meta = {"quick": args.quick, "budget": dataclasses.asdict(budget), "threshold": THRESHOLD,
             "target_macs": TARGET_MACS, "ratio": ratio, "macs_fraction": size.macs[1] / size.macs[0],
             "params_fraction": size.params[1] / size.params[0], "fast_budget": FAST_BUDGET,
@@ -232,16 +237,18 @@ def table(cost: dict, ratios: dict, agreement: dict, meta: dict) -> str:
     lines = [f"importance cost on the digits teacher, ratio {meta['ratio']:.4f} (MACs {meta['macs_fraction']:.3f}), "
              f"thr {meta['threshold']}, {b['seeds']} seeds, exact batch {b['exact_batch']}, fast pool {b['pool']}"
              + (" [QUICK]" if meta["quick"] else ""),
-             f"{'estimator':<12}{'evals':>12}{'wall s':>12}{'kept t':>10}{'SSIM vs teacher':>22}"]
-    for name in ("exact", "fast"):
+             f"{'estimator':<20}{'evals':>12}{'wall s':>12}{'kept t':>10}{'SSIM vs teacher':>22}"]
+    for name in ("exact", *FAST_VARIANTS):
         c = cost[name]
-        lines.append(f"{name:<12}{c['sample_gradient_evals']['mean']:>12.0f}{c['wall_time_s']['mean']:>12.1f}"
+        lines.append(f"{name:<20}{c['sample_gradient_evals']['mean']:>12.0f}{c['wall_time_s']['mean']:>12.1f}"
                      f"{c['kept_timesteps']['mean']:>10.0f}{m(c['ssim_vs_teacher']):>22}")
-    lines.append(f"{'magnitude':<12}{0:>12}{'-':>12}{'-':>10}{m(cost['magnitude']['ssim_vs_teacher']):>22}")
-    lines.append(f"fast/exact: evals {m(ratios['evals_fast_over_exact'])}, wall {m(ratios['wall_fast_over_exact'])}")
-    lines.append(f"{'agreement':<32}{'IoU kept channels':>22}{'Spearman':>22}")
+    lines.append(f"{'magnitude':<20}{0:>12}{'-':>12}{'-':>10}{m(cost['magnitude']['ssim_vs_teacher']):>22}")
+    for name in FAST_VARIANTS:
+        lines.append(f"{name} / exact: evals {m(ratios[f'evals_{name}_over_exact'])}, "
+                     f"wall {m(ratios[f'wall_{name}_over_exact'])}")
+    lines.append(f"{'agreement':<40}{'IoU kept channels':>22}{'Spearman':>22}")
     for name, a in agreement.items():
-        lines.append(f"{name:<32}{m(a['iou']):>22}{m(a['spearman']):>22}")
+        lines.append(f"{name:<40}{m(a['iou']):>22}{m(a['spearman']):>22}")
     return "\n".join(lines)
 
 
