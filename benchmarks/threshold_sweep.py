@@ -8,7 +8,7 @@ magnitude / random pruning at the same size are drawn as reference lines. One ca
 per seed serves every k (`importance.estimate_many(prefixes=...)`).
 
     python benchmarks/threshold_sweep.py --quick      # 1 seed, coarse grid, ~5 min
-    python benchmarks/threshold_sweep.py --jobs 2     # 3 seeds (about 40 CPU-minutes)
+    python benchmarks/threshold_sweep.py --jobs 2     # 3 seeds (about 35 CPU-minutes)
 
 Writes benchmarks/results/threshold_sweep{_quick}.json and .png.
 """
@@ -48,8 +48,8 @@ class Budget:
     sample_steps: int
 
 
-FULL = Budget(seeds=3, calibration_batch=64, num_images=256, sample_steps=50,
-              prefixes=(5, 10, 25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000))
+FULL = Budget(seeds=3, calibration_batch=64, num_images=128, sample_steps=50,
+              prefixes=(5, 10, 25, 50, 100, 200, 300, 400, 500, 600, 800, 1000))
 QUICK = Budget(seeds=1, calibration_batch=16, num_images=128, sample_steps=20, prefixes=(10, 100, 300, 600, 1000))
 
 
