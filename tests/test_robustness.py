@@ -23,9 +23,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffprune import cli
+from diffprune.checkpoints import STATE_FILE, checkpoint_dirs, read_checkpoint
 from diffprune.errors import DiffpruneError
 from diffprune.fsutil import atomic_dir, lock_path, output_lock
-from diffprune.training import STATE_FILE, checkpoint_dirs, finetune, read_checkpoint
+from diffprune.training import finetune
 
 FAST = dict(batch_size=2, tensorboard=False, progress=False, log_every=1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFPRUNE_TEST_THREADS": "1", "TQDM_DISABLE": "1",

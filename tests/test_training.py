@@ -12,7 +12,7 @@ from conftest import save_tiny_pipeline, tiny_unet
 from safetensors.torch import load_file
 from test_sampling import launch
 
-from diffprune import cli, diffusion, training
+from diffprune import checkpoints, cli, diffusion, distillation, training
 from diffprune.errors import DiffpruneError
 from diffprune.io import PrunedUNet2DModel, load_pipeline, to_pruned
 from diffprune.training import EMA, StepBatches, finetune, train, unet_config
@@ -100,11 +100,11 @@ def test_finetune_pruned_with_distillation_keeps_structure(tmp_path, pipe_dir):
 
 def test_feature_adapters_map_widths():
     student, teacher = tiny_unet(block_out_channels=(16, 32)), tiny_unet()
-    names = training.feature_points(student)
-    adapters = training.make_adapters(student, teacher, names, "cpu")
+    names = distillation.feature_points(student)
+    adapters = distillation.make_adapters(student, teacher, names, "cpu")
     assert names[0] == "down_blocks.0" and "mid_block" in names
     assert adapters["down_blocks_0"].in_channels == 16 and adapters["down_blocks_0"].out_channels == 32
-    same = training.make_adapters(teacher, teacher, names, "cpu")["mid_block"]
+    same = distillation.make_adapters(teacher, teacher, names, "cpu")["mid_block"]
     assert torch.equal(same.weight[:, :, 0, 0], torch.eye(64))
 
 
@@ -168,14 +168,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, pipe_di
 
 
 def test_checkpoint_write_failure_keeps_the_last_good_one(tmp_path, pipe_dir, monkeypatch):
-    real = training.save_file
+    real = checkpoints.save_file
 
     def failing(tensors, path, metadata=None):
         if "step_000004" in path:
             raise OSError(28, "No space left on device")
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(training, "save_file", failing)
+    monkeypatch.setattr(checkpoints, "save_file", failing)
     out = tmp_path / "disk"
     with pytest.raises(DiffpruneError, match="No space left on device.*step_000002 is kept"):
         finetune(pipe_dir, "digits", out, steps=4, checkpoint_every=2, **FAST)

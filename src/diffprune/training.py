@@ -11,7 +11,7 @@ Optional knowledge distillation from the unpruned teacher (not in the paper's ma
 - "features": + feature_weight * mean over the outputs of down_blocks[i], mid_block, up_blocks[i] of
   ||A(student feature) - teacher feature||^2, where A is a learnable 1x1 conv (student width ->
   teacher width; pruning changes widths). Adapters train jointly, are checkpointed for resuming,
-  and are not part of the saved model.
+  and are not part of the saved model. Taps and adapters: distillation.py.
 
 Determinism: each step's randomness is a function of (seed, step, micro-step, process index): the
 batch positions (an epoch-wise permutation stream), the timesteps and the noise come from a generator
@@ -19,10 +19,9 @@ seeded from those numbers, and `torch.manual_seed` is reset from them before eac
 Hence resuming from a checkpoint reproduces an uninterrupted run bit for bit (on CPU; CUDA kernels
 may add their own nondeterminism).
 
-Run folder: `<out>/checkpoints/step_XXXXXX/` (model.safetensors, ema.safetensors,
-optimizer.safetensors + optimizer.json, [adapters.safetensors], trainer_state.json), `<out>/logs/`
-(TensorBoard), `<out>/train_log.json`, `<out>/<stage>_config.json`, and at the end the pipeline
-files (model_index.json, unet/, scheduler/) with the EMA weights.
+Run folder: `<out>/checkpoints/step_XXXXXX/` (layout, writing and resume checks: checkpoints.py),
+`<out>/logs/` (TensorBoard), `<out>/train_log.json`, `<out>/<stage>_config.json`, and at the end the
+pipeline files (model_index.json, unet/, scheduler/) with the EMA weights.
 """
 
 from __future__ import annotations
@@ -43,27 +42,33 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import diffusion
+from .checkpoints import (
+    CHECKPOINTS,
+    STATE_FILE,
+    STATE_VERSION,
+    _first_line,
+    _replace_dir,
+    check_resumable,
+    checkpoint_dirs,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_checkpoint,
+    write_checkpoint,
+)
 from .config import StageConfig
+from .distillation import FeatureTap, Student, _size, feature_points, make_adapters
 from .errors import DiffpruneError, check_range
-from .fsutil import check_output_dir, json_default, output_lock, write_json_atomic
+from .fsutil import check_output_dir, output_lock, write_json_atomic
 
 DISTILL_MODES = ("none", "output", "features", "both")
 EMA_WARMUPS = ("none", "ratio", "power")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-# Config keys a --resume run may change without changing the result.
-RESUME_FREE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers")
-CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.json"
-STATE_FILE = "trainer_state.json"
-STATE_VERSION = 1
-STATE_KEYS = ("step", "config", "num_processes", "model_fingerprint")
 LOG_KEYS = ("step", "loss", "loss_task", "loss_output_kd", "loss_feature_kd", "lr", "ema_decay",
             "steps_per_s", "elapsed_s")
 
@@ -349,97 +354,7 @@ class EMA:
         return {k: v.to(ref[k].dtype) for k, v in self.shadow.items()}
 
 
-# --------------------------------------------------------------------------- distillation
-
-
-def feature_points(unet) -> list[str]:
-    """Module names whose outputs feature distillation matches: every down block, mid, every up block."""
-    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-    names += ["mid_block"] if getattr(unet, "mid_block", None) is not None else []
-    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-
-
-class FeatureTap:
-    """Forward hooks that keep the latest output of the named modules (first element of tuples)."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.names, self.outputs = names, {}
-        modules = dict(model.named_modules())
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            self.outputs[name] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def take(self) -> list[torch.Tensor]:
-        out = [self.outputs.pop(n) for n in self.names]
-        self.outputs.clear()
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _adapter_key(name: str) -> str:
-    return name.replace(".", "_")
-
-
-def make_adapters(student, teacher, names: list[str], device, family=None) -> nn.ModuleDict:
-    """1x1 convs student width -> teacher width per feature point (identity where widths agree)."""
-    widths = []
-    for model in (student, teacher):
-        tap = FeatureTap(model, names)
-        shape = (1, model.config.in_channels, *_size(model))
-        with torch.no_grad():
-            x, t = torch.zeros(shape, device=device), torch.zeros(1, dtype=torch.long, device=device)
-            if family is None:
-                model(x, t)
-            else:
-                family.predict(model, x, t, family.example_cond(model, 1, device))
-        widths.append([f.shape[1] for f in tap.take()])
-        tap.remove()
-    adapters = nn.ModuleDict()
-    for name, cs, ct in zip(names, *widths, strict=True):
-        conv = nn.Conv2d(cs, ct, 1)
-        if cs == ct:
-            with torch.no_grad():
-                conv.weight.copy_(torch.eye(cs)[:, :, None, None])
-                conv.bias.zero_()
-        adapters[_adapter_key(name)] = conv
-    return adapters.to(device)
-
-
-class Student(nn.Module):
-    """The trained unet plus feature adapters, as one module so DDP syncs both.
-
-    forward(x_t, t, cond) -> (prediction, [adapted features]) (the list is empty without adapters);
-    with a `family`, the call goes through `family.predict(unet, x_t, t, cond)`.
-    """
-
-    def __init__(self, unet, adapters: nn.ModuleDict | None = None, names: list[str] | None = None,
-                 family=None):
-        super().__init__()
-        self.unet = unet
-        self.family = family
-        self.adapters = adapters if adapters is not None else nn.ModuleDict()
-        self.names = list(names or [])
-        self.tap = FeatureTap(unet, self.names) if self.names else None
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None):
-        out = self.unet(x_t, t).sample if self.family is None else self.family.predict(self.unet, x_t, t, cond)
-        if self.tap is None:
-            return out, []
-        feats = self.tap.take()
-        return out, [self.adapters[_adapter_key(n)](f) for n, f in zip(self.names, feats, strict=True)]
-
-
-def _size(unet) -> tuple[int, int]:
-    s = unet.config.sample_size
-    if s is None:
-        raise DiffpruneError("the model's config has no sample_size; cannot choose the training size")
-    return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+# --------------------------------------------------------------------------- model setup
 
 
 def set_dropout(unet: nn.Module, p: float) -> int:
@@ -458,169 +373,6 @@ def reinit_weights(unet: nn.Module, seed: int) -> None:
     for module in unet.modules():
         if hasattr(module, "reset_parameters") and module is not unet:
             module.reset_parameters()
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (temp folders are ignored)."""
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
-             and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON for the rest."""
-    sd = optimizer.state_dict()
-    tensors, other = {}, {}
-    for idx, entry in sd["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                other.setdefault(str(idx), {})[key] = value
-    return tensors, {"class": type(optimizer).__name__, "param_groups": sd["param_groups"], "state": other}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, entry in meta.get("state", {}).items():
-        state.setdefault(int(idx), {}).update(entry)
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def write_checkpoint(run_dir: Path, step: int, files: dict[str, dict[str, torch.Tensor]],
-                     json_files: dict[str, Any], keep: int) -> Path:
-    """Write checkpoints/step_XXXXXX atomically (temp folder + rename), then drop all but `keep`.
-
-    A failure leaves every earlier checkpoint untouched and raises DiffpruneError.
-    """
-    root = run_dir / CHECKPOINTS
-    final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step_*.tmp-*"):  # left by a killed run (the output dir is locked)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        for name, data in json_files.items():
-            (tmp / name).write_text(json.dumps(data, indent=2, default=json_default) + "\n")
-        _replace_dir(tmp, final)
-    except (OSError, SafetensorError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        good = checkpoint_dirs(run_dir)
-        kept = f"the last good checkpoint {good[-1]} is kept" if good else "no earlier checkpoint exists"
-        raise DiffpruneError(f"could not write checkpoint {final} at step {step} "
-                             f"({getattr(err, 'strerror', None) or err}); {kept}") from None
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put folder `new` at `final`; an existing `final` is removed only after the rename succeeded."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    new.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict]:
-    """(trainer_state, {file: tensors}, optimizer meta) of a checkpoint folder.
-
-    Only the named safetensors and JSON files are read (never a pickle); any damage -> one
-    DiffpruneError line naming the file.
-    """
-    hint = "delete this checkpoint to resume from an earlier one"
-
-    def read_json(name: str) -> dict:
-        try:
-            data = json.loads((path / name).read_text())
-        except FileNotFoundError:
-            raise DiffpruneError(f"checkpoint file {path / name} is missing; {hint}") from None
-        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise DiffpruneError(f"checkpoint file {path / name} is unreadable "
-                                 f"({_first_line(err)}); {hint}") from None
-        if not isinstance(data, dict):
-            raise DiffpruneError(f"checkpoint file {path / name} is not a JSON object; {hint}")
-        return data
-
-    state = read_json(STATE_FILE)
-    _check_state(state, path / STATE_FILE, hint)
-    meta = read_json("optimizer.json")
-    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("state", {}), dict):
-        raise DiffpruneError(f"checkpoint file {path / 'optimizer.json'} lacks a valid 'param_groups' list; {hint}")
-    tensors = {}
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "adapters.safetensors"):
-        if not (path / name).is_file():
-            if name != "adapters.safetensors":
-                raise DiffpruneError(f"checkpoint {path} lacks {name}; {hint}")
-            continue
-        try:
-            tensors[name] = load_file(str(path / name))
-        except (OSError, SafetensorError, ValueError) as err:
-            raise DiffpruneError(f"checkpoint file {path / name} is not a readable safetensors file "
-                                 f"({_first_line(err)}); {hint}") from None
-    return state, tensors, meta
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _check_state(state: dict, where: Path, hint: str) -> None:
-    """trainer_state.json must have a known version and the keys resuming reads, with sane types."""
-    version = state.get("version", STATE_VERSION)  # files written before the field existed are version 1
-    if version != STATE_VERSION:
-        raise DiffpruneError(f"{where}: version {version!r} is not supported; this diffprune reads "
-                             f"version {STATE_VERSION}; {hint}")
-    missing = [k for k in STATE_KEYS if k not in state]
-    if missing:
-        raise DiffpruneError(f"{where}: missing keys {missing}; {hint}")
-    step = state["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise DiffpruneError(f"{where}: step={step!r} is not an integer >= 1; {hint}")
-    if not isinstance(state["config"], dict):
-        raise DiffpruneError(f"{where}: 'config' must be a JSON object; {hint}")
-    history = state.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(r, dict) and isinstance(r.get("step"), int | float)
-                                                for r in history):
-        raise DiffpruneError(f"{where}: 'history' must be a list of records with a 'step'; {hint}")
-
-
-def check_resumable(state: dict, config: TrainingConfig, fingerprint: str, world: int, path: Path) -> None:
-    """Refuse a checkpoint made for another model, config or process count (one line, first difference)."""
-    old = state.get("config", {})
-    if old.get("stage") != config.stage:
-        raise DiffpruneError(f"--resume: {path} comes from a {old.get('stage')!r} run, not {config.stage!r}")
-    new = config.to_dict()
-    for key in sorted(set(old) | set(new)):
-        if key not in RESUME_FREE_KEYS and old.get(key) != new.get(key):
-            raise DiffpruneError(f"--resume: checkpoint {path} was made with {key}={old.get(key)!r}, this run "
-                                 f"has {key}={new.get(key)!r}; use the same settings or a new --output-dir")
-    if state.get("model_fingerprint") != fingerprint:
-        raise DiffpruneError(f"--resume: checkpoint {path} was made for a different model (the weights at "
-                             f"{new.get('model', 'the model config')!r} changed); use a new --output-dir")
-    if state.get("num_processes") != world:
-        raise DiffpruneError(f"--resume: checkpoint {path} was made with {state.get('num_processes')} "
-                             f"processes, this run has {world}; the data order depends on it")
-    if int(state.get("step", -1)) > config.steps:
-        raise DiffpruneError(f"--resume: checkpoint {path} is at step {state['step']}, beyond "
-                             f"--steps={config.steps}")
 
 
 # --------------------------------------------------------------------------- run folders
