@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -130,3 +131,18 @@ def test_unsupported_family_is_named(tmp_path, capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "diffprune.cli", "prune", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--target-macs" in result.stdout and "default" in result.stdout
+
+
+@pytest.mark.parametrize("command, target, expected", [
+    (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--prompt", "a cat", "--captions", "c.jsonl",
+      "--class-labels", "1,2"], "diffprune.training.finetune",
+     {"prompt": "a cat", "captions": "c.jsonl", "class_labels": "1,2"}),
+    (["sample", "--model", "m", "--output-dir", "o", "--prompt", "a dog", "--class-labels", "3"],
+     "diffprune.sampling.sample_to_folder", {"prompt": "a dog", "class_labels": "3"}),
+])
+def test_conditioning_options_reach_finetune_and_sample(monkeypatch, command, target, expected):
+    seen = {}
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: seen.update(kw))
+    assert main(command) in (0, None)
+    assert {k: seen[k] for k in expected} == expected

@@ -70,3 +70,16 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DiffpruneError(f"--device={name!r} but CUDA is not available here; use --device cpu")
     return device
+
+
+def add_conditioning_options(parser: argparse.ArgumentParser, images: str, captions: bool = True) -> None:
+    """--prompt / --captions / --class-labels for Stable Diffusion UNets and DiT; `images` names what they label."""
+    group = parser.add_argument_group("conditioning (Stable Diffusion UNets, DiT)")
+    group.add_argument("--prompt", default=None, help=f"one prompt for every {images} (text-conditional UNets)")
+    if captions:
+        group.add_argument("--captions", default=None,
+                           help="captions.jsonl ({'file_name', 'text'} lines) or captions.txt (file<TAB>caption) "
+                                "naming every image by its path relative to --data (default: one found in --data)")
+    group.add_argument("--class-labels", default=None,
+                       help=f"DiT: comma-separated class ids cycled over the {images}s "
+                            "(default: integer class-folder names, else random labels)")

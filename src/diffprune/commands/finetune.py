@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (
+    add_conditioning_options,
     add_device_seed,
     add_output_dir,
     fraction,
@@ -104,6 +105,7 @@ def register(subparsers) -> None:
                    help="weight of the feature-distillation loss, a number >= 0")
     p.add_argument("--reinit", action="store_true",
                    help="re-initialise all weights first (train the pruned architecture from scratch)")
+    add_conditioning_options(p, "training image")
     document_defaults(p)
     p.set_defaults(func=run)
 
@@ -113,4 +115,4 @@ def run(args: argparse.Namespace) -> None:
 
     finetune(args.model, args.data, args.output_dir, teacher=args.teacher, distill=args.distill,
              distill_weight=args.distill_weight, feature_weight=args.feature_weight, reinit=args.reinit,
-             **training_kwargs(args))
+             prompt=args.prompt, captions=args.captions, class_labels=args.class_labels, **training_kwargs(args))

@@ -6,7 +6,15 @@ import argparse
 
 from ..importance import METHODS
 from ..pruning import RATIO_RULES, PruneConfig
-from .common import add_device_seed, add_output_dir, positive_int, resolve_device, unit_half_open, unit_open
+from .common import (
+    add_conditioning_options,
+    add_device_seed,
+    add_output_dir,
+    positive_int,
+    resolve_device,
+    unit_half_open,
+    unit_open,
+)
 
 
 def register(subparsers) -> None:
@@ -48,14 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--head-pruning-ratio", type=unit_half_open, default=None,
                    help="with --prune-heads: fraction of each attention's heads to remove, in [0, 1) "
                         "(default: the pruning ratio; at least one head always stays)")
-    cond = p.add_argument_group("conditioning (Stable Diffusion UNets, DiT)")
-    cond.add_argument("--prompt", default=None, help="one prompt for every calibration image (text-conditional UNets)")
-    cond.add_argument("--captions", default=None,
-                      help="captions.jsonl ({'file_name', 'text'} lines) or captions.txt (file<TAB>caption) naming "
-                           "every image by its path relative to --data (default: one found in --data)")
-    cond.add_argument("--class-labels", default=None,
-                      help="DiT: comma-separated class ids cycled over the calibration images "
-                           "(default: integer class-folder names, else random labels)")
+    add_conditioning_options(p, "calibration image")
     add_device_seed(p)
     add_output_dir(p)
     p.set_defaults(func=run)

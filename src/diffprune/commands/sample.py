@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_seed, add_output_dir, non_negative_float, positive_int, resolve_device
+from .common import (
+    add_conditioning_options,
+    add_device_seed,
+    add_output_dir,
+    non_negative_float,
+    positive_int,
+    resolve_device,
+)
 from .finetune import document_defaults
 
 
@@ -37,6 +44,7 @@ def register(subparsers) -> None:
                    help="fill in only the missing images of an existing folder made with the same "
                         "model/seed/steps/eta/sampler/spacing (--num-images may grow)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_conditioning_options(p, "image", captions=False)
     document_defaults(p)
     p.set_defaults(func=run)
 
@@ -48,4 +56,4 @@ def run(args: argparse.Namespace) -> None:
     sample_to_folder(args.model, args.output_dir, args.num_images, batch_size=args.batch_size,
                      steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                      seed=args.seed, device=device, resume=args.resume, overwrite=args.overwrite,
-                     progress=args.progress)
+                     progress=args.progress, prompt=args.prompt, class_labels=args.class_labels)
