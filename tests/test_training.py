@@ -151,16 +151,21 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_completes(tmp_path, pipe_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, pipe_dir, monkeypatch):
+def poison_targets_from(monkeypatch, call: int) -> None:
+    """Training targets become NaN from the `call`-th noisy_and_target call on (one call per step here)."""
     real = diffusion.noisy_and_target
     calls = {"n": 0}
 
     def poisoned(scheduler, x0, noise, t):
         calls["n"] += 1
         x_t, target = real(scheduler, x0, noise, t)
-        return x_t, target * float("nan") if calls["n"] >= 3 else target
+        return x_t, target * float("nan") if calls["n"] >= call else target
 
     monkeypatch.setattr(diffusion, "noisy_and_target", poisoned)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, pipe_dir, monkeypatch):
+    poison_targets_from(monkeypatch, 3)
     out = tmp_path / "nan"
     with pytest.raises(DiffpruneError, match=r"loss is nan at step 3.*step_000002"):
         finetune(pipe_dir, "digits", out, steps=4, checkpoint_every=2, **FAST)
@@ -268,15 +273,7 @@ def test_optimizer_is_fused_adam_on_cpu():
 
 def test_nan_in_a_logged_window_names_its_own_step(tmp_path, pipe_dir, monkeypatch):
     """Losses are checked at log/checkpoint steps only; the message still names the first bad step."""
-    real = diffusion.noisy_and_target
-    calls = {"n": 0}
-
-    def poisoned(scheduler, x0, noise, t):
-        calls["n"] += 1
-        x_t, target = real(scheduler, x0, noise, t)
-        return x_t, target * float("nan") if calls["n"] >= 2 else target
-
-    monkeypatch.setattr(diffusion, "noisy_and_target", poisoned)
+    poison_targets_from(monkeypatch, 2)
     kw = {**FAST, "log_every": 4}
     with pytest.raises(DiffpruneError, match=r"loss is nan at step 2; .*no checkpoint"):
         finetune(pipe_dir, "digits", tmp_path / "nan", steps=8, checkpoint_every=4, **kw)
