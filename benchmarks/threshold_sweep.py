@@ -55,18 +55,24 @@ QUICK = Budget(seeds=1, calibration_batch=16, num_images=128, sample_steps=20, p
 
 def measure(name: str, method: str, importance, seed: int, budget: Budget, work: Path, teacher: Path,
             teacher_samples: Path) -> dict:
-    """Prune (no post-training), sample from the shared noise, score against the teacher's samples."""
-    pruned = run_prune(PruneConfig(model=str(teacher), data="digits", method=method, target_macs=TARGET_MACS,
-                                   threshold=importance.threshold if importance else 0.0,
-                                   batch_size=budget.calibration_batch, seed=seed),
-                       work / "pruned" / name, overwrite=True, progress=False, importance=importance)
-    samples = sample_to_folder(work / "pruned" / name, work / "samples" / name, budget.num_images, batch_size=256,
-                               steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
-    ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", teacher_samples=str(teacher_samples),
-                                 allow_download=False, output=str(work / "evaluation" / f"{name}.json")))
-    shutil.rmtree(work / "pruned" / name)  # keep the disk small; the samples stay
-    return {"ssim": ev["consistency"]["ssim"]["mean"], "fid": ev["fid"]["value"],
-            "macs": pruned["macs"]["after"], "params": pruned["params"]["after"]}
+    """Prune (no post-training), sample from the shared noise, score against the teacher's samples.
+
+    A point whose evaluation JSON is already in the work folder is read back instead (an
+    interrupted run continues where it stopped; the sweep itself is recomputed).
+    """
+    done = work / "evaluation" / f"{name}.json"
+    if not done.exists():
+        run_prune(PruneConfig(model=str(teacher), data="digits", method=method, target_macs=TARGET_MACS,
+                              threshold=importance.threshold if importance else 0.0,
+                              batch_size=budget.calibration_batch, seed=seed),
+                  work / "pruned" / name, overwrite=True, progress=False, importance=importance)
+        samples = sample_to_folder(work / "pruned" / name, work / "samples" / name, budget.num_images,
+                                   batch_size=256, steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
+        evaluate(EvaluateConfig(samples=str(samples), reference="digits", teacher_samples=str(teacher_samples),
+                                allow_download=False, output=str(done)))
+        shutil.rmtree(work / "pruned" / name)  # keep the disk small; the samples stay
+    ev = json.loads(done.read_text())
+    return {"ssim": ev["consistency"]["ssim"]["mean"], "fid": ev["fid"]["value"]}
 
 
 def run_seed(seed: int, budget: Budget, work: Path) -> dict:
