@@ -149,16 +149,20 @@ def cell(stat: dict, scale: float, fmt: str) -> str:
 
 
 def markdown(table: dict, meta: dict) -> str:
-    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    head = "| method | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, stats in table.items():
-        lines.append(f"| {name} | " + " | ".join(cell(stats[k], s, f) for k, _, s, f in COLUMNS) + " |")
+        lines.append(f"| {name} | {stats['fid']['n']} | "
+                     + " | ".join(cell(stats[k], s, f) for k, _, s, f in COLUMNS) + " |")
     notes = [f"Seeds: {meta['seeds']}; mean ± std over seeds. Samples: {meta['num_images']} per model, "
              f"DDIM {meta['sample_steps']} steps, eta 0, same noise for every model. FID/KID: "
              f"digits-cnn-v1 features vs the 1797 digits. Latency x: teacher/student median forward time, "
              f"batch 1, CPU. Post-training: {meta['finetune_steps']} steps "
              f"({meta['finetune_fraction']:.0%} of the teacher's {meta['teacher_steps']}).",
-             f"Ran {meta['date']} on {meta['machine']} in {meta['wall_time_s'] / 60:.1f} min."]
+             (f"Tabulated {meta['date']} from the finished rows of a run on {meta['machine']}."
+              if meta.get("report_only") else
+              f"Ran {meta['date']} on {meta['machine']} in {meta['wall_time_s'] / 60:.1f} min"
+              f" ({meta.get('jobs', 1)} worker process(es), one thread each).")]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -185,6 +189,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one torch thread each (2 on a 2-core machine)")
     parser.add_argument("--resume", action="store_true", help="keep the finished rows found in the work folder")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate the finished rows in the work folder (cells say how many seeds)")
     parser.add_argument("--work", type=Path, default=Path("runs/table1"), help="scratch folder for all runs")
     args = parser.parse_args()
     if args.jobs < 1:
@@ -196,15 +202,17 @@ def main() -> None:
     teacher = embedded_teacher()
     recipe = teacher_recipe(teacher)
     work = args.work / ("quick" if args.quick else "full")
-    if work.exists() and not args.resume:
+    if work.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
-    results = run_all(Plan(teacher, recipe, budget, work), args.jobs)
+    plan = Plan(teacher, recipe, budget, work)
+    results = finished_rows(plan) if args.report_only else run_all(plan, args.jobs)
     table = {name: {k: aggregate([r[k] for r in runs]) for k, *_ in COLUMNS} for name, runs in results.items()}
     meta = {"seeds": budget.seeds, "num_images": budget.num_images, "sample_steps": budget.sample_steps,
             "finetune_fraction": budget.finetune_fraction, "teacher_steps": recipe["steps"],
             "finetune_steps": max(1, round(budget.finetune_fraction * recipe["steps"])),
             "date": datetime.date.today().isoformat(), "machine": machine(), "jobs": args.jobs,
-            "wall_time_s": time.perf_counter() - start, "resumed": args.resume,
+            "wall_time_s": time.perf_counter() - start, "resumed": args.resume, "report_only": args.report_only,
+            "seeds_per_row": {name: len(runs) for name, runs in results.items()},
             "budget": dataclasses.asdict(budget), "versions": library_versions()}
     notes = spread_notes(table)
     suffix = "_quick" if args.quick else ""
@@ -311,10 +319,17 @@ def run_all(plan: Plan, jobs: int) -> dict[str, list[dict]]:
                                          key[2] if key[0] == "row" else None)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(done[key], indent=2) + "\n")
-    results: dict[str, list[dict]] = {"teacher": [done[("teacher",)]]}
-    for seed in range(plan.budget.seeds):
-        for spec in row_specs(plan.budget):
-            results.setdefault(spec["name"], []).append(done[("row", spec["name"], seed)])
+    return finished_rows(plan)
+
+
+def finished_rows(plan: Plan) -> dict[str, list[dict]]:
+    """Row name -> the per-seed results found in work/rows (all of them after a complete run)."""
+    results: dict[str, list[dict]] = {}
+    for name, seed in [("teacher", None)] + [(spec["name"], seed) for spec in row_specs(plan.budget)
+                                              for seed in range(plan.budget.seeds)]:
+        path = plan.row_file(name, seed)
+        if path.exists():
+            results.setdefault(name, []).append(json.loads(path.read_text()))
     return results
 
 
