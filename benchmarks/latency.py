@@ -10,7 +10,7 @@ values), prunes it to several sizes, each with round_to None/8/16/32, and measur
   memory traffic shrinks faster than MACs).
 The issue's goal: efficiency >= 0.9 at ~56% MACs on CPU; the script prints where it stands.
 
-    python benchmarks/latency.py [--quick] [--threads N] [--repeats R] [--channels-last]
+    python benchmarks/latency.py [--quick] [--threads N] [--repeats R] [--channels-last] [--sizes ...]
 
 Prints a table and writes benchmarks/results/latency.json (torch version, threads, CPU model, date).
 Target rows (target_macs) search the ratio once with round_to None; the round_to variants reuse
@@ -161,6 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=None, help="DDIM batch size (default: all images)")
     p.add_argument("--sample-repeats", type=int, default=3, help="timed DDIM runs per model")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    p.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+                   help="pruned sizes: macs=F (target MACs fraction) or paper=R (ratio R, paper rule); "
+                        "default macs=0.8 macs=0.56 macs=0.4 paper=0.3 (quick: paper=0.3)")
     p.add_argument("--output", type=Path, default=None,
                    help="default benchmarks/results/latency.json (--quick: latency_quick.json)")
     args = p.parse_args(argv)
@@ -174,7 +177,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sample_images = (2 if quick else 16) if args.sample_images is None else args.sample_images
     args.sample_steps = 2 if quick and args.sample_steps == 10 else args.sample_steps
     args.sample_repeats = 1 if quick and args.sample_repeats == 3 else args.sample_repeats
+    args.sizes = [parse_size(p, token) for token in args.sizes] if args.sizes else (QUICK_SIZES if quick else FULL_SIZES)
     return args
+
+
+def parse_size(parser: argparse.ArgumentParser, token: str) -> dict:
+    kind, _, value = token.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if kind not in ("macs", "paper") or not 0 < number < 1:
+        parser.error(f"--sizes: {token!r} is not macs=F or paper=R with F, R in (0, 1)")
+    return {"target_macs": number} if kind == "macs" else {"ratio": number, "ratio_rule": "paper"}
 
 
 def main(argv=None) -> None:
@@ -187,7 +202,7 @@ def main(argv=None) -> None:
     log = lambda msg: print(f"[{time.perf_counter() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
     torch.manual_seed(0)
     teacher = cifar10_unet().eval()
-    rows = build_students(teacher, QUICK_SIZES if args.quick else FULL_SIZES, args.round_to, log)
+    rows = build_students(teacher, args.sizes, args.round_to, log)
     teacher = prepare(teacher, args.channels_last)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     by_label = {}
