@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one torch thread each (2 on a 2-core machine)")
     parser.add_argument("--resume", action="store_true", help="keep the finished rows found in the work folder")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the rows whose name contains TEXT (the others are tabulated if finished)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: tabulate the finished rows in the work folder (cells say how many seeds)")
     parser.add_argument("--work", type=Path, default=Path("runs/table1"), help="scratch folder for all runs")
@@ -205,7 +207,7 @@ def main() -> None:
     if work.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
     plan = Plan(teacher, recipe, budget, work)
-    results = finished_rows(plan) if args.report_only else run_all(plan, args.jobs)
+    results = finished_rows(plan) if args.report_only else run_all(plan, args.jobs, args.only)
     table = {name: {k: aggregate([r[k] for r in runs]) for k, *_ in COLUMNS} for name, runs in results.items()}
     meta = {"seeds": budget.seeds, "num_images": budget.num_images, "sample_steps": budget.sample_steps,
             "finetune_fraction": budget.finetune_fraction, "teacher_steps": recipe["steps"],
@@ -260,7 +262,7 @@ def _row_task(plan: Plan, spec: dict, seed: int, importance) -> dict:
     return run_row(spec, seed, importance, plan.teacher, plan.recipe, plan.budget, plan.work, plan.teacher_samples)
 
 
-def run_all(plan: Plan, jobs: int) -> dict[str, list[dict]]:
+def run_all(plan: Plan, jobs: int, only: str | None = None) -> dict[str, list[dict]]:
     """Run the teacher, the per-seed sweeps and every (row, seed) on `jobs` processes.
 
     A task starts once what it needs is done (rows need the teacher's samples for SSIM and, for
@@ -281,7 +283,7 @@ def run_all(plan: Plan, jobs: int) -> dict[str, list[dict]]:
                 for seed in range(plan.budget.seeds)]
     pending += [("row", s["name"], seed) for seed in range(plan.budget.seeds) for s in row_specs(plan.budget)
                 if s["train"] != "full"]
-    pending = [k for k in pending if k not in done]
+    pending = [k for k in pending if k not in done and (only is None or k[0] != "row" or only in k[1])]
     specs = {s["name"]: s for s in row_specs(plan.budget)}
     needs_sweep = {k[2] for k in pending if k[0] == "row" and uses_sweep(specs[k[1]])}
     pending = [k for k in pending if k[0] != "sweep" or k[1] in needs_sweep]
@@ -309,6 +311,8 @@ def run_all(plan: Plan, jobs: int) -> dict[str, list[dict]]:
             for key in [k for k in pending if all(d in done for d in deps(k))][:jobs - len(running)]:
                 pending.remove(key)
                 running[submit(pool, key)] = (key, time.perf_counter())
+            if not running:
+                raise SystemExit(f"nothing can start: {pending[:3]} wait for tasks that are neither done nor queued")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 key, began = running.pop(future)
