@@ -39,8 +39,8 @@ from diffprune.io import library_versions  # noqa: E402
 from diffprune.metrics.latency import cpu_model, ddim_sampler, forward_latency, ratio, sampling_throughput  # noqa: E402
 from diffprune.pruning import PruneConfig, prune  # noqa: E402
 
-FULL_SIZES = [{"target_macs": 0.8}, {"target_macs": 0.56}, {"target_macs": 0.4},
-              {"ratio": 0.3, "ratio_rule": "paper"}]
+FULL_SIZES = [{"target_macs": 0.7}, {"target_macs": 0.56}, {"ratio": 0.3, "ratio_rule": "paper"},
+              {"ratio": 0.45, "ratio_rule": "paper"}]  # tp's own rule reaches only coarse steps (0.70, 0.56, 0.35)
 QUICK_SIZES = [{"ratio": 0.3, "ratio_rule": "paper"}]  # 3.39G / 6.06G = 0.56, no search needed
 GOAL_MACS, GOAL_EFFICIENCY = 0.56, 0.9
 
@@ -163,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
                    help="pruned sizes: macs=F (target MACs fraction) or paper=R (ratio R, paper rule); "
-                        "default macs=0.8 macs=0.56 macs=0.4 paper=0.3 (quick: paper=0.3)")
+                        "default macs=0.7 macs=0.56 paper=0.3 paper=0.45 (quick: paper=0.3)")
     p.add_argument("--output", type=Path, default=None,
                    help="default benchmarks/results/latency.json (--quick: latency_quick.json)")
     args = p.parse_args(argv)
