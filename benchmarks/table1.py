@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_args import add_budget_options, chosen_budget
 
 from diffprune.demo import embedded_teacher
 from diffprune.evaluation import EvaluateConfig, evaluate
@@ -184,22 +185,14 @@ def spread_notes(table: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke-check budget (1 seed, short runs)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="worker processes, one torch thread each (2 on a 2-core machine)")
+    add_budget_options(parser, "smoke-check budget (1 seed, short runs)", "runs/table1")
     parser.add_argument("--resume", action="store_true", help="keep the finished rows found in the work folder")
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="run only the rows whose name contains TEXT (the others are tabulated if finished)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: tabulate the finished rows in the work folder (cells say how many seeds)")
-    parser.add_argument("--work", type=Path, default=Path("runs/table1"), help="scratch folder for all runs")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    budget = QUICK if args.quick else FULL
-    if args.seeds:
-        budget = dataclasses.replace(budget, seeds=args.seeds)
+    budget = chosen_budget(parser, args, QUICK, FULL)
     start = time.perf_counter()
     teacher = embedded_teacher()
     recipe = teacher_recipe(teacher)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_args import add_budget_options, chosen_budget
 
 from diffprune.demo import embedded_teacher
 from diffprune.evaluation import EvaluateConfig, evaluate
@@ -157,16 +158,9 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, coarse grid, small batches")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one seed each, one thread each)")
-    parser.add_argument("--work", type=Path, default=Path("runs/threshold_sweep"), help="scratch folder")
+    add_budget_options(parser, "1 seed, coarse grid, small batches", "runs/threshold_sweep")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    budget = QUICK if args.quick else FULL
-    if args.seeds:
-        budget = dataclasses.replace(budget, seeds=args.seeds)
+    budget = chosen_budget(parser, args, QUICK, FULL)
     work = args.work / ("quick" if args.quick else "full")
     start = time.perf_counter()
     sample_to_folder(embedded_teacher(), work / "samples" / "teacher", budget.num_images, batch_size=256,
