@@ -85,6 +85,10 @@ def test_cli_fid_kid_ssim(folders, capsys):
     assert any("has 60 images, fewer than the feature dimension 64" in w for w in res["warnings"])
     c = res["consistency"]
     assert c["num_pairs"] == 60 and 0.5 < c["ssim"]["mean"] < 1 and c["indices"] == list(range(60))
+    assert (
+        c["ssim_convention"]["reference"].startswith("pytorch_msssim.ssim")
+        and c["ssim_convention"]["min_size"] == 11
+    )
     assert res["config"]["stage"] == "evaluate" and res["versions"]["torch"]
     assert "FID" in out and "SSIM" in out and "wrote" in out
     shifted = evaluate(
@@ -230,3 +234,79 @@ def test_help_documents_every_option():
     for action in sub._actions:
         if action.option_strings and action.dest not in ("help",):
             assert "default" in (action.help or ""), action.option_strings
+
+
+@pytest.fixture(scope="module")
+def family_pipelines(tmp_path_factory):
+    """Per family of tests/test_families.py (latent UNet, Stable Diffusion, DiT): the tiny pipeline as
+    teacher, and the same pipeline with its denoiser pruned to half width (reloaded as a diffprune class)."""
+    from test_families import FAMILIES, INFO, build_pipeline
+
+    from diffprune.families import family_for
+    from diffprune.importance import ImportanceResult
+    from diffprune.io import to_pruned
+    from diffprune.prune_job import denoiser_of
+    from diffprune.pruning import prune_with_ratio
+
+    root = tmp_path_factory.mktemp("family_pipes")
+    dirs = {}
+    for kind in FAMILIES:
+        pipe = build_pipeline(kind)
+        pipe.save_pretrained(root / kind / "teacher", safe_serialization=True)
+        component, model = denoiser_of(pipe)
+        imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
+        pruned = to_pruned(
+            prune_with_ratio(model, family_for(model), imp, 0.5), {**INFO, "base_class": type(model).__name__}
+        )
+        pipe.register_modules(**{component: pruned})
+        pipe.save_pretrained(root / kind / "student", safe_serialization=True)
+        dirs[kind] = root / kind
+    return dirs
+
+
+@pytest.mark.parametrize("kind", ["ldm", "sd", "dit"])
+def test_cli_cost_every_family(kind, family_pipelines, tmp_path, capsys):
+    """`evaluate --model/--teacher-model` on latent UNet, Stable Diffusion and DiT pipelines: params equal
+    the denoiser's parameter count, MACs torch-pruning's count of one batch-1 forward, and DDIM
+    throughput runs with the family's conditioning and the latent decode."""
+    import torch_pruning as tp
+
+    from diffprune.families import family_for
+    from diffprune.io import load_pipeline
+    from diffprune.prune_job import denoiser_of
+
+    out = tmp_path / "cost.json"
+    args = [
+        "evaluate",
+        "--model",
+        str(family_pipelines[kind] / "student"),
+        "--teacher-model",
+        str(family_pipelines[kind] / "teacher"),
+        "--latency-repeats",
+        "2",
+        "--latency-warmup",
+        "0",
+        "--throughput-images",
+        "2",
+        "--throughput-steps",
+        "2",
+        "--throughput-repeats",
+        "1",
+        "--output",
+        str(out),
+    ]
+    code = main(args)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    c = json.loads(out.read_text())["cost"]
+    for name in ("teacher", "student"):
+        _, model = denoiser_of(load_pipeline(family_pipelines[kind] / name))
+        fam = family_for(model)
+        macs, params = tp.utils.count_ops_and_params(model.eval(), fam.example_inputs(model, 1))
+        assert c[name]["params"] == sum(p.numel() for p in model.parameters()) == params
+        assert c[name]["macs"] == int(macs) > 0
+        assert c[name]["family"] == fam.name and c[name]["component"] == fam.component
+        assert c[name]["latent"] is True
+        assert c["throughput"][name]["images"] == 2
+    assert c["ratios"]["params_student_over_teacher"] < 1 and c["ratios"]["macs_student_over_teacher"] < 1
+    assert "speed-up" in printed.out

@@ -290,6 +290,127 @@ def test_imageset_errors(tmp_path, digits_uint8):
     assert s.channels == 3 and "grayscale files converted to RGB" in s.notes[0]
 
 
+# --------------------------------------------------------------------------- SSIM convention
+
+
+def _gauss_taps(size=11, sigma=1.5):
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def _ssim_numpy(a, b):
+    """Wang et al. 2004 eq. 13 from scratch (numpy): [0, 1] images, C = (K L)^2 with L = 1, local
+    moments from an 11-tap sigma-1.5 Gaussian over 'valid' windows only, per-image mean over pixels
+    and channels. a, b: uint8 (N, H, W, C)."""
+    g = _gauss_taps()
+    win = np.lib.stride_tricks.sliding_window_view
+
+    def blur(v):  # (N, H, W, C): valid windows along H, then along W
+        v = win(v, 11, axis=1) @ g
+        return win(v, 11, axis=2) @ g
+
+    # [0, 1] images as to_tensor gives them (float32 u8 / 255); the statistics in float64
+    x, y = (v.astype(np.float32) / np.float32(255) for v in (a, b))
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.reshape(len(s), -1).mean(1)
+
+
+def _ssim_pairs(n, size, channels, seed=0):
+    """Random pairs, and smooth structured images with a noisy copy."""
+    rng = np.random.default_rng(seed)
+    shape = (n, size, size, channels)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    phase = rng.uniform(0, 6, (n, 1, 1, channels))
+    smooth = 127 + 100 * np.sin(9 * xx[None, ..., None] + phase) * np.cos(5 * yy[None, ..., None])
+    smooth = smooth.round().astype(np.uint8)
+    noisy = np.clip(smooth.astype(int) + rng.integers(-40, 41, shape), 0, 255).astype(np.uint8)
+    return {
+        "random": (rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8)),
+        "structured+noise": (smooth, noisy),
+    }
+
+
+@pytest.mark.parametrize("n, size, channels", [(8, 16, 1), (6, 32, 3), (2, 256, 3), (4, 11, 1)])
+def test_ssim_matches_pytorch_msssim_and_formula(n, size, channels):
+    """Our SSIM is the paper script's convention (pytorch_msssim, data_range 1, per image), whatever
+    torchmetrics is installed: within 1e-5 of pytorch_msssim and 1e-10 of the numpy formula."""
+    from pytorch_msssim import ssim as msssim
+
+    for name, (a, b) in _ssim_pairs(n, size, channels).items():
+        ours = ssim.ssim_per_image(a, b)
+        assert ours.shape == (n,) and ours.dtype == np.float64
+        np.testing.assert_allclose(ours, _ssim_numpy(a, b), rtol=0, atol=1e-10, err_msg=name)
+        x, y = (torch.from_numpy(v).permute(0, 3, 1, 2).double() / 255 for v in (a, b))
+        ref = msssim(x, y, data_range=1, size_average=False).numpy()
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=name)
+    a, b = _ssim_pairs(n, size, channels)["structured+noise"]
+    assert ssim.ssim_per_image(a, a) == pytest.approx(np.ones(n))  # identical pairs: exactly the maximum
+
+
+def test_ssim_convention_is_recorded():
+    a, b = _ssim_pairs(10, 16, 1)["structured+noise"]
+    res = ssim.consistency(
+        imageset.ImageSet(a, list(range(10)), "A"), imageset.ImageSet(b, list(range(10)), "B")
+    )
+    conv = res["ssim_convention"]
+    assert conv["kernel_size"] == 11 and conv["sigma"] == 1.5 and (conv["k1"], conv["k2"]) == (0.01, 0.03)
+    assert conv["data_range"] == 1.0 and "valid" in conv["filter"] and "pytorch_msssim" in conv["reference"]
+    np.testing.assert_allclose(res["ssim"]["per_image"], _ssim_numpy(a, b), atol=1e-10)
+
+
+# --------------------------------------------------------------------------- pytorch-fid's input batch
+
+
+def _to_tensor_batch(files, mode):
+    """pytorch-fid's batch: PIL convert(mode), torchvision `to_tensor` per image (HWC -> CHW
+    `.contiguous()`, float32, `.div(255)`), then default_collate's torch.stack."""
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            a = np.array(im.convert(mode))
+        t = torch.from_numpy(a).view(a.shape[0], a.shape[1], -1)
+        out.append(t.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255))
+    return torch.stack(out)
+
+
+def test_inception_features_of_pngs_equal_pytorch_fid_path(tmp_path):
+    """PNGs through our image set + extractor give bit-identical features to pytorch-fid's path
+    (ImagePathDataset: convert('RGB') + to_tensor, stacked), for RGB and grayscale files."""
+    weights = tmp_path / "w.safetensors"
+    _fake_inception_weights(weights, safetensors=True)
+    ex = inception.InceptionFeatureExtractor(weights)
+    rng = np.random.default_rng(0)
+    for name, shape in (("rgb", (3, 32, 32, 3)), ("gray", (3, 16, 16, 1))):
+        folder = _write_pngs(tmp_path / name, rng.integers(0, 256, shape, dtype=np.uint8), range(3))
+        ours = torch.from_numpy(ex(imageset.load_image_set(folder).images))
+        with torch.no_grad():
+            ref = ex.model(_to_tensor_batch(sorted(folder.glob("*.png")), "RGB")).double()
+        assert torch.equal(ours, ref), name
+
+
+def test_digits_features_of_pngs_equal_to_tensor_path(tmp_path, digits_extractor):
+    """The digits net gets the same batch (values and row-major layout) as to_tensor + stack would give."""
+    ex = digits_extractor
+    rng = np.random.default_rng(1)
+    for name, shape, mode in (
+        ("gray16", (20, 16, 16, 1), "L"),
+        ("gray32", (20, 32, 32, 1), "L"),
+        ("rgb16", (20, 16, 16, 3), "RGB"),
+    ):
+        folder = _write_pngs(tmp_path / name, rng.integers(0, 256, shape, dtype=np.uint8), range(20))
+        ours = torch.from_numpy(ex(imageset.load_image_set(folder).images))
+        with torch.no_grad():
+            ref = ex.forward_features(
+                ex.prepare(_to_tensor_batch(sorted(folder.glob("*.png")), mode))
+            ).double()
+        assert torch.equal(ours, ref), name
+
+
 # --------------------------------------------------------------------------- latency
 
 

@@ -27,8 +27,31 @@ logger = logging.getLogger(__name__)
 FEATURE_NETS = ("digits", "inception")
 
 
+def dense_nchw(x: torch.Tensor) -> torch.Tensor:
+    """`x` with row-major strides (what torch.stack gives), copied only when its strides differ.
+
+    `.contiguous()` is not enough: a permuted 1-channel batch counts as contiguous while keeping a
+    channels-last stride, and convolutions pick their kernel (and rounding) from the strides.
+    """
+    shape, strides, step = tuple(x.shape), [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    if x.stride() == tuple(reversed(strides)):
+        return x
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    out.copy_(x)
+    return out
+
+
 def to_unit_nchw(images) -> torch.Tensor:
-    """uint8 NHWC [0, 255] or float NCHW [-1, 1] -> float32 NCHW in [0, 1]."""
+    """uint8 NHWC [0, 255] or float NCHW [-1, 1] -> float32 NCHW in [0, 1] with row-major strides.
+
+    uint8 gives exactly the batch of pytorch-fid's ImagePathDataset (torchvision `to_tensor` per
+    image: CHW, float32, / 255; then torch.stack): the same values in the same memory layout. The
+    layout matters: a channels-last view makes the convolutions use other kernels, and FID features
+    then differ from pytorch-fid's in the last digits.
+    """
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
@@ -38,12 +61,12 @@ def to_unit_nchw(images) -> torch.Tensor:
             f"images must be 4-d (uint8 NHWC or float NCHW), got shape {tuple(images.shape)}"
         )
     if images.dtype == torch.uint8:
-        return images.permute(0, 3, 1, 2).float() / 255.0
+        return dense_nchw(images.permute(0, 3, 1, 2).float()).div(255)
     if not images.is_floating_point():
         raise DiffpruneError(
             f"images have dtype {images.dtype}; expected uint8 NHWC or float NCHW in [-1, 1]"
         )
-    return ((images.float() + 1) / 2).clamp(0, 1)
+    return dense_nchw(((images.float() + 1) / 2).clamp(0, 1))
 
 
 class FeatureExtractor:
@@ -88,7 +111,8 @@ class FeatureExtractor:
         x_all = to_unit_nchw(images)
         out = []
         for start in range(0, x_all.shape[0], self.batch_size):
-            x = self.prepare(x_all[start : start + self.batch_size].to(self.device))
+            # e.g. the expanded gray -> RGB view: the net always gets a row-major batch
+            x = dense_nchw(self.prepare(x_all[start : start + self.batch_size].to(self.device)))
             out.append(self.forward_features(x).double().cpu())
         if not out:
             return np.zeros((0, self.dim), dtype=np.float64)

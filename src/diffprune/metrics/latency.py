@@ -147,8 +147,12 @@ def ddim_sampler(
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    ctx=None,
 ) -> Callable[[], int]:
-    """A callable that samples `num_images` with deterministic DDIM (eta 0, uniform spacing)."""
+    """A callable that samples `num_images` with deterministic DDIM (eta 0, uniform spacing).
+
+    `ctx` (families.conditioning.PipelineContext) supplies conditioning and the latent decode.
+    """
     from ..sampling import sample
 
     bs = batch_size or num_images
@@ -166,6 +170,7 @@ def ddim_sampler(
             spacing="uniform",
             device=device,
             progress=False,
+            ctx=ctx,
         )
         return int(images.shape[0])
 
