@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
-import torch
+# Hermetic environment, set before anything imports huggingface_hub/diffusers (they read these
+# variables once, at import): whatever HF_HUB_OFFLINE, HF_HOME or DIFFPRUNE_* the caller has set
+# (offline CI machines commonly set HF_HUB_OFFLINE=1), every test starts from the same state.
+# Tests that need a variable set it themselves with monkeypatch. Subprocesses inherit this.
+_KEEP = {"DIFFPRUNE_TEST_THREADS"}
+_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "DIFFPRUNE_", "ACCELERATE_")
+for _name in [n for n in os.environ if n.startswith(_PREFIXES) and n not in _KEEP]:
+    del os.environ[_name]
+_HERMETIC_HOME = tempfile.mkdtemp(prefix="diffprune-test-home-")
+os.environ["HF_HOME"] = os.path.join(_HERMETIC_HOME, "hf")  # never the user's hub cache
+os.environ["DIFFPRUNE_CACHE"] = os.path.join(_HERMETIC_HOME, "diffprune")  # nor their weights cache
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core box they oversubscribe
 # (a 16x16 forward goes from ~13 ms to >1 s). Override with DIFFPRUNE_TEST_THREADS.
