@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Hermetic environment, set before anything imports huggingface_hub/diffusers (they read these
@@ -16,6 +18,7 @@ for _name in [n for n in os.environ if n.startswith(_PREFIXES) and n not in _KEE
 _HERMETIC_HOME = tempfile.mkdtemp(prefix="diffprune-test-home-")
 os.environ["HF_HOME"] = os.path.join(_HERMETIC_HOME, "hf")  # never the user's hub cache
 os.environ["DIFFPRUNE_CACHE"] = os.path.join(_HERMETIC_HOME, "diffprune")  # nor their weights cache
+atexit.register(shutil.rmtree, _HERMETIC_HOME, True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
