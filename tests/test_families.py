@@ -329,7 +329,10 @@ def test_finetune_step_and_sampling(kind, pipeline_dirs, image_dir, tmp_path):
     assert images.shape == (3, 16, 16, 3)  # decoded from 8x8 latents by the autoencoder
     again = sample_to_folder(tuned, tmp_path / "samples2", 3, batch_size=3, steps=2, progress=False,
                              prompt="a cat" if kind == "sd" else None)
-    assert np.array_equal(np.load(again / "samples.npz")["images"], images)  # per-image seeds
+    # Per-image seeds: the same images whatever the batch size. A DiT forward differs by ~1e-7 between
+    # batch sizes (its own arithmetic), which can move a pixel across a uint8 rounding boundary.
+    diff = np.abs(np.load(again / "samples.npz")["images"].astype(int) - images.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
 
 def test_dit_sampling_labels_are_per_image():

@@ -4,6 +4,11 @@ A sample folder written by `diffprune sample` holds `000123.png` (global index, 
 `samples.npz` (`images`: uint8 NHWC sorted by index, `indices`) and `grid.png`. Each image keeps its
 key (the global index, or the file stem for folders whose names are not numbers), so a teacher set
 and a student set pair up by key, never by file order.
+
+Image files are read by `diffprune.data.read_image`: sized from the header first, so a file over
+`max_pixels` (default `data.MAX_IMAGE_PIXELS`) or Pillow's decompression-bomb limit is refused with
+one line before it is decoded. 16-bit grayscale becomes 8-bit by rounding value / 257 (65535 -> 255);
+modes without a known range (e.g. F floats) are refused.
 """
 
 from __future__ import annotations
@@ -15,16 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from ..data import find_images
+from ..data import find_images, read_image
 from ..errors import DiffpruneError
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.npz"
 _INDEX_NAME = re.compile(r"^\d+$")
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 @dataclass
@@ -79,13 +82,14 @@ def as_nhwc_uint8(array: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def load_image_set(path: str | Path) -> ImageSet:
+def load_image_set(path: str | Path, max_pixels: int | None = None) -> ImageSet:
     """Images from a folder (samples.npz if present, else image files) or an `.npz` file.
 
     In a folder, files named by a number (`000123.png`) are keyed by that number and other files
     (e.g. `grid.png`) are ignored; if no file name is a number, every image under the folder
     (recursively) is used, keyed by its relative path without suffix. Raises DiffpruneError for a
-    missing path, no images, unreadable files, or images of different sizes (naming them).
+    missing path, no images, unreadable files, images over `max_pixels` pixels (default
+    `data.MAX_IMAGE_PIXELS`), or images of different sizes (naming them).
     """
     p = Path(path)
     if not p.exists():
@@ -101,7 +105,7 @@ def load_image_set(path: str | Path) -> ImageSet:
         return _load_npz(p)
     if (p / SAMPLES_FILE).is_file():
         return _load_npz(p / SAMPLES_FILE, source=str(p))
-    return _load_folder(p)
+    return _load_folder(p, max_pixels)
 
 
 def _load_npz(file: Path, source: str | None = None) -> ImageSet:
@@ -129,7 +133,7 @@ def _load_npz(file: Path, source: str | None = None) -> ImageSet:
     return ImageSet(images[order], [keys[i] for i in order], source or str(file))
 
 
-def _load_folder(folder: Path) -> ImageSet:
+def _load_folder(folder: Path, max_pixels: int | None) -> ImageSet:
     files = find_images(folder)
     numbered = [f for f in files if f.parent == folder and _INDEX_NAME.match(f.stem)]
     if numbered:
@@ -153,14 +157,7 @@ def _load_folder(folder: Path) -> ImageSet:
         )
     arrays, sizes, modes = [], Counter(), {}
     for _, f in keyed:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                gray = im.mode in _GRAY_MODES
-                arr = np.array(im.convert("L" if gray else "RGB"))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise DiffpruneError(f"{f}: cannot read image ({type(err).__name__})") from None
-        arr = arr[..., None] if arr.ndim == 2 else arr
+        arr = _as_uint8(*read_image(f, max_pixels=max_pixels))
         arrays.append(arr)
         sizes[arr.shape[:2]] += 1
         modes.setdefault(arr.shape[2], f.name)
@@ -181,6 +178,13 @@ def _load_folder(folder: Path) -> ImageSet:
         logger.warning(notes[-1])
         arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
     return ImageSet(np.stack(arrays).astype(np.uint8), [k for k, _ in keyed], str(folder), notes)
+
+
+def _as_uint8(array: np.ndarray, full: int) -> np.ndarray:
+    """Pixels with full white `full` (255 or 65535) as uint8; 16-bit rounds value / 257 (257 * 255 = 65535)."""
+    if full == 255:
+        return array.astype(np.uint8, copy=False)
+    return np.rint(array / (full / 255)).astype(np.uint8)
 
 
 def pair_sets(a: ImageSet, b: ImageSet) -> tuple[np.ndarray, np.ndarray, list]:
