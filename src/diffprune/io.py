@@ -3,8 +3,12 @@
 A pruned component folder holds the *unchanged* base `config.json`, the pruned tensors in
 `diffusion_pytorch_model.safetensors`, and `pruning.json` (format version, base model, method,
 kept timesteps, per-module widths, library versions). Loading = build the base architecture from
-the config, impose the recorded widths (`structure.apply_structure`), strict safetensors load:
-the result is bit-identical to the model that was saved.
+the config on the meta device (no memory), impose the recorded widths (`structure.apply_structure`),
+strict safetensors load of the stored tensors: the result is bit-identical to the model that was
+saved, and loading never holds the unpruned model.
+
+Every folder is checked before anything is built (`model_checks`): model_index.json entries,
+config values and the memory they need, float dtypes and finite values of the weights.
 
 The classes below are registered under the `diffprune` library name in `model_index.json`, so
 `DiffusionPipeline.from_pretrained(folder)` also works once `import diffprune` has run (diffusers
@@ -33,6 +37,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import DiffpruneError
+from .fsutil import read_json
+from .model_checks import (
+    check_models,
+    check_one_float_dtype,
+    check_pipeline_folder,
+    check_scheduler_folder,
+    read_header,
+    read_model_index,
+)
 from .structure import apply_structure, record_structure
 
 logger = logging.getLogger(__name__)
@@ -91,16 +104,30 @@ class PrunedModelMixin:
         if info["base_class"] != expected:
             raise DiffpruneError(f"{folder / PRUNING_FILE}: base_class={info['base_class']!r}, "
                                  f"but {cls.__name__} needs {expected!r}")
-        return build_pruned(cls, read_config(folder), info, read_weights(folder), torch_dtype)
+        return build_pruned(cls, read_config(folder), info, read_weights(folder), torch_dtype,
+                            where=str(folder / PRUNING_FILE))
 
 
 def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Tensor],
                  torch_dtype: torch.dtype | None = None, where: str = PRUNING_FILE):
-    """A `cls` instance with the structure in `info` and exactly the tensors in `state`."""
-    model = cls.from_config(config)
-    apply_structure(model, info["structure"], {k: tuple(v.shape) for k, v in state.items()}, where)
+    """A `cls` instance with the structure in `info` and exactly the tensors in `state`.
+
+    Parameters are built on the meta device and then take the tensors of `state` (`assign=True`),
+    so the unpruned base is never allocated. dtype: floating tensors are cast to `torch_dtype`, else
+    to the dtype the config builds (float32); `read_weights` refuses files that mix float dtypes.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # buffers outside the file (e.g. DiT pos_embed) stay real
+        model = cls.from_config(config)
+    method = info.get("method")
+    prune_heads = method.get("prune_heads") if isinstance(method, dict) else None
+    apply_structure(model, info["structure"], {k: tuple(v.shape) for k, v in state.items()}, where,
+                    prune_heads if isinstance(prune_heads, bool) else None)
+    dtype = torch_dtype or next(model.parameters()).dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         raise DiffpruneError(f"{where}: weights do not match the recorded structure: "
@@ -157,22 +184,11 @@ def to_pruned(model: torch.nn.Module, info: dict[str, Any]):
 # --------------------------------------------------------------------------- reading files
 
 
-def _read_json_object(path: Path, missing: str) -> dict[str, Any]:
-    """A JSON object from `path`, or one DiffpruneError line naming the file and the problem."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffpruneError(f"{path}: {missing}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DiffpruneError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise DiffpruneError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_pruning_info(folder: Path) -> dict[str, Any]:
     path = folder / PRUNING_FILE
-    info = _read_json_object(path, "missing; this is not a diffprune pruned model folder")
+    if not path.is_file():
+        raise DiffpruneError(f"{path}: missing; this is not a diffprune pruned model folder")
+    info = read_json(path, "pruning file")
     missing = [k for k in REQUIRED_KEYS if k not in info]
     if missing:
         raise DiffpruneError(f"{path}: missing keys {missing}")
@@ -185,13 +201,15 @@ def read_pruning_info(folder: Path) -> dict[str, Any]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    return _read_json_object(folder / CONFIG_FILE, "missing model config")
+    return read_json(folder / CONFIG_FILE, "model config")
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s safetensors file; a file mixing float dtypes is refused."""
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise DiffpruneError(f"{path}: missing weights file (only safetensors are read, never pickles)")
+    check_one_float_dtype(path, read_header(path))
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -230,7 +248,10 @@ def resolve_folder(name_or_path: str | Path, subfolder: str | None = None,
 
 def load_unet(name_or_path: str | Path, subfolder: str | None = None,
               torch_dtype: torch.dtype | None = None, revision: str | None = None) -> torch.nn.Module:
-    """Load a denoiser folder: pruned (pruning.json present) or a plain diffusers model."""
+    """Load a denoiser folder: pruned (pruning.json present) or a plain diffusers model.
+
+    The folder is checked first (`model_checks.check_models`): config values, memory, weights.
+    """
     folder = resolve_folder(name_or_path, subfolder, revision)
     config = read_config(folder)
     class_name = config.get("_class_name")
@@ -239,7 +260,10 @@ def load_unet(name_or_path: str | Path, subfolder: str | None = None,
         supported = [b.__name__ for b in PRUNED_CLASSES]
         raise DiffpruneError(f"model family {class_name!r} in {folder / CONFIG_FILE} is not supported yet; "
                              f"supported: {supported}")
-    if (folder / PRUNING_FILE).exists():
+    pruned = (folder / PRUNING_FILE).exists()
+    if pruned or (folder / WEIGHTS_FILE).exists():
+        check_models({folder: (base, pruned)}, torch_dtype, folder)
+    if pruned:
         return PRUNED_CLASSES[base].from_pretrained(folder, torch_dtype=torch_dtype)
     if not (folder / WEIGHTS_FILE).exists():
         raise DiffpruneError(f"{folder}: no {WEIGHTS_FILE}; diffprune reads safetensors weights only")
@@ -269,16 +293,16 @@ def load_pipeline(name_or_path: str | Path, device: str | torch.device = "cpu",
 
 
 def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
-    index = json.loads((folder / "model_index.json").read_text())
+    classes = read_model_index(folder)
     has_safetensors = any(folder.glob("*/*.safetensors"))
     if not has_safetensors:
         raise DiffpruneError(f"{folder}: no safetensors weights found; diffprune never loads pickled "
                              "(.bin/.pt) checkpoints. Convert with save_pretrained(safe_serialization=True)")
-    for component in ("unet", "transformer"):
-        entry = index.get(component)
-        if entry and (folder / component / PRUNING_FILE).exists() and not str(entry[0]).startswith("diffprune"):
+    for component, cls in classes.items():
+        if cls is not None and (folder / component / PRUNING_FILE).exists() and not issubclass(cls, PrunedModelMixin):
             raise DiffpruneError(f"{folder / 'model_index.json'}: {component} has pruning.json but is "
-                                 f"declared as {entry}; expected ['diffprune', ...]")
+                                 f"declared as {cls.__name__}; expected ['diffprune.io', 'Pruned...']")
+    check_pipeline_folder(folder, classes, torch_dtype, PRUNING_FILE)
     from diffusers.utils import logging as diffusers_logging
 
     bars_were_on = diffusers_logging.is_progress_bar_enabled()
@@ -297,6 +321,7 @@ def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
 def _scheduler_near(folder: Path):
     for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
         if cand.is_file():
+            check_scheduler_folder(cand.parent)
             return DDPMScheduler.from_pretrained(cand.parent, subfolder=None)
     logger.warning("no scheduler config next to %s; using DDPMScheduler defaults (1000 linear steps)", folder)
     return DDPMScheduler()

@@ -63,6 +63,62 @@ def fix_attention(name: str, attn: nn.Module, before: dict, prune_heads: bool) -
         attn.scale = head_dim**-0.5
 
 
+def softmax_scale(attn: nn.Module) -> float:
+    """The q.k scale a (pruned) diffusers `Attention` must hold: 1/sqrt(head_dim) of its current
+    heads when `scale_qk` (diffusers' own rule; head-dim pruning keeps it by folding
+    sqrt(d_new/d_old) into `to_q`, see `fix_attention`), else 1."""
+    if not getattr(attn, "scale_qk", True):
+        return 1.0
+    return (attn.to_q.out_features // attn.heads) ** -0.5
+
+
+def check_attention(where: str, name: str, attn: nn.Module) -> None:
+    """`heads` splits `to_q`'s width evenly, `inner_dim` is that width, `scale` is `softmax_scale`."""
+    inner, heads = attn.to_q.out_features, attn.heads
+    if heads <= 0 or inner % heads:
+        raise DiffpruneError(f"{where}: attention {name!r} inner dim {inner} is not divisible by heads={heads}")
+    if attn.inner_dim != inner:
+        raise DiffpruneError(f"{where}: attention {name!r} inner_dim={attn.inner_dim!r} is not allowed; "
+                             f"allowed: {inner} (the width of its to_q)")
+    expect = softmax_scale(attn)
+    if not math.isclose(attn.scale, expect, rel_tol=1e-6):
+        rule = f"1/sqrt(head_dim {inner // heads}) for heads={heads} of a {inner}-wide to_q" \
+            if getattr(attn, "scale_qk", True) else "1 (scale_qk is off)"
+        raise DiffpruneError(f"{where}: attention {name!r} scale={attn.scale!r} is not allowed; allowed: "
+                             f"{expect!r} = {rule} (pruning keeps the unpruned scores, see README 'The pruned folder')")
+
+
+def check_head_rule(where: str, attentions: list[tuple[str, nn.Module, int, int]],
+                    prune_heads: bool | None = None) -> None:
+    """Pruning keeps, for the whole model, either every attention's base head count (head dims
+    pruned) or every attention's base head size (whole heads pruned; `prune_heads`). Any other
+    split of the same width, or a mix of both, would change what the attention computes.
+
+    `attentions`: (name, pruned attention, base heads, base head size) for each attention;
+    `prune_heads`: the rule the pruning run recorded, if known.
+    """
+    by_rule: dict[str, str] = {}  # rule -> first attention that only that rule explains
+    for name, attn, base_heads, base_size in attentions:
+        inner, heads = attn.to_q.out_features, attn.heads
+        keeps_count, keeps_size = heads == base_heads, heads * base_size == inner
+        if not (keeps_count or keeps_size):
+            allowed = [base_heads] + ([inner // base_size] if inner % base_size == 0 else [])
+            raise DiffpruneError(f"{where}: attention {name!r} heads={heads!r} is not allowed; allowed: "
+                                 f"{' or '.join(str(h) for h in dict.fromkeys(allowed))} (the base model's "
+                                 f"{base_heads} heads, or heads of its size {base_size})")
+        if keeps_count != keeps_size:
+            by_rule.setdefault("count" if keeps_count else "size", f"{name!r} heads={heads}")
+    if prune_heads is not None and ("count" if prune_heads else "size") in by_rule:
+        wrong = by_rule["count" if prune_heads else "size"]
+        raise DiffpruneError(f"{where}: attention {wrong} does not match the recorded method.prune_heads="
+                             f"{prune_heads}; allowed: heads that keep the base head "
+                             f"{'size' if prune_heads else 'count'} in every attention")
+    if "count" in by_rule and "size" in by_rule:
+        raise DiffpruneError(f"{where}: attention {by_rule['size']} keeps the base head size but "
+                             f"{by_rule['count']} keeps the base head count; allowed: one rule for every "
+                             "attention (whole heads pruned, or head dims pruned)")
+
+
 def observe_resampler_channels(model: nn.Module, example_inputs: dict) -> None:
     """Set Upsample2D/Downsample2D `.channels`/`.out_channels` from what they really receive.
 
