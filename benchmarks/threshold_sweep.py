@@ -117,7 +117,8 @@ def summarize(runs: list[dict], budget: Budget) -> dict:
 
     return {
         "prefix": {k: {m: stat([r["prefix"][k][m] for r in runs]) for m in ("ssim", "fid")} for k in budget.prefixes},
-        "threshold": {thr: {"cut": stat([r["threshold"][thr]["cut"] or 1000 for r in runs]),
+        "threshold": {thr: {"cut": stat([999 if r["threshold"][thr]["cut"] is None else r["threshold"][thr]["cut"]
+                                            for r in runs]),
                             **{m: stat([r["threshold"][thr][m] for r in runs]) for m in ("ssim", "fid")}}
                       for thr in THRESHOLDS},
         **{method: {m: stat([r[method][m] for r in runs]) for m in ("ssim", "fid")} for method in ("magnitude", "random")},

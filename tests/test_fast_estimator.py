@@ -34,15 +34,18 @@ def test_coarse_cut_is_the_first_grid_point_below_threshold_of_the_running_max()
     assert [t for t, _ in seen] == list(range(0, cut + 1, 10))
     assert seen[-1][1] < 0.05 * grid_max and all(v >= 0.05 * max(w for _, w in seen[: i + 1])
                                                     for i, (_, v) in enumerate(seen[:-1]))
-    # the exact sweep's cut lies within one stride below the coarse one
-    kept, _ = threshold_sweep(curve, 1000, 0.05)
-    assert cut - 10 < len(kept) <= cut
+    # the exact sweep's cut (its last kept step) lies within one stride below the coarse one
+    _, exact_cut = threshold_sweep(curve, 1000, 0.05)
+    assert cut - 10 < exact_cut <= cut
 
 
 def test_coarse_cut_keeps_everything_at_threshold_zero_or_when_never_below():
-    assert coarse_cut(lambda t: torch.tensor(1.0), 40, 0.5, 10)[0] == 40
+    assert coarse_cut(lambda t: torch.tensor(1.0), 40, 0.5, 10)[0] is None
     cut, seen = coarse_cut(lambda t: torch.tensor(math.exp(-t)), 40, 0.0, 7)
-    assert cut == 40 and [t for t, _ in seen] == [0, 7, 14, 21, 28, 35]
+    assert cut is None and [t for t, _ in seen] == [0, 7, 14, 21, 28, 35]
+    # the rule stopping at the last timestep keeps everything too
+    assert coarse_cut(lambda t: torch.tensor(0.01 if t == 39 else 1.0), 40, 0.5, 13)[0] is None
+    assert coarse_cut(lambda t: torch.tensor(0.01 if t == 26 else 1.0), 40, 0.5, 13)[0] == 26
 
 
 def test_coarse_cut_refuses_nan_and_a_bad_stride():
@@ -67,8 +70,8 @@ def test_fast_estimate_counts_pairs_keeps_the_coarse_prefix_and_has_every_gradie
                         pairs_per_pass=6, passes=3, progress=False)
     assert imp.sample_gradient_evals == 3 * 6 and imp.method == "diff-pruning" and imp.estimator == "fast"
     assert imp.summary()["estimator"] == "fast" and imp.wall_time_s > 0
-    cut = imp.cut if imp.cut is not None else 40
-    assert imp.kept_timesteps == list(range(cut)) and [t for t, _ in imp.losses] == list(range(0, min(cut + 1, 40), 5))
+    last = imp.cut if imp.cut is not None else 39
+    assert imp.kept_timesteps == list(range(last + 1)) and [t for t, _ in imp.losses] == list(range(0, last + 1, 5))
     names = {n for n, p in model.named_parameters()}
     assert set(imp.grads) == names and all(torch.isfinite(g).all() for g in imp.grads.values())
     assert any(g.abs().sum() > 0 for g in imp.grads.values())
@@ -98,9 +101,10 @@ def test_fast_estimate_cuts_on_the_grid_and_samples_only_kept_timesteps(schedule
     model = tiny_unet().requires_grad_(True)
     imp = estimate_fast(model, family_for(model), scheduler, _images(), threshold=0.05, grid_stride=4,
                         pairs_per_pass=32, passes=2, progress=False)
-    assert imp.cut == 16 and imp.kept_timesteps == list(range(16))
+    assert imp.cut == 16 and imp.kept_timesteps == list(range(17))  # the cut step is kept, as in the exact sweep
     assert [t for t, _ in imp.losses] == [0, 4, 8, 12, 16]
-    assert len(seen_t) == 64 and set(seen_t) <= set(range(16)) and len(set(seen_t)) >= 12
+    # 32 strata of width 17/32 over [0, 17): every t in [0, cut] is drawn, the cut step included
+    assert len(seen_t) == 64 and set(seen_t) == set(range(17))
 
 
 def test_default_passes_stay_under_a_tenth_of_an_exact_64_image_sweep(scheduler):

@@ -75,23 +75,24 @@ def test_all_ignored_model_is_function_preserving():
         assert torch.equal(model(x, t).sample, pruned(x, t).sample)
 
 
-def test_threshold_rule_stops_where_a_monotone_loss_says():
+def test_threshold_rule_stops_where_a_monotone_loss_says_and_keeps_that_step():
     losses = lambda t: torch.tensor(math.exp(-t / 10))  # noqa: E731
-    kept, seen = threshold_sweep(losses, 1000, threshold=0.05)
+    seen, cut = threshold_sweep(losses, 1000, threshold=0.05)
     first_below = next(t for t in range(1000) if math.exp(-t / 10) < 0.05)  # t = 30
-    assert kept == list(range(first_below)) and seen[-1][0] == first_below
+    assert cut == first_below and [t for t, _ in seen] == list(range(first_below + 1))
 
 
 def test_threshold_uses_the_running_maximum():
-    curve = [1.0, 4.0, 2.0, 0.5, 0.3, 0.1]  # max 4 at t=1; 0.3 < 0.1 * 4 is false, 0.1 < 0.4 stops... at 0.3
-    kept, _ = threshold_sweep(lambda t: torch.tensor(curve[t]), len(curve), threshold=0.1)
-    assert kept == [0, 1, 2, 3]  # 0.3 < 0.1 * 4.0 = 0.4 -> stop at t = 4
+    curve = [1.0, 4.0, 2.0, 0.5, 0.3, 0.1]  # max 4 at t=1: 0.5 < 0.4 is false, 0.3 < 0.4 stops at t = 4
+    seen, cut = threshold_sweep(lambda t: torch.tensor(curve[t]), len(curve), threshold=0.1)
+    assert cut == 4 and [t for t, _ in seen] == [0, 1, 2, 3, 4]  # t = 4 is kept, as in the paper's loop
 
 
 def test_threshold_zero_keeps_all_and_calls_back_each_kept_step():
     calls = []
-    kept, _ = threshold_sweep(lambda t: torch.tensor(1.0 / (t + 1)), 50, 0.0, on_keep=lambda t, loss: calls.append(t))
-    assert kept == calls == list(range(50))
+    seen, cut = threshold_sweep(lambda t: torch.tensor(1.0 / (t + 1)), 50, 0.0,
+                                on_keep=lambda t, loss: calls.append(t))
+    assert cut is None and [t for t, _ in seen] == calls == list(range(50))
 
 
 def test_nan_loss_names_the_timestep():
@@ -112,8 +113,9 @@ def test_diff_pruning_keeps_a_prefix_and_taylor_keeps_all(scheduler):
     fam = family_for(model)
     dp = estimate(model, fam, scheduler, _images(), "diff-pruning", threshold=0.9, progress=False)
     ty = estimate(model, fam, scheduler, _images(), "taylor", threshold=0.9, progress=False)
-    assert dp.kept_timesteps == list(range(len(dp.kept_timesteps)))
-    assert ty.kept_timesteps == list(range(12)) and ty.threshold == 0.0
+    last = dp.cut if dp.cut is not None else 11
+    assert dp.kept_timesteps == list(range(last + 1)) and [t for t, _ in dp.losses] == dp.kept_timesteps
+    assert ty.kept_timesteps == list(range(12)) and ty.threshold == 0.0 and ty.cut is None
     assert dp.sample_gradient_evals == 4 * len(dp.kept_timesteps)
 
 
@@ -182,18 +184,19 @@ def test_estimate_many_equals_separate_sweeps():
     fam = family_for(model)
     sched = DDPMScheduler(num_train_timesteps=30, prediction_type="sample")  # L_t falls slowly here
     images = _images(n=3)
-    many = estimate_many(model, fam, sched, images, (0.0, 0.96, 0.99), seed=1, progress=False)
+    many = estimate_many(model, fam, sched, images, (0.0, 0.96, 0.99), seed=1, progress=False, tail_points=4)
     assert 1 < len(many[("diff-pruning", 0.96)].kept_timesteps) < 30  # the cut paths are exercised
     for (method, thr), shared in many.items():
-        alone = estimate(model, fam, sched, images, method, threshold=thr, seed=1, progress=False)
+        alone = estimate(model, fam, sched, images, method, threshold=thr, seed=1, progress=False, tail_points=4)
         assert shared.kept_timesteps == alone.kept_timesteps and shared.losses == alone.losses
-        assert shared.tail_losses == alone.tail_losses
+        assert shared.cut == alone.cut and shared.tail_losses == alone.tail_losses
+        assert len(shared.tail_losses) == (4 if shared.cut is not None else 0)
         for name, g in alone.grads.items():
             torch.testing.assert_close(shared.grads[name], g, rtol=1e-6, atol=1e-8)
 
 
 def test_estimate_many_prefixes_sum_exactly_the_fixed_range():
-    """("prefix", k) holds the gradients over [0, k): equal to a threshold cut at k, and to taylor at k = T."""
+    """("prefix", k) holds the gradients over [0, k): equal to a threshold cut at k - 1, and to taylor at k = T."""
     model = tiny_unet()
     fam = family_for(model)
     sched = DDPMScheduler(num_train_timesteps=30, prediction_type="sample")
@@ -201,12 +204,13 @@ def test_estimate_many_prefixes_sum_exactly_the_fixed_range():
     first = estimate_many(model, fam, sched, images, (0.96,), seed=1, progress=False)
     cut = first[("diff-pruning", 0.96)].cut
     assert cut is not None and 1 < cut < 30
-    many = estimate_many(model, fam, sched, images, (0.96,), seed=1, progress=False, prefixes=(1, cut, 30))
-    for key, ref in ((("prefix", cut), first[("diff-pruning", 0.96)]), (("prefix", 30), first[("taylor", 0.0)])):
+    many = estimate_many(model, fam, sched, images, (0.96,), seed=1, progress=False, prefixes=(1, cut + 1, 30))
+    for key, ref in ((("prefix", cut + 1), first[("diff-pruning", 0.96)]), (("prefix", 30), first[("taylor", 0.0)])):
         got = many[key]
-        assert got.kept_timesteps == ref.kept_timesteps and got.cut == ref.cut
+        assert got.kept_timesteps == ref.kept_timesteps and got.cut == ref.cut and got.losses == ref.losses
         for name, g in ref.grads.items():
             torch.testing.assert_close(got.grads[name], g, rtol=1e-6, atol=1e-8)
     assert many[("prefix", 1)].kept_timesteps == [0] and many[("prefix", 1)].sample_gradient_evals == 3
+    assert many[("prefix", 1)].cut == 0 and many[("prefix", 1)].losses == first[("taylor", 0.0)].losses[:1]
     with pytest.raises(DiffpruneError, match="prefix"):
         estimate_many(model, fam, sched, images, (), progress=False, prefixes=(31,))
