@@ -31,5 +31,5 @@ def test_demo_runs_every_stage_on_a_tiny_teacher(tmp_path, capsys):
 def test_demo_refuses_an_existing_folder(tmp_path, capsys):
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "keep.txt").write_text("x")
-    assert main(["demo", "--teacher", str(tmp_path), "--output-dir", str(tmp_path / "demo")]) == 2
+    assert main(["demo", "--teacher", str(tmp_path / "teacher"), "--output-dir", str(tmp_path / "demo")]) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "demo" / "keep.txt").exists()

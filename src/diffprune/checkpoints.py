@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import DiffpruneError
-from .fsutil import json_default
+from .errors import DiffpruneError, write_error
+from .fsutil import json_default, read_json, replace_dir
 
 if TYPE_CHECKING:
     from .training import TrainingConfig
@@ -86,27 +86,15 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, dict[str, torch.
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for name, data in json_files.items():
             (tmp / name).write_text(json.dumps(data, indent=2, default=json_default) + "\n")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         good = checkpoint_dirs(run_dir)
         kept = f"the last good checkpoint {good[-1]} is kept" if good else "no earlier checkpoint exists"
-        raise DiffpruneError(f"could not write checkpoint {final} at step {step} "
-                             f"({getattr(err, 'strerror', None) or err}); {kept}") from None
+        raise write_error(err, f"could not write checkpoint {final} at step {step}", f"; {kept}") from None
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put folder `new` at `final`; an existing `final` is removed only after the rename succeeded."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    new.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict]:
@@ -117,21 +105,17 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
     """
     hint = "delete this checkpoint to resume from an earlier one"
 
-    def read_json(name: str) -> dict:
+    def read_object(name: str) -> dict:
+        if not (path / name).is_file():
+            raise DiffpruneError(f"checkpoint file {path / name} is missing; {hint}")
         try:
-            data = json.loads((path / name).read_text())
-        except FileNotFoundError:
-            raise DiffpruneError(f"checkpoint file {path / name} is missing; {hint}") from None
-        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise DiffpruneError(f"checkpoint file {path / name} is unreadable "
-                                 f"({_first_line(err)}); {hint}") from None
-        if not isinstance(data, dict):
-            raise DiffpruneError(f"checkpoint file {path / name} is not a JSON object; {hint}")
-        return data
+            return read_json(path / name, "checkpoint file")
+        except DiffpruneError as err:
+            raise DiffpruneError(f"{err}; {hint}") from None
 
-    state = read_json(STATE_FILE)
+    state = read_object(STATE_FILE)
     _check_state(state, path / STATE_FILE, hint)
-    meta = read_json("optimizer.json")
+    meta = read_object("optimizer.json")
     if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("state", {}), dict):
         raise DiffpruneError(f"checkpoint file {path / 'optimizer.json'} lacks a valid 'param_groups' list; {hint}")
     tensors = {}

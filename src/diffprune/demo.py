@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import StageConfig
 from .errors import DiffpruneError
-from .fsutil import check_output_dir, write_json_atomic
+from .fsutil import check_output_dir, check_output_location, output_lock, read_json, write_json_atomic
 
 TEACHER_ASSET = "digits_ddpm"
 INCOMPLETE_MARKER = "DEMO_INCOMPLETE"
@@ -55,7 +55,18 @@ class DemoConfig(StageConfig):
 
 
 def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run every stage into `output_dir` (written atomically); returns the summary dict."""
+    """Run every stage into `output_dir` (locked meanwhile); returns the summary dict.
+
+    `overwrite` replaces only a folder an earlier demo wrote (demo_config.json).
+    """
+    teacher = Path(config.teacher) if config.teacher else embedded_teacher()
+    out = check_output_location(output_dir, {"--teacher": teacher})
+    with output_lock(out):  # held for the whole run, not only while writing
+        check_output_dir(out, overwrite, DemoConfig.stage)
+        return _run_demo(config, out, teacher, progress)
+
+
+def _run_demo(config: DemoConfig, out: Path, teacher: Path, progress: bool) -> dict:
     from .evaluation import EvaluateConfig, evaluate
     from .prune_job import run_prune
     from .pruning import PruneConfig
@@ -63,8 +74,6 @@ def run_demo(config: DemoConfig, output_dir: str | Path, overwrite: bool = False
     from .sampling import sample_to_folder
     from .training import FinetuneConfig, run_training
 
-    out = check_output_dir(output_dir, overwrite).absolute()
-    teacher = Path(config.teacher) if config.teacher else embedded_teacher()
     times: dict[str, float] = {}
     # The stages write their own outputs atomically and record absolute paths, so the demo runs in
     # its final folder (not a temp name) and marks it incomplete until the last stage is done.
@@ -131,9 +140,7 @@ def _stage(title: str, progress: bool) -> None:
 
 
 def _summary(results: dict, out: Path, times: dict) -> dict:
-    import json
-
-    prune_report = json.loads((out / "pruned" / "prune_report.json").read_text())
+    prune_report = read_json(out / "pruned" / "prune_report.json", "prune report")
     student = results["student"]
     rows = {}
     for name, res in results.items():

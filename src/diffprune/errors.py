@@ -1,14 +1,69 @@
-"""The one exception type users can cause: bad input, named with what is allowed.
+"""The failures users can cause or meet, each turned into one line by the CLI (`cli.main`).
 
-The CLI turns it into a single line on stderr and exit code 2; anything else is a bug and keeps
-its traceback.
+- DiffpruneError: bad input (a value, a path, a file), named with what is allowed -> exit code 2.
+- EnvironmentFailure: the machine, not the input (a full disk, a read-only or forbidden output
+  folder) -> exit code 1.
+
+Anything else is a bug in diffprune: the CLI prints one line and, with DIFFPRUNE_DEBUG=1, the traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 
 class DiffpruneError(ValueError):
     """A problem with the user's input (a value, a path, a file), never a bug in diffprune."""
+
+    exit_code = 2
+
+
+class EnvironmentFailure(DiffpruneError):
+    """The environment refused an operation (disk full, quota, read-only or forbidden path)."""
+
+    exit_code = 1
+
+
+# errno values that mean "the machine said no", not "the input is wrong".
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG") if hasattr(errno, name))
+
+# safetensors reports Rust IO errors as text only: `IoError(Os { code: 28, kind: StorageFull, ... })`.
+_RUST_OS_CODE = re.compile(r"\bOs\s*\{\s*code:\s*(\d+)")
+
+
+def os_errno(err: BaseException) -> int | None:
+    """The errno behind `err`: an OSError's, or the one a SafetensorError's message names; else None."""
+    if isinstance(err, OSError):
+        return err.errno
+    if type(err).__name__ == "SafetensorError":
+        match = _RUST_OS_CODE.search(str(err))
+        return int(match.group(1)) if match else None
+    return None
+
+
+def environment_failure(err: BaseException, path) -> EnvironmentFailure | None:
+    """An EnvironmentFailure naming `path` ("no space left on device while writing X") if `err` is
+    an environment errno (ENVIRONMENT_ERRNOS), else None."""
+    code = os_errno(err)
+    if code not in ENVIRONMENT_ERRNOS:
+        return None
+    return EnvironmentFailure(f"{os.strerror(code)[:1].lower()}{os.strerror(code)[1:]} while writing {path}")
+
+
+def write_error(err: BaseException, doing: str, suffix: str = "") -> DiffpruneError:
+    """One line "`doing` (reason)`suffix`" for a failed write: an EnvironmentFailure (exit 1) when
+    `err` carries an environment errno (full disk, read-only, forbidden), else a DiffpruneError."""
+    code = os_errno(err)
+    if code is not None:
+        reason = getattr(err, "strerror", None) or os.strerror(code)
+    else:
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+    cls = EnvironmentFailure if code in ENVIRONMENT_ERRNOS else DiffpruneError
+    return cls(f"{doing} ({reason}){suffix}")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,

@@ -16,12 +16,14 @@ from .data import batch_indices, first_batch, make_dataset
 from .errors import DiffpruneError
 from .families import family_for, supported_names
 from .families.conditioning import attach_dataset, context_for
-from .fsutil import atomic_dir, check_output_dir, output_lock, write_json_atomic
-from .importance import ImportanceResult, estimate, estimate_fast
+from .fsutil import atomic_dir, check_output_dir, check_output_location, output_lock, write_json_atomic
+from .importance import PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
 from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
 from .plots import plot_timestep_losses
 from .pruning import PruneConfig, prune
 from .structure import widths
+
+STAGE = PruneConfig.stage
 
 
 def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
@@ -46,9 +48,15 @@ def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = Fal
     `importance` may carry a sweep already made for this config (e.g. one of
     `importance.estimate_many`'s results); it must name the same method and threshold.
     """
-    check_output_dir(output_dir, overwrite)
-    with output_lock(output_dir):
+    output_dir = check_output_location(output_dir, prune_inputs(config))
+    with output_lock(output_dir):  # held for the whole run, not only while writing
+        check_output_dir(output_dir, overwrite, STAGE)
         return _run_prune(config, output_dir, overwrite, progress, importance)
+
+
+def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
+    """Every path the prune stage reads, by option name (fsutil.check_output_location)."""
+    return {"--model": config.model, "--data": config.data, "--captions": config.captions}
 
 
 def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, progress: bool,
@@ -78,7 +86,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                                    progress=progress, cond=cond)
     elif importance is None:
         importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
-                              config.seed, progress=progress, cond=cond)
+                              config.seed, progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond)
     elif importance.method != config.method or (
             config.method == "diff-pruning" and importance.threshold != config.threshold):
         raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
@@ -120,7 +128,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                         "importance_precomputed": precomputed},
         "versions": library_versions(),
     }
-    with atomic_dir(output_dir, overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite, STAGE) as tmp:
         pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
         config.save(tmp)
         if importance.losses:

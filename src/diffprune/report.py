@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from .errors import DiffpruneError, check_range
-from .fsutil import atomic_dir, check_output_dir, write_json_atomic
+from .fsutil import atomic_dir, check_output_dir, check_output_location, read_json, write_json_atomic
 
 DEFAULT_TITLE = "Diff-Pruning report"
 DEFAULT_NUM_PAIRS = 32
 HTML_FILE = "report.html"
 MD_FILE = "report.md"
-DATA_FILE = "report_data.json"
+DATA_FILE = "report_data.json"  # also the marker that `report` wrote a folder (fsutil.marker_file)
+STAGE = "report"
 EVALUATION_FORMAT = "diffprune-evaluation"
 EVALUATION_VERSION = 1
 PRUNE_REPORT = "prune_report.json"
@@ -65,12 +66,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise DiffpruneError(f"{what}: {path} does not exist" if not path.exists() else
                              f"{what}: {path} is not a file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DiffpruneError(f"{what}: {path} is not valid JSON") from None
-    except OSError as err:
-        raise DiffpruneError(f"{what}: cannot read {path} ({err.strerror or err})") from None
+    data = read_json(path, f"{what}:", expect=None)
     if not isinstance(data, dict):
         raise DiffpruneError(f"{what}: {path} holds a JSON {type(data).__name__}, not a diffprune result object")
     return data
@@ -729,7 +725,8 @@ def write_report(output_dir: str | Path, *, prune: str | Path | None = None, fin
     if not given:
         raise DiffpruneError("nothing to report: give at least one of --prune, --finetune, --evaluation, "
                              "--teacher-evaluation, --teacher-samples, --student-samples")
-    check_output_dir(output_dir, overwrite)
+    output_dir = check_output_location(output_dir, {f"--{k.replace('_', '-')}": v for k, v in given.items()})
+    check_output_dir(output_dir, overwrite, STAGE)  # again under the lock, in atomic_dir
 
     inputs, notes = Inputs(), []
     train_log = train_config = None
@@ -761,7 +758,7 @@ def write_report(output_dir: str | Path, *, prune: str | Path | None = None, fin
             notes.append(f"{INPUT_LABELS[name]} warning: {w}")
 
     written: dict[str, Path] = {}
-    with atomic_dir(output_dir, overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite, STAGE) as tmp:
         sections = []
         rows = metric_rows(inputs, notes)
         sections.append(_metrics_section(rows, inputs))
@@ -774,7 +771,7 @@ def write_report(output_dir: str | Path, *, prune: str | Path | None = None, fin
         (tmp / HTML_FILE).write_text(render_html(title, sections, tmp, inputs.files))
         (tmp / MD_FILE).write_text(render_markdown(title, sections))
         write_json_atomic(tmp / DATA_FILE, {
-            "format": "diffprune-report", "format_version": 1, "title": title,
+            "format": "diffprune-report", "format_version": 1, "stage": STAGE, "title": title,
             "inputs": {k: str(Path(v).absolute()) for k, v in given.items()},
             "metrics": [{"metric": r.metric, "note": r.note, **{
                 col: {"text": c.text, "sources": [f"{i}:{p}" for i, p in c.sources],
@@ -878,7 +875,8 @@ def _timestep_section(tmp: Path, inputs: Inputs, notes: list[str], written: dict
         return sec
     kept = _ranges_text(imp.get("kept_timesteps", []))
     cut = imp.get("cut_timestep")
-    cut_text = f"cut at t = {cut}" if cut is not None else "no cut (the sweep never fell below the threshold)"
+    cut_text = (f"cut at t = {cut} (the step that stopped the sweep, kept as in the paper's loop)"
+                if cut is not None else "no cut (every timestep kept)")
     text = (f"method {imp.get('method')}, threshold {imp.get('threshold')}: kept timesteps {kept} "
             f"({imp.get('num_kept_timesteps')} timesteps), {cut_text} (from the prune report › importance).")
     if imp.get("losses"):

@@ -1,17 +1,28 @@
-"""DDIM / DDPM sampling with uniform or quad timestep spacing, per-image seeds and sharding.
+"""DDIM / DDPM sampling with the scheduler's own or the "quad" timestep spacing, per-image seeds, sharding.
 
-PAPER.md, "Evaluation protocol": DDIM, 100 steps, eta = 0, "quad" spacing for CIFAR-10. Diffusers'
-DDIMScheduler has no quad spacing, so the loops here are written from `scheduler.alphas_cumprod`:
+PAPER.md, "Evaluation protocol": DDIM, 100 steps, eta = 0, "quad" spacing for CIFAR-10. The loops are
+written from `scheduler.alphas_cumprod` and the scheduler config, with two spacings:
 
-- DDIM update (Song et al. 2021, eq. 12), with sigma_t(eta) from eq. 16, the same arithmetic as
-  diffusers' `DDIMScheduler.step` (the last step uses alpha_bar = 1, i.e. `set_alpha_to_one=True`).
-- DDPM ancestral update (Ho et al. 2020, eqs. 6-7: posterior mean and the "fixed_small" variance, or
-  beta_t for "fixed_large"), as diffusers' `DDPMScheduler.step`, on any timestep subsequence.
-- Timestep sequences: "uniform" = diffusers' "leading" spacing, t_i = i * (T // N);
-  "quad" = the DDIM reference code for CIFAR-10, t_i = int((i * sqrt(0.8 T) / (N - 1))^2). We floor
-  (`int`) as the reference code does rather than round as PAPER.md writes it, since the reference
-  code produced the paper's FIDs; for large N the first few values repeat 0 (those steps are no-ops
-  with eta = 0 but still cost a model call, exactly as in the reference).
+- "uniform": the chain diffusers' `DDIMScheduler` / `DDPMScheduler` run for the pipeline's scheduler
+  config (`set_timesteps` + `step`): `timestep_spacing` leading / trailing / linspace, `steps_offset`,
+  `set_alpha_to_one` (DDIM's last alpha_bar), `clip_sample` + `clip_sample_range`, `thresholding`
+  (`dynamic_thresholding_ratio`, `sample_max_value`), `prediction_type`, DDPM's `variance_type`.
+  As in diffusers, a DDIM step goes from t to t - T // N whatever the spacing, and a DDPM step to the
+  next timestep of the sequence (alpha_bar = 1 after the last one).
+  Schedulers other than DDIM / DDPM (PNDM in Stable Diffusion folders, DPMSolver, Euler, ...) are
+  read the same way, as `DDIMScheduler.from_config(their config)` would be, except that a config
+  without `clip_sample` / `thresholding` keys is not clipped: those schedulers never clip x0.
+- "quad": the DDIM reference code for CIFAR-10 (`generalized_steps`, skip_type "quad"),
+  t_i = int((i * sqrt(0.8 T) / (N - 1))^2), each step going to the previous t_i and past t_0 to
+  alpha_bar = 1. We floor (`int`) as the reference code does rather than round as PAPER.md writes
+  it, since the reference code produced the paper's FIDs; for large N the first few values repeat 0
+  (those steps are no-ops with eta = 0 but still cost a model call, exactly as in the reference).
+  The reference never clips x0: pass clip_sample="off" to reproduce it (the default "auto" follows
+  the scheduler config, which clips for google/ddpm-cifar10-32).
+
+Updates: DDIM (Song et al. 2021, eq. 12, sigma_t(eta) from eq. 16) and DDPM ancestral (Ho et al. 2020,
+eqs. 6-7: posterior mean with the "fixed_small" variance, or beta_t for "fixed_large") on the chosen
+timestep subsequence; dynamic thresholding is Imagen's (Saharia et al. 2022, sec. 2.3).
 
 Image i always starts from noise drawn from its own generator seeded by (seed, i), and any per-step
 noise for image i is drawn from that same generator, so image i is the same whatever the batch size
@@ -27,7 +38,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io as _io
-import json
 import math
 import os
 import shutil
@@ -42,33 +52,142 @@ from tqdm.auto import tqdm
 from .config import StageConfig
 from .diffusion import PREDICTION_TYPES
 from .errors import DiffpruneError, check_range
-from .fsutil import check_output_dir, output_lock, write_json_atomic
+from .fsutil import (
+    check_output_dir,
+    check_output_location,
+    discard_on_failure,
+    output_lock,
+    read_json,
+    replace_dir,
+    write_json_atomic,
+)
 
 SAMPLERS = ("ddim", "ddpm")
 SPACINGS = ("uniform", "quad")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+CLIP_MODES = ("auto", "on", "off")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 CONFIG_FILE = "sample_config.json"
 NPZ_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 # Settings that change image content: a --resume run must agree on all of them.
-CONTENT_KEYS = ("model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing", "prompt", "class_labels")
+# "version": version 1 ignored the scheduler's steps_offset / timestep_spacing / set_alpha_to_one.
+CONTENT_KEYS = ("version", "model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing",
+                "clip_sample", "prompt", "class_labels")
+
+
+# --------------------------------------------------------------------------- scheduler config
+
+
+def _key(config, name: str, default):
+    """config[name], or `default` when the scheduler has no such key (or it is null)."""
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainRule:
+    """The scheduler-config keys that shape a reverse chain, meant as diffusers' DDIM/DDPM schedulers mean them."""
+
+    prediction_type: str = "epsilon"
+    x0_rule: str = "none"  # "none", "clip" (to +-clip_range) or "threshold" (dynamic thresholding)
+    clip_range: float = 1.0
+    threshold_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    variance_type: str = "fixed_small"
+
+
+def chain_rule(config, clip_sample: str = "auto") -> ChainRule:
+    """Read a scheduler config into a ChainRule; `clip_sample` decides what happens to predicted x0.
+
+    clip_sample: "auto" = the config (`thresholding` if set, else `clip_sample`), "on" = clamp to
+    +-clip_sample_range, "off" = x0 as predicted. A key the config lacks (schedulers other than
+    DDIM / DDPM) takes DDIMScheduler's default, except clip_sample / thresholding, which are off.
+    """
+    if clip_sample not in CLIP_MODES:
+        raise DiffpruneError(f"clip_sample={clip_sample!r} is not supported; allowed: {CLIP_MODES}")
+    kind = _key(config, "prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise DiffpruneError(f"scheduler prediction_type={kind!r} is not supported; allowed: {PREDICTION_TYPES}")
+    spacing = _key(config, "timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise DiffpruneError(f"scheduler timestep_spacing={spacing!r} is not supported; allowed: {TIMESTEP_SPACINGS}")
+    if clip_sample == "auto":
+        x0_rule = ("threshold" if _key(config, "thresholding", False)
+                   else "clip" if _key(config, "clip_sample", False) else "none")
+    else:
+        x0_rule = "clip" if clip_sample == "on" else "none"
+    return ChainRule(prediction_type=kind, x0_rule=x0_rule, clip_range=float(_key(config, "clip_sample_range", 1.0)),
+                     threshold_ratio=float(_key(config, "dynamic_thresholding_ratio", 0.995)),
+                     sample_max_value=float(_key(config, "sample_max_value", 1.0)), timestep_spacing=spacing,
+                     steps_offset=int(_key(config, "steps_offset", 0)),
+                     set_alpha_to_one=bool(_key(config, "set_alpha_to_one", True)),
+                     variance_type=_key(config, "variance_type", "fixed_small"))
 
 
 # --------------------------------------------------------------------------- timesteps
 
 
-def timestep_sequence(num_train_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
-    """Increasing timesteps visited by an N-step sampler (see module docstring for both rules)."""
+def timestep_sequence(num_train_timesteps: int, steps: int, spacing: str = "uniform", *,
+                      timestep_spacing: str = "leading", steps_offset: int = 0) -> list[int]:
+    """Increasing timesteps visited by an N-step sampler.
+
+    "uniform" follows diffusers' `DDIMScheduler.set_timesteps` / `DDPMScheduler.set_timesteps` for
+    the scheduler's `timestep_spacing` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Table 2): leading t_i = i * (T // N) + steps_offset; trailing
+    round(T - i * T / N) - 1; linspace round(i * (T - 1) / (N - 1)), computed with the same numpy
+    calls so ties round alike. For trailing, numpy's float `arange` gives N + 1 values for some N
+    (e.g. 61 of 1000), the last being t = -1; diffusers then calls the model at t = -1 (alpha_bar of
+    T - 1), we stop after the N real timesteps. "quad" is the DDIM reference code's rule.
+    """
     T = int(num_train_timesteps)
     check_range("steps", steps, 1, T)
-    if spacing == "uniform":
-        ratio = T // steps
-        return [i * ratio for i in range(steps)]
     if spacing == "quad":
-        if steps == 1:
-            return [0]
         return [int(s) for s in np.linspace(0, np.sqrt(0.8 * T), steps) ** 2]
-    raise DiffpruneError(f"spacing={spacing!r} is not supported; allowed: {SPACINGS}")
+    if spacing != "uniform":
+        raise DiffpruneError(f"spacing={spacing!r} is not supported; allowed: {SPACINGS}")
+    if timestep_spacing == "leading":
+        seq = np.arange(0, steps) * (T // steps) + int(steps_offset)
+    elif timestep_spacing == "trailing":
+        seq = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps][::-1]
+    elif timestep_spacing == "linspace":
+        seq = np.linspace(0, T - 1, steps).round()
+    else:
+        raise DiffpruneError(f"timestep_spacing={timestep_spacing!r} is not supported; allowed: {TIMESTEP_SPACINGS}")
+    seq = [int(t) for t in seq]
+    if seq[-1] >= T:
+        raise DiffpruneError(f"steps={steps} with the scheduler's steps_offset={steps_offset} reaches timestep "
+                             f"{seq[-1]}; allowed: timesteps < num_train_timesteps={T} (use fewer steps)")
+    return seq
+
+
+def reverse_chain(num_train_timesteps: int, steps: int, sampler: str, spacing: str,
+                  rule: ChainRule) -> list[tuple[int, int]]:
+    """(t, t_prev) pairs in the order visited; t_prev < 0 stands for the alpha_bar past the chain's end.
+
+    DDIM with "uniform" spacing steps from t to t - T // N, as `DDIMScheduler.step` does whatever the
+    spacing (so a trailing / linspace chain's t_prev need not be the next timestep visited). DDPM
+    (`DDPMScheduler.previous_timestep`) and "quad" (`generalized_steps`) step to the next timestep.
+    """
+    T = int(num_train_timesteps)
+    seq = timestep_sequence(T, steps, spacing, timestep_spacing=rule.timestep_spacing,
+                            steps_offset=rule.steps_offset)
+    if sampler == "ddim" and spacing == "uniform":
+        prev = [t - T // steps for t in seq]
+    else:
+        prev = [-1, *seq[:-1]]
+    return list(zip(reversed(seq), reversed(prev), strict=True))
+
+
+def final_alpha(alphas_cumprod: torch.Tensor, sampler: str, spacing: str, rule: ChainRule) -> torch.Tensor:
+    """alpha_bar past the chain's end: DDIM "uniform" honours set_alpha_to_one (else alpha_bar_0, as
+    DDIMScheduler's final_alpha_cumprod); DDPMScheduler and the DDIM reference code use 1."""
+    if sampler == "ddim" and spacing == "uniform" and not rule.set_alpha_to_one:
+        return alphas_cumprod[0]
+    return torch.ones((), device=alphas_cumprod.device, dtype=alphas_cumprod.dtype)
 
 
 # --------------------------------------------------------------------------- seeds and noise
@@ -105,6 +224,24 @@ def _split_prediction(out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor,
     raise DiffpruneError(f"scheduler prediction_type={kind!r} is not supported; allowed: {PREDICTION_TYPES}")
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3), per image, as diffusers' schedulers:
+    s = the `ratio` quantile of |x0| clamped to [1, max_value]; x0 -> clamp(x0, -s, s) / s."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape)
+
+
+def limit_x0(x0: torch.Tensor, rule: ChainRule) -> torch.Tensor:
+    """Predicted x0 after the rule's clipping or thresholding (the epsilon used stays unclipped,
+    as in diffusers' step with use_clipped_model_output=False and in the DDIM reference code)."""
+    if rule.x0_rule == "threshold":
+        return dynamic_threshold(x0, rule.threshold_ratio, rule.sample_max_value)
+    if rule.x0_rule == "clip":
+        return x0.clamp(-rule.clip_range, rule.clip_range)
+    return x0
+
+
 def ddim_update(x0: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,
                 eta: float, noise: torch.Tensor | None) -> torch.Tensor:
     """x_{t_prev} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (DDIM eqs. 12, 16)."""
@@ -120,6 +257,7 @@ def ddpm_update(x0: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, a_prev: to
     mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
     if noise is None:
         return mean
+    # fixed_small_log is fixed_small written as exp(0.5 log var) in diffusers: the same standard deviation.
     var = beta if variance_type == "fixed_large" else ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
     return mean + var.sqrt() * noise
 
@@ -127,7 +265,8 @@ def ddpm_update(x0: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, a_prev: to
 # --------------------------------------------------------------------------- the loop
 
 
-def _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing):
+def _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing,
+                         clip_sample="auto"):
     check_range("num_images", num_images, 0)
     check_range("batch_size", batch_size, 1)
     check_range("eta", eta, 0.0)
@@ -141,10 +280,11 @@ def _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sa
     config = unet.config
     if getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
         raise DiffpruneError("class-conditional UNets are not supported by `sample` yet")
-    if sampler == "ddpm":
-        vt = getattr(scheduler.config, "variance_type", "fixed_small") or "fixed_small"
-        if vt not in VARIANCE_TYPES:
-            raise DiffpruneError(f"scheduler variance_type={vt!r} is not supported; allowed: {VARIANCE_TYPES}")
+    rule = chain_rule(scheduler.config, clip_sample)
+    reverse_chain(T, steps, sampler, spacing, rule)  # refuses steps that run past the last timestep
+    if sampler == "ddpm" and rule.variance_type not in VARIANCE_TYPES:
+        raise DiffpruneError(f"scheduler variance_type={rule.variance_type!r} is not supported; "
+                             f"allowed: {VARIANCE_TYPES}")
 
 
 def _sample_size(unet) -> tuple[int, int]:
@@ -156,36 +296,32 @@ def _sample_size(unet) -> tuple[int, int]:
 
 @torch.no_grad()
 def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generator], *, steps: int,
-            eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
-            set_alpha_to_one: bool = True, family=None, cond: dict | None = None) -> torch.Tensor:
+            eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform", clip_sample: str = "auto",
+            family=None, cond: dict | None = None) -> torch.Tensor:
     """Run the reverse chain from `noise` (B, C, H, W); returns x_0 in model range (unclipped).
 
-    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0). With a
-    `family`, the model is called as `family.predict(unet, x, t, cond)` (conditional families).
+    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0), drawn as
+    diffusers' `randn_tensor` draws image b's noise from a list of generators. `clip_sample`: see
+    `chain_rule`. With a `family`, the model is called as `family.predict(unet, x, t, cond)`.
     """
     config = scheduler.config
-    kind = getattr(config, "prediction_type", "epsilon")
-    clip = float(getattr(config, "clip_sample_range", 1.0)) if getattr(config, "clip_sample", False) else None
-    variance_type = getattr(config, "variance_type", "fixed_small") or "fixed_small"
+    rule = chain_rule(config, clip_sample)
     abar = scheduler.alphas_cumprod.to(device=noise.device, dtype=torch.float32)
-    final = torch.ones((), device=noise.device) if set_alpha_to_one else abar[0]
-    seq = timestep_sequence(config.num_train_timesteps, steps, spacing)
-    prev_seq = [-1, *seq[:-1]]
+    final = final_alpha(abar, sampler, spacing, rule)
     x = noise
     shape = tuple(noise.shape[1:])
-    for t, t_prev in zip(reversed(seq), reversed(prev_seq), strict=True):
+    for t, t_prev in reverse_chain(config.num_train_timesteps, steps, sampler, spacing, rule):
         a_t, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else final)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = (unet(x, tt).sample if family is None else family.predict(unet, x, tt, cond)).float()
-        x0, eps = _split_prediction(out, x.float(), a_t, kind)
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
+        x0, eps = _split_prediction(out, x.float(), a_t, rule.prediction_type)
+        x0 = limit_x0(x0, rule)
         if sampler == "ddim":
             z = _randn(generators, shape, x.device, torch.float32) if eta > 0 else None
             x = ddim_update(x0, eps, a_t, a_prev, eta, z)
         else:
             z = _randn(generators, shape, x.device, torch.float32) if t > 0 else None
-            x = ddpm_update(x0, x.float(), a_t, a_prev, z, variance_type)
+            x = ddpm_update(x0, x.float(), a_t, a_prev, z, rule.variance_type)
         x = x.to(noise.dtype)
     return x
 
@@ -199,15 +335,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int = 0, steps: int = 100,
            eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
            device: str | torch.device = "cpu", indices: Sequence[int] | None = None,
-           progress: bool = True, set_alpha_to_one: bool = True, ctx=None) -> np.ndarray:
+           progress: bool = True, clip_sample: str = "auto", ctx=None) -> np.ndarray:
     """Generate images `indices` (default range(num_images)) as uint8 (N, H, W, C).
 
-    Image i depends only on (model, scheduler, seed, i, steps, eta, sampler, spacing), not on
-    batch_size or on which other indices are generated alongside it. `ctx`
+    Image i depends only on (model, scheduler, seed, i, steps, eta, sampler, spacing, clip_sample),
+    not on batch_size or on which other indices are generated alongside it. `clip_sample` ("auto",
+    "on", "off"): what happens to each step's predicted x0 (see `chain_rule`). `ctx`
     (families.conditioning.PipelineContext) adds image i's prompt / class label and, for latent
     pipelines, decodes the final latents with the autoencoder.
     """
-    _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing)
+    _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     indices = list(range(num_images)) if indices is None else [int(i) for i in indices]
     device = torch.device(device)
     unet = unet.to(device).eval()
@@ -221,7 +358,7 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
         gens = image_generators(seed, batch)
         noise = _randn(gens, shape, device, dtype)
         x = denoise(unet, scheduler, noise, gens, steps=steps, eta=eta, sampler=sampler, spacing=spacing,
-                    set_alpha_to_one=set_alpha_to_one, family=None if ctx is None else ctx.family,
+                    clip_sample=clip_sample, family=None if ctx is None else ctx.family,
                     cond=None if ctx is None else ctx.cond_for(batch, device))
         out.append(to_uint8(x if ctx is None else ctx.to_image_space(x)))
     if not out:
@@ -303,10 +440,14 @@ def load_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(StageConfig):
-    """Everything that decides a sample folder's content (plus batch size, which does not)."""
+    """Everything that decides a sample folder's content (plus batch size, which does not).
+
+    Version 2: "uniform" follows the scheduler config's steps_offset / timestep_spacing /
+    set_alpha_to_one / thresholding (version 1 ignored them), and `clip_sample` was added.
+    """
 
     stage = "sample"
-    version = 1
+    version = 2
 
     model: str
     num_images: int
@@ -319,6 +460,7 @@ class SampleConfig(StageConfig):
     model_fingerprint: str = ""
     prompt: str | None = None  # text-conditional UNets: the prompt of every image
     class_labels: str | None = None  # DiT: labels cycled over image indices (default: random per index)
+    clip_sample: str = "auto"  # predicted x0: "auto" (the scheduler config), "on" or "off"
 
     def __post_init__(self):
         check_range("num_images", self.num_images, 1)
@@ -330,6 +472,18 @@ class SampleConfig(StageConfig):
             raise DiffpruneError(f"sampler={self.sampler!r} is not supported; allowed: {SAMPLERS}")
         if self.spacing not in SPACINGS:
             raise DiffpruneError(f"spacing={self.spacing!r} is not supported; allowed: {SPACINGS}")
+        if self.clip_sample not in CLIP_MODES:
+            raise DiffpruneError(f"clip_sample={self.clip_sample!r} is not supported; allowed: {CLIP_MODES}")
+
+    @classmethod
+    def from_dict(cls, data):
+        """Also reads version 1 (no clip_sample key: it clipped as the config says, i.e. "auto"). Its
+        "uniform" images equal version 2's only for schedulers with steps_offset 0, "leading",
+        set_alpha_to_one true and no thresholding; a --resume refuses to mix the two (CONTENT_KEYS)."""
+        data = dict(data)
+        if data.get("stage", cls.stage) == cls.stage and data.get("version") == 1:
+            data.update(version=cls.version, clip_sample=data.get("clip_sample", "auto"))
+        return super().from_dict(data)
 
 
 def model_fingerprint(unet) -> str:
@@ -344,13 +498,10 @@ def model_fingerprint(unet) -> str:
 
 def _check_resume(folder: Path, config: SampleConfig) -> None:
     path = folder / CONFIG_FILE
-    try:
-        old = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         raise DiffpruneError(f"--resume: {path} is missing; {str(folder)!r} is not a sample folder "
-                             "(use --overwrite to replace it)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DiffpruneError(f"--resume: {path} is not valid JSON; use --overwrite to start over") from None
+                             "(choose another --output-dir)")
+    old = read_json(path, "--resume: sample config")
     new = config.to_dict()
     diff = [k for k in CONTENT_KEYS if old.get(k) != new.get(k)]
     if diff:
@@ -366,12 +517,12 @@ def _plan_folder(output_dir: Path, overwrite: bool, resume: bool, config: Sample
         _check_resume(output_dir, config)
         return output_dir
     if exists and overwrite:
-        check_output_dir(output_dir, True)
+        check_output_dir(output_dir, True, SampleConfig.stage)  # only a folder `sample` wrote
         return output_dir.parent / f".{output_dir.name}.sampling"
     if exists:
         raise DiffpruneError(f"output dir {str(output_dir)!r} already exists; pass --resume to fill in "
                              "missing images or --overwrite to replace it")
-    check_output_dir(output_dir, False)
+    check_output_dir(output_dir, False, SampleConfig.stage)
     return output_dir
 
 
@@ -387,10 +538,7 @@ def _finish(work: Path, output_dir: Path, num_images: int, channels: int,
     grid = make_grid(images)
     write_png_atomic(work / GRID_FILE, grid)
     if work != output_dir:
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        output_dir.rename(old)
-        work.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(work, output_dir)
     return images
 
 
@@ -398,8 +546,11 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                      steps: int = 100, eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
                      seed: int = 0, device: str | torch.device = "cpu", resume: bool = False,
                      overwrite: bool = False, progress: bool = True, prompt: str | None = None,
-                     class_labels: str | None = None) -> Path:
+                     class_labels: str | None = None, clip_sample: str = "auto") -> Path:
     """Sample a pipeline folder into `output_dir` (layout in the module docstring); returns it.
+
+    `clip_sample`: "auto" clips / thresholds predicted x0 as the scheduler config says, "on" clamps
+    it to +-clip_sample_range, "off" never touches it (the DDIM reference code, with spacing="quad").
 
     Latent pipelines are decoded with their autoencoder; Stable Diffusion UNets need `prompt`
     (no classifier-free guidance); DiT takes `class_labels` ('1,2,3', cycled) or random ones.
@@ -414,7 +565,7 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     state = PartialState(cpu=torch.device(device).type == "cpu")
     if state.num_processes > 1:
         device = state.device
-    output_dir = Path(output_dir).absolute()
+    output_dir = check_output_location(output_dir, {"--model": model})  # before any work, whatever the flags
     pipe = load_pipeline(model, device="cpu")
     from .families import family_for
     from .families.conditioning import attach_for_sampling, context_for
@@ -427,8 +578,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     config = SampleConfig(model=str(Path(model).absolute()) if Path(model).exists() else str(model),
                           num_images=num_images, batch_size=batch_size, steps=steps, eta=eta,
                           sampler=sampler, spacing=spacing, seed=seed, model_fingerprint=model_fingerprint(unet),
-                          prompt=prompt, class_labels=class_labels)
-    _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing)
+                          prompt=prompt, class_labels=class_labels, clip_sample=clip_sample)
+    _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     pixels, channels = ctx.data_size()
     if channels not in (1, 3, 4):
         raise DiffpruneError(f"the model has in_channels={channels}; PNG output needs 1, 3 or 4")
@@ -437,6 +588,9 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
         _lock_on_main(state, locks, output_dir)
         # Every process plans from the same (untouched) folder state, so all raise the same error.
         work = _plan_folder(output_dir, overwrite, resume, config)
+        # On failure: no half-written file stays; a staging folder (--overwrite) is removed.
+        locks.enter_context(discard_on_failure(work, output_dir, remove_folder=work != output_dir
+                                               and state.is_main_process))
         state.wait_for_everyone()
         if state.is_main_process:
             if work != output_dir:
@@ -493,7 +647,7 @@ def _generate_into(work: Path, unet, scheduler, todo: list[int], config: SampleC
     for chunk in tqdm(chunks, desc="sampling", unit="batch", disable=not progress or not chunks):
         images = sample(unet, scheduler, len(chunk), batch_size=config.batch_size, seed=config.seed,
                         steps=config.steps, eta=config.eta, sampler=config.sampler, spacing=config.spacing,
-                        device=device, indices=chunk, progress=False, ctx=ctx)
+                        device=device, indices=chunk, progress=False, clip_sample=config.clip_sample, ctx=ctx)
         for i, img in zip(chunk, images, strict=True):
             write_png_atomic(work / png_name(i), img)
 

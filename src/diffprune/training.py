@@ -30,7 +30,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import json
 import math
 import os
 import shutil
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -51,7 +51,6 @@ from .checkpoints import (
     STATE_FILE,
     STATE_VERSION,
     _first_line,
-    _replace_dir,
     check_resumable,
     checkpoint_dirs,
     optimizer_from_files,
@@ -61,8 +60,15 @@ from .checkpoints import (
 )
 from .config import StageConfig
 from .distillation import FeatureTap, Student, _size, feature_points, make_adapters
-from .errors import DiffpruneError, check_range
-from .fsutil import check_output_dir, output_lock, write_json_atomic
+from .errors import DiffpruneError, check_range, write_error
+from .fsutil import (
+    check_output_dir,
+    check_output_location,
+    output_lock,
+    read_json,
+    replace_dir,
+    write_json_atomic,
+)
 
 DISTILL_MODES = ("none", "output", "features", "both")
 EMA_WARMUPS = ("none", "ratio", "power")
@@ -209,15 +215,7 @@ def unet_config(*, sample_size: int = 32, in_channels: int = 3, out_channels: in
 
 def read_unet_config(path: str | Path) -> dict[str, Any]:
     """A UNet2DModel config from a JSON file (a diffusers config.json works; `_` keys are dropped)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DiffpruneError(f"model config {str(path)!r} does not exist") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DiffpruneError(f"model config {str(path)!r} is not readable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise DiffpruneError(f"model config {str(path)!r} must be a JSON object")
+    data = read_json(path, "model config")
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
@@ -378,11 +376,12 @@ def reinit_weights(unet: nn.Module, seed: int) -> None:
 # --------------------------------------------------------------------------- run folders
 
 
-def plan_run_dir(output_dir: Path, overwrite: bool, resume: bool) -> tuple[Path, Path | None]:
+def plan_run_dir(output_dir: Path, overwrite: bool, resume: bool,
+                 stage: str | None = None) -> tuple[Path, Path | None]:
     """(work dir, checkpoint to resume from or None). Read-only, so every process may call it.
 
-    --overwrite of an existing folder trains in a sibling `.<name>.new` that replaces it only
-    when the run completes; --resume looks there first.
+    --overwrite of an existing folder (only one `stage` wrote: fsutil.check_output_dir) trains in a
+    sibling `.<name>.new` that replaces it only when the run completes; --resume looks there first.
     """
     staging = output_dir.parent / f".{output_dir.name}.new"
     exists = output_dir.is_dir() and any(output_dir.iterdir())
@@ -394,16 +393,22 @@ def plan_run_dir(output_dir: Path, overwrite: bool, resume: bool) -> tuple[Path,
         if exists:
             raise DiffpruneError(f"--resume: no checkpoint under {str(output_dir)!r}; nothing to resume "
                                  "(use --overwrite to start over)")
-        check_output_dir(output_dir, False)
+        check_output_dir(output_dir, False, stage)
         return output_dir, None
     if exists and overwrite:
-        check_output_dir(output_dir, True)
+        check_output_dir(output_dir, True, stage)
         return staging, None
     if exists:
         raise DiffpruneError(f"output dir {str(output_dir)!r} already exists; pass --resume to continue "
                              "its run or --overwrite to replace it")
-    check_output_dir(output_dir, False)
+    check_output_dir(output_dir, False, stage)
     return output_dir, None
+
+
+def training_inputs(config: TrainingConfig) -> dict[str, str | None]:
+    """Every path a finetune/train run reads, by option name (fsutil.check_output_location)."""
+    return {"--model": getattr(config, "model", None), "--teacher": getattr(config, "teacher", None),
+            "--data": config.data, "--captions": getattr(config, "captions", None)}
 
 
 def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet") -> None:
@@ -422,7 +427,7 @@ def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet") -> None:
         for item in sorted(tmp.iterdir()):
             if item.name != "model_index.json":
                 if item.is_dir():
-                    _replace_dir(item, run_dir / item.name)
+                    replace_dir(item, run_dir / item.name)
                 else:
                     os.replace(item, run_dir / item.name)
         os.replace(tmp / "model_index.json", run_dir / "model_index.json")
@@ -473,9 +478,10 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     """
     if max_steps_this_run is not None:
         check_range("max_steps_this_run", max_steps_this_run, 1)
+    output_dir = check_output_location(output_dir, training_inputs(config))  # before any work, whatever the flags
     locks = contextlib.ExitStack()  # the output-dir lock (main process), held until the run ends
     try:
-        run = _setup(config, Path(output_dir).absolute(), torch.device(device), resume, overwrite, tensorboard,
+        run = _setup(config, output_dir, torch.device(device), resume, overwrite, tensorboard,
                      locks)
     except BaseException:
         locks.close()
@@ -618,7 +624,7 @@ def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: co
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if single:  # lock before planning, so a second run names the lock, not the half-written folder
         locks.enter_context(output_lock(output_dir))
-    work, ckpt = plan_run_dir(output_dir, overwrite, resume)
+    work, ckpt = plan_run_dir(output_dir, overwrite, resume, config.stage)
     acc = _make_accelerator(config, device, work, tensorboard)
     if not single:  # every process learns if the main one could not lock (no hang)
         _on_main(acc, lambda: locks.enter_context(output_lock(output_dir)), "could not lock the output dir")
@@ -903,7 +909,7 @@ def _write_log(run: _Run) -> None:
     try:
         write_json_atomic(run.work / TRAIN_LOG, data)
     except OSError as err:
-        raise DiffpruneError(f"could not write {run.work / TRAIN_LOG} ({err.strerror or err})") from None
+        raise write_error(err, f"could not write {run.work / TRAIN_LOG}") from None
 
 
 def _finish(run: _Run) -> None:
@@ -916,10 +922,10 @@ def _finish(run: _Run) -> None:
         export_pipeline(run.pipe, final, run.work, run.ctx.family.component if run.ctx is not None else "unet")
         _write_log(run)
         if run.work != run.output_dir:
-            _replace_dir(run.work, run.output_dir)
-    except OSError as err:
-        raise DiffpruneError(f"could not write the final pipeline to {run.work} "
-                             f"({err.strerror or err}); checkpoints are kept") from None
+            replace_dir(run.work, run.output_dir)
+    except (OSError, SafetensorError) as err:
+        raise write_error(err, f"could not write the final pipeline to {run.work}",
+                          "; checkpoints are kept") from None
     out = run.output_dir
     print(f"wrote pipeline (EMA weights) to {out} (model_index.json, unet/, scheduler/)")
     print(f"wrote checkpoints to {out / CHECKPOINTS}, log to {out / TRAIN_LOG}, TensorBoard to {out / 'logs'}, "

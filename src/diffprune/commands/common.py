@@ -48,9 +48,11 @@ at_least_two_int = _number(int, 2)  # [2, inf): e.g. KID subset size
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=required,
-                        help="folder to write (must not exist unless --overwrite)")
+                        help="new folder to write; never an input, a folder holding one, the current or "
+                             "home directory (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output folder (only once the new one is complete)")
+                        help="replace an existing output folder that this same subcommand wrote (its "
+                             "<stage>_config.json says so), only once the new one is complete")
 
 
 def add_device_seed(parser: argparse.ArgumentParser) -> None:

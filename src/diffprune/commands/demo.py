@@ -32,14 +32,12 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..demo import DemoConfig, run_demo, summary_table
-    from ..fsutil import output_lock
     from .common import resolve_device
 
     resolve_device(args.device)
     config = DemoConfig(teacher=args.teacher, threshold=args.threshold, target_macs=args.target_macs,
                         finetune_steps=args.finetune_steps, num_images=args.num_images,
                         sample_steps=args.sample_steps, distill=args.distill, seed=args.seed, device=args.device)
-    with output_lock(args.output_dir):  # held for the whole run, not only while writing
-        summary = run_demo(config, args.output_dir, overwrite=args.overwrite)
+    summary = run_demo(config, args.output_dir, overwrite=args.overwrite)  # locks the output for the whole run
     print(summary_table(summary))
     print(f"report: {summary['report']}")

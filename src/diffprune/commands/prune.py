@@ -63,7 +63,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..fsutil import output_lock
     from ..prune_job import run_prune, summary_table
 
     resolve_device(args.device)
@@ -77,8 +76,7 @@ def run(args: argparse.Namespace) -> None:
                          ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels)
-    with output_lock(args.output_dir):  # held for the whole run, not only while writing
-        report = run_prune(config, args.output_dir, overwrite=args.overwrite)
+    report = run_prune(config, args.output_dir, overwrite=args.overwrite)  # locks the output for the whole run
     print(summary_table(report))
     print(f"wrote pruned pipeline: {report['output_dir']}")
     print(f"      report: {report['output_dir']}/prune_report.json")

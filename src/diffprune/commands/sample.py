@@ -16,7 +16,7 @@ from .finetune import document_defaults
 
 
 def register(subparsers) -> None:
-    from ..sampling import SAMPLERS, SPACINGS
+    from ..sampling import CLIP_MODES, SAMPLERS, SPACINGS
 
     p = subparsers.add_parser(
         "sample", help="generate images from a (pruned) pipeline folder",
@@ -37,12 +37,17 @@ def register(subparsers) -> None:
                    help="DDIM eta, a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help=f"update rule, one of {SAMPLERS}")
     p.add_argument("--spacing", choices=SPACINGS, default="uniform",
-                   help="timestep spacing: uniform (t_i = i*T//N, diffusers 'leading') or quad "
-                        "(t_i = int((i*sqrt(0.8T)/(N-1))^2), the paper's CIFAR-10 setting)")
+                   help="timestep spacing: uniform (the scheduler config's timestep_spacing, steps_offset and "
+                        "set_alpha_to_one, as diffusers' DDIMScheduler/DDPMScheduler) or quad "
+                        "(t_i = int((i*sqrt(0.8T)/(N-1))^2), the DDIM reference code and the paper's CIFAR-10 setting)")
+    p.add_argument("--clip-sample", "--clip_sample", dest="clip_sample", choices=CLIP_MODES, default="auto",
+                   help="predicted x0 at each step: auto (clip or threshold as the scheduler config says), on "
+                        "(clamp to +-clip_sample_range), off (never; the DDIM reference code, use with --spacing quad "
+                        "to reproduce the paper's sampler)")
     add_device_seed(p)
     p.add_argument("--resume", action="store_true",
                    help="fill in only the missing images of an existing folder made with the same "
-                        "model/seed/steps/eta/sampler/spacing (--num-images may grow)")
+                        "model/seed/steps/eta/sampler/spacing/clip-sample (--num-images may grow)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_conditioning_options(p, "image", captions=False)
     document_defaults(p)
@@ -56,4 +61,5 @@ def run(args: argparse.Namespace) -> None:
     sample_to_folder(args.model, args.output_dir, args.num_images, batch_size=args.batch_size,
                      steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                      seed=args.seed, device=device, resume=args.resume, overwrite=args.overwrite,
-                     progress=args.progress, prompt=args.prompt, class_labels=args.class_labels)
+                     progress=args.progress, prompt=args.prompt, class_labels=args.class_labels,
+                     clip_sample=args.clip_sample)

@@ -60,8 +60,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..fsutil import check_output_location
     from ..training import read_unet_config, scheduler_config, train, unet_config
 
+    # train() checks its data input; the model config file is read here, so it is checked here.
+    check_output_location(args.output_dir, {"--model-config": args.model_config})
     if args.model_config is not None:
         model_config = read_unet_config(args.model_config)
     else:

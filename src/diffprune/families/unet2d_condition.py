@@ -111,7 +111,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
             try:
                 row = json.loads(line)
                 name, text = row["file_name"], row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):  # Recursion: nested too deeply
                 raise DiffpruneError(f"{path}:{n}: expected a JSON object with 'file_name' and 'text'") from None
         else:
             if "\t" not in line:
