@@ -360,3 +360,26 @@ def test_widths_chart_groups_big_models_by_block(tmp_path):
     assert "per block" in how and Image.open(path).height < 1000
     assert list(group_by_block(names)) == ["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2",
                                            "mid_block", "up_blocks.0", "conv_out"]
+
+
+def test_samples_with_another_schedule_are_noted(inputs, tmp_path):
+    """Teacher and student folders sampled by another sampler version or clip setting are flagged."""
+    root = inputs["root"]
+
+    def copy(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in (root / name).iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        config = json.loads((folder / "sample_config.json").read_text())
+        (folder / "sample_config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    student = copy("student", version=2, clip_sample="off")
+    paths = write_report(tmp_path / "r1", teacher_samples=root / "teacher", student_samples=student, num_pairs=2)
+    assert "teacher folder has version=1, student folder has version=2" in paths["html"].read_text()
+    teacher = copy("teacher", version=2, clip_sample="auto")
+    paths = write_report(tmp_path / "r2", teacher_samples=teacher, student_samples=student, num_pairs=2)
+    text = paths["html"].read_text()
+    assert "clip_sample=&#x27;auto&#x27;" in text or "clip_sample='auto'" in text
+    assert "version=" not in text

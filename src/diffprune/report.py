@@ -817,7 +817,7 @@ def _samples_section(tmp: Path, teacher: Samples | None, student: Samples | None
     sec = Section("Samples from the same noise")
     if teacher is not None and student is not None:
         tc, sc = teacher.config or {}, student.config or {}
-        for key in ("seed", "steps", "eta", "sampler", "spacing"):
+        for key in ("version", "seed", "steps", "eta", "sampler", "spacing", "clip_sample"):
             if key in tc and key in sc and tc[key] != sc[key]:
                 notes.append(f"samples: teacher folder has {key}={tc[key]!r}, student folder has {key}={sc[key]!r}; "
                              "pairs do not start from the same noise / schedule")
