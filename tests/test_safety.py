@@ -186,6 +186,19 @@ def test_other_stages_and_inputs_are_guarded_too(argv_of, match, project, capsys
     assert tree_hashes(project.parent) == before and not leftovers(project.parent)
 
 
+def test_distillation_guards_the_base_model_the_pruned_folder_records(project, capsys):
+    """finetune --distill without --teacher reads the recorded base model: it is an input too."""
+    pruned = project.parent / "pruned"
+    code, _ = run_cli(["prune", "--model", project / "teacher", "--data", "digits", "--method", "magnitude",
+                       "--ratio", 0.3, "--batch-size", 2, "--output-dir", pruned], capsys)
+    assert code == 0
+    before = tree_hashes(project)
+    code, err = run_cli(["finetune", "--model", pruned, "--data", "digits", "--distill", "output",
+                         "--output-dir", project / "teacher" / "ft", "--steps", 1, "--batch-size", 2], capsys)
+    one_line(code, err, 2, "recorded base model")
+    assert tree_hashes(project) == before and not leftovers(project)
+
+
 def test_a_symlink_to_an_input_is_resolved(project, capsys):
     (project.parent / "alias").symlink_to(project / "teacher")
     before = tree_hashes(project.parent)

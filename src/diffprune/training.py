@@ -406,9 +406,28 @@ def plan_run_dir(output_dir: Path, overwrite: bool, resume: bool,
 
 
 def training_inputs(config: TrainingConfig) -> dict[str, str | None]:
-    """Every path a finetune/train run reads, by option name (fsutil.check_output_location)."""
-    return {"--model": getattr(config, "model", None), "--teacher": getattr(config, "teacher", None),
-            "--data": config.data, "--captions": getattr(config, "captions", None)}
+    """Every path a finetune/train run reads, by option name (fsutil.check_output_location).
+
+    Distillation without --teacher reads the base model the pruned folder records (`_load_teacher`):
+    that folder is an input too.
+    """
+    inputs = {"--model": getattr(config, "model", None), "--teacher": getattr(config, "teacher", None),
+              "--data": config.data, "--captions": getattr(config, "captions", None)}
+    if getattr(config, "distill", "none") != "none" and inputs["--teacher"] is None and inputs["--model"]:
+        inputs["the recorded base model"] = _recorded_base_model(Path(inputs["--model"]))
+    return inputs
+
+
+def _recorded_base_model(model: Path) -> str | None:
+    """base_model.id of the first pruning.json in a pipeline folder's components, if any."""
+    from .io import PRUNING_FILE
+
+    for record in sorted(model.glob(f"*/{PRUNING_FILE}")) if model.is_dir() else []:
+        with contextlib.suppress(DiffpruneError):
+            base = (read_json(record, "pruning record", dict).get("base_model") or {})
+            if isinstance(base, dict) and isinstance(base.get("id"), str):
+                return base["id"]
+    return None
 
 
 def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet") -> None:
