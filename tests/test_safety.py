@@ -297,6 +297,19 @@ def test_evaluate_never_writes_over_an_input(project, capsys):
     assert tree_hashes(project.parent) == before and not leftovers(project.parent)
 
 
+def test_the_evaluate_api_never_writes_over_an_input_either(project):
+    """Scripts calling `diffprune.evaluate` get the same guard as the CLI (overwrite defaults to True)."""
+    from diffprune.errors import DiffpruneError
+    from diffprune.evaluation import EvaluateConfig, evaluate
+
+    teacher = project / "teacher"
+    before = tree_hashes(project)
+    for output in (teacher / "unet" / "config.json", project / "thesis.txt"):
+        with pytest.raises(DiffpruneError, match="lies inside the --model input|not a diffprune evaluation JSON"):
+            evaluate(EvaluateConfig(model=str(teacher), latency_repeats=1, latency_warmup=0, output=str(output)))
+    assert tree_hashes(project) == before and not leftovers(project)
+
+
 def test_evaluate_replaces_its_own_json_only_with_overwrite(project, capsys):
     out = project.parent / "eval.json"
     argv = _cost_eval(project / "teacher", out)

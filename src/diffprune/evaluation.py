@@ -21,13 +21,12 @@ import torch
 
 from .config import StageConfig
 from .errors import DiffpruneError, check_range
+from .evaluation_outputs import DEFAULT_OUTPUT_NAME, RESULT_FORMAT, check_outputs
 from .fsutil import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-RESULT_FORMAT = "diffprune-evaluation"
 RESULT_VERSION = 1
-DEFAULT_OUTPUT_NAME = "evaluation.json"
 REFERENCE_SPLITS = ("all", "train", "test")
 
 
@@ -399,13 +398,19 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- stage
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Run every metric whose inputs `config` names; write the JSON (see `output_path`) and return it."""
+def evaluate(config: EvaluateConfig, overwrite: bool = True) -> dict[str, Any]:
+    """Run every metric whose inputs `config` names; write the JSON (see `output_path`) and return it.
+
+    Before any work the outputs are checked (`evaluation_outputs.check_outputs`): never an input file
+    or one inside an input; an existing file only if `overwrite` and evaluate wrote it. The CLI passes
+    --overwrite (default off); scripts re-evaluating into their own JSON keep the default.
+    """
     from .io import library_versions
     from .metrics.imageset import load_image_set
     from .metrics.ssim import consistency
 
     config.validate()
+    check_outputs(config, overwrite)
     warnings: list[str] = []
     result: dict[str, Any] = {"format": RESULT_FORMAT, "format_version": RESULT_VERSION}
     samples = load_image_set(config.samples) if config.samples else None
