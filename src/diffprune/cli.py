@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from .errors import ENVIRONMENT_ERRNOS, DiffpruneError, os_errno
+from .errors import ENVIRONMENT_ERRNOS, DiffpruneError, environment_failure, os_errno, reason_of
 
 COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo")
 DEBUG_ENV = "DIFFPRUNE_DEBUG"
@@ -85,12 +85,10 @@ def failure_line(err: Exception, output: str | None) -> tuple[int, str]:
         return err.exit_code, _first_line(err)
     code = os_errno(err)
     if code in ENVIRONMENT_ERRNOS:
-        reason = os.strerror(code)
-        reason = reason[:1].lower() + reason[1:]
         filename = getattr(err, "filename", None)
         if filename and code in (errno.EACCES, errno.EPERM):  # may be an input being read
-            return 1, f"{reason}: {filename}"
-        return 1, f"{reason} while writing {filename or output or 'the output'}"
+            return 1, f"{reason_of(code)}: {filename}"
+        return 1, str(environment_failure(err, filename or output or "the output"))
     if isinstance(err, RecursionError):
         return 2, ("an input is nested too deeply to read (RecursionError); check the JSON/config files "
                    "given to this command")

@@ -50,7 +50,13 @@ def environment_failure(err: BaseException, path) -> EnvironmentFailure | None:
     code = os_errno(err)
     if code not in ENVIRONMENT_ERRNOS:
         return None
-    return EnvironmentFailure(f"{os.strerror(code)[:1].lower()}{os.strerror(code)[1:]} while writing {path}")
+    return EnvironmentFailure(f"{reason_of(code)} while writing {path}")
+
+
+def reason_of(code: int) -> str:
+    """os.strerror(code) as the middle of a sentence: "no space left on device"."""
+    reason = os.strerror(code)
+    return reason[:1].lower() + reason[1:]
 
 
 def write_error(err: BaseException, doing: str, suffix: str = "") -> DiffpruneError:
