@@ -32,7 +32,7 @@ def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Pa
         ax.axvspan(lo, hi - 1, color="C2", alpha=0.15, label=f"kept: t in [{lo}, {hi})")
     if summary.get("cut_timestep") is not None:
         cut = summary["cut_timestep"]
-        ax.axvline(cut, color="C3", lw=1.0, label=f"cut at t={cut}")
+        ax.axvline(cut, color="C3", lw=1.0, label=f"cut at t={cut} (last kept, as the paper)")
         thr_line = summary["threshold"] * float(swept[:, 1].max())
         ax.axhline(thr_line, color="C3", lw=0.8, ls=":", label=f"thr x L_max (thr={summary['threshold']})")
     ax.set_xlabel("timestep t")
