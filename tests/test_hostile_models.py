@@ -21,6 +21,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from safetensors.torch import load_file, save_file
 
 from diffprune import cli
+from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.importance import ImportanceResult
 from diffprune.io import load_pipeline, to_pruned
@@ -280,3 +281,54 @@ def test_memory_limit_override_refuses_a_model_just_over_it(sources, tmp_path, c
     monkeypatch.setenv("DIFFPRUNE_MAX_MODEL_BYTES", "1000000")  # the tiny UNet needs ~5.6 MB
     line = _refused(folder, capsys, "unet/config.json", "DIFFPRUNE_MAX_MODEL_BYTES=1000000")
     assert "needs about 5." in line and "MiB" in line, line
+
+
+# Released folders' model_index.json, as on the hub: options that are not components (DiT's id2label
+# dict, requires_safety_checker), a class from a diffusers pipeline module (the SD safety checker, a
+# transformers model), an optional component left empty, a deprecated transformers name.
+RELEASED_INDEXES = {
+    "dit": {"_class_name": "DiTPipeline", "_diffusers_version": "0.12.0.dev0",
+            "id2label": {"0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus"},
+            "scheduler": ["diffusers", "DDIMScheduler"], "transformer": ["diffusers", "Transformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"]},
+    "sd15": {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+             "feature_extractor": ["transformers", "CLIPImageProcessor"],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "requires_safety_checker": True, "image_encoder": [None, None]},
+    "sd14": {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.2.2",
+             "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_INDEXES))
+def test_released_model_indexes_are_accepted(name, tmp_path):
+    from diffprune.model_checks import read_model_index
+
+    index = RELEASED_INDEXES[name]
+    for component, entry in index.items():
+        if isinstance(entry, list) and entry[0] is not None:
+            (tmp_path / component).mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    classes = read_model_index(tmp_path)
+    assert "id2label" not in classes and "requires_safety_checker" not in classes
+    assert classes.get("image_encoder", None) is None
+    if "safety_checker" in index:
+        assert classes["safety_checker"].__name__ == "StableDiffusionSafetyChecker"
+
+
+def test_a_module_pair_in_an_option_slot_is_still_checked(tmp_path):
+    """An entry shaped like [library, class] is checked even where the pipeline expects an option."""
+    from diffprune.model_checks import read_model_index
+
+    for component in ("scheduler", "transformer", "vae"):
+        (tmp_path / component).mkdir()
+    index = {**RELEASED_INDEXES["dit"], "id2label": ["os", "system"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(DiffpruneError, match="id2label"):
+        read_model_index(tmp_path)

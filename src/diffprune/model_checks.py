@@ -67,11 +67,10 @@ def read_model_index(folder: Path) -> dict[str, type | None]:
     path = folder / INDEX_FILE
     index = read_json(path, "pipeline index")
     pipeline = _pipeline_class(index.get("_class_name"), path)
-    modules, _ = pipeline._get_signature_keys(pipeline)  # diffusers' split: components vs options
     classes: dict[str, type | None] = {}
     for name, entry in index.items():
-        if name.startswith("_") or (name not in modules and _is_scalar(entry)):
-            continue  # a pipeline option such as requires_safety_checker: false
+        if name.startswith("_") or (name not in _component_names(pipeline) and _is_option(entry)):
+            continue  # a pipeline option such as requires_safety_checker: false or DiT's id2label
         if not name.isidentifier():
             raise DiffpruneError(f"{path}: component name {reprlib.repr(name)} is not a plain folder name; allowed: "
                                  "identifiers such as 'unet' or 'text_encoder'")
@@ -82,8 +81,17 @@ def read_model_index(folder: Path) -> dict[str, type | None]:
     return classes
 
 
-def _is_scalar(value) -> bool:
-    return value is None or isinstance(value, bool | int | float | str)
+def _component_names(pipeline: type) -> set[str]:
+    """The entries diffusers loads as modules: required __init__ arguments plus optional components
+    (`DiffusionPipeline.from_pretrained` passes every other entry to __init__ as a plain option)."""
+    required, optional = pipeline._get_signature_keys(pipeline)
+    return set(required) | (set(optional) & set(getattr(pipeline, "_optional_components", ()) or ()))
+
+
+def _is_option(value) -> bool:
+    """A plain option value: anything but a [library, class] pair of names (a pair names a module)."""
+    is_pair = isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+    return not is_pair
 
 
 def _pipeline_class(class_name, path: Path) -> type:
@@ -105,6 +113,8 @@ def _component_class(name: str, entry, path: Path) -> type | None:
     if library is None and class_name is None:
         return None
     module = _library(library) if isinstance(library, str) else None
+    if library == "transformers" and isinstance(class_name, str):
+        class_name = _remapped_transformers_class(class_name)
     cls = _attribute(module, class_name) if module is not None else None
     bases = _loadable_bases(library) if module is not None else ()
     if not (isinstance(cls, type) and issubclass(cls, bases)):
@@ -150,10 +160,23 @@ def _loadable_bases(library: str) -> tuple[type, ...]:
 
     if library == "diffprune.io":
         return (ModelMixin,)
-    table = "transformers" if library == "transformers" else "diffusers"
-    module = _import(table)
-    bases = tuple(b for b in (_attribute(module, n) for n in LOADABLE_CLASSES[table]) if isinstance(b, type))
-    return bases
+    # A class in a diffusers pipeline module (e.g. ["stable_diffusion", "StableDiffusionSafetyChecker"])
+    # may derive from any library's loadable base, as diffusers' ALL_IMPORTABLE_CLASSES allows.
+    tables = [library] if library in ("diffusers", "transformers") else ["diffusers", "transformers"]
+    bases = []
+    for table in tables:
+        module = _import(table)
+        bases += [b for b in (_attribute(module, n) for n in LOADABLE_CLASSES[table]) if isinstance(b, type)]
+    return tuple(bases)
+
+
+def _remapped_transformers_class(class_name: str) -> str:
+    """The name diffusers loads for a deprecated transformers class (e.g. CLIPFeatureExtractor)."""
+    try:
+        from diffusers.pipelines.pipeline_loading_utils import _maybe_remap_transformers_class
+    except ImportError:  # older diffusers: no remapping
+        return class_name
+    return _maybe_remap_transformers_class(class_name) or class_name
 
 
 def is_model_class(cls: type | None) -> bool:
