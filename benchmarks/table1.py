@@ -294,7 +294,7 @@ def run_all(plan: Plan, jobs: int, only: str | None = None) -> dict[str, list[di
         if key[0] == "sweep":
             return pool.submit(_sweep_task, plan, key[1])
         spec = specs[key[1]]
-        sweep = done.get(("sweep", key[2]), {})
+        sweep = done.get(("sweep", key[2]), {}) if uses_sweep(spec) else {}  # the fast row makes its own
         return pool.submit(_row_task, plan, spec, key[2], sweep.get((spec["method"], spec["threshold"])))
 
     running: dict = {}
