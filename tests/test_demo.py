@@ -27,6 +27,12 @@ def test_demo_runs_every_stage_on_a_tiny_teacher(tmp_path, capsys):
                 "samples/student/samples.npz", "evaluation/student.json"):
         assert (out / sub).exists(), sub
 
+    # `make demo` twice: --overwrite replaces the folder the demo wrote (and nothing else).
+    assert main(["demo", "--teacher", str(teacher), "--finetune-steps", "3", "--num-images", "12",
+                 "--sample-steps", "3", "--output-dir", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "demo_summary.json").read_text())["rows"] == summary["rows"]
+    assert (teacher / "model_index.json").exists()
+
 
 def test_demo_refuses_an_existing_folder(tmp_path, capsys):
     (tmp_path / "demo").mkdir()
