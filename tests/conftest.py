@@ -28,6 +28,17 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("DIFFPRUNE_TEST_THREADS", "1")))
 
 
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of `diffprune ARGV` run in-process; argparse usage errors included."""
+    from diffprune.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
 def tiny_unet(seed: int = 0, **overrides):
     """A 16x16 one-channel UNet2DModel small enough for CPU tests (two levels, attention on level 1)."""
     from diffusers import UNet2DModel

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import save_tiny_pipeline
+from conftest import run_cli, save_tiny_pipeline
 from PIL import Image
 
 import diffprune
@@ -77,7 +77,7 @@ def test_overwrite_replaces_only_when_asked(pipeline_dir, tmp_path, capsys):
 def test_bad_values(pipeline_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "o"
     args = ["prune", "--model", str(pipeline_dir), "--method", "magnitude", "--output-dir", str(out)]
-    code, err = _exit_code_and_err(args + extra, capsys)
+    code, err = run_cli(args + extra, capsys)
     assert code == 2 and match in _last_line(err) and err.count("error:") == 1
     assert not out.exists()
 
@@ -85,14 +85,6 @@ def test_bad_values(pipeline_dir, tmp_path, capsys, extra, match):
 def _last_line(err: str) -> str:
     """The error line (progress bars may precede it on stderr, each ending in a carriage return)."""
     return err.strip().splitlines()[-1].split("\r")[-1]
-
-
-def _exit_code_and_err(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def test_bad_paths_and_data(pipeline_dir, tmp_path, capsys):
@@ -110,7 +102,7 @@ def test_bad_paths_and_data(pipeline_dir, tmp_path, capsys):
         (["--model", str(pipeline_dir / "model_index.json")], "is a file"),
     ]
     for extra, match in cases:
-        code, err = _exit_code_and_err(["prune", "--output-dir", str(out), "--method", "magnitude"] + extra, capsys)
+        code, err = run_cli(["prune", "--output-dir", str(out), "--method", "magnitude"] + extra, capsys)
         assert code == 2 and match in _last_line(err) and err.count("error:") == 1, (extra, err)
         assert not out.exists()
 
@@ -123,7 +115,7 @@ def test_unsupported_family_is_named(tmp_path, capsys):
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     unet.save_pretrained(tmp_path / "sd_unet", safe_serialization=True)
-    code, err = _exit_code_and_err(["prune", "--model", str(tmp_path / "sd_unet"), "--output-dir",
+    code, err = run_cli(["prune", "--model", str(tmp_path / "sd_unet"), "--output-dir",
                                     str(tmp_path / "o")], capsys)
     assert code == 2 and "UNet2DConditionModel" in err and "supported" in err
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_pipeline, tiny_unet
+from conftest import run_cli, save_tiny_pipeline, tiny_unet
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -38,14 +38,6 @@ def pipe_dir(tmp_path_factory):
     """A tiny 8x8 pipeline with 10 timesteps: cheap to prune, train and sample."""
     unet = tiny_unet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
     return save_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "pipe", unet=unet, num_train_timesteps=10)
-
-
-def _main(argv, capsys) -> tuple[int, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def _assert_one_line_error(code, err, where, match=None):
@@ -110,7 +102,7 @@ def test_every_numeric_and_choice_option_refuses_bad_values_in_one_line(pipe_dir
     assert len(cases) > 150  # every subcommand contributes
     for name, flag, value in cases:
         argv = [name, *_required(name, subs[name], pipe_dir, tmp_path), f"{flag}={value}"]
-        code, err = _main(argv, capsys)
+        code, err = run_cli(argv, capsys)
         line = _assert_one_line_error(code, err, (name, flag, value))
         assert flag in line or value in line, (name, flag, value, line)
         assert not (tmp_path / "out").exists()
@@ -188,7 +180,7 @@ def _path_cases(pipe_dir, tmp_path):
 
 def test_bad_paths_are_one_line_errors(pipe_dir, tmp_path, capsys):
     for argv, match in _path_cases(pipe_dir, tmp_path):
-        code, err = _main(argv, capsys)
+        code, err = run_cli(argv, capsys)
         _assert_one_line_error(code, err, argv, match or None)
         assert not (tmp_path / "out").exists(), argv
         assert not list(tmp_path.glob(".*lock")), argv
@@ -295,7 +287,7 @@ def test_resume_through_the_cli_names_the_damaged_file(run_dir, tmp_path, pipe_d
     argv = ["finetune", "--model", pipe_dir, "--data", "digits", "--output-dir", out, "--steps", "3",
             "--batch-size", "2", "--checkpoint-every", "1", "--log-every", "1", "--resume", "--no-tensorboard",
             "--no-progress"]
-    code, err = _main(argv, capsys)
+    code, err = run_cli(argv, capsys)
     line = _assert_one_line_error(code, err, "resume", "model.safetensors")
     assert "delete this checkpoint" in line
 
@@ -336,7 +328,7 @@ def test_resume_refuses_damaged_pngs_naming_the_file(sample_dir, tmp_path, pipe_
     else:
         Image.fromarray(np.zeros((8, 8), np.uint16)).save(bad)
     (out / "000002.png").unlink()
-    code, err = _main(["sample", "--model", pipe_dir, "--output-dir", out, "--num-images", 3, "--batch-size", 3,
+    code, err = run_cli(["sample", "--model", pipe_dir, "--output-dir", out, "--num-images", 3, "--batch-size", 3,
                        "--steps", 2, "--resume", "--no-progress"], capsys)
     line = _assert_one_line_error(code, err, damage, match)
     assert "000001.png" in line
@@ -417,7 +409,7 @@ def test_kill_during_prune_leaves_no_output_and_the_next_run_cleans_up(pipe_dir,
     stale.mkdir(exist_ok=True)
     (stale / "half.safetensors").write_bytes(b"\0" * 10)
     lock_path(out).write_text(f"{proc.pid}\n")
-    code, err = _main(["prune", "--model", pipe_dir, "--output-dir", out, "--method", "magnitude",
+    code, err = run_cli(["prune", "--model", pipe_dir, "--output-dir", out, "--method", "magnitude",
                        "--ratio", "0.3", "--batch-size", "2"], capsys)
     assert code == 0, err
     assert (out / "unet" / "pruning.json").is_file()
@@ -458,7 +450,7 @@ def test_busy_then_killed_sample_refuses_a_second_run_and_resumes_only_missing_i
         for argv in (["sample", "--model", pipe_dir, "--output-dir", out, "--num-images", 4, "--steps", 10, "--resume"],
                      ["prune", "--model", pipe_dir, "--output-dir", out, "--overwrite"],
                      ["finetune", "--model", pipe_dir, "--data", "digits", "--output-dir", out, "--overwrite"]):
-            code, err = _main(argv, capsys)
+            code, err = run_cli(argv, capsys)
             _assert_one_line_error(code, err, argv, f"is in use by another diffprune process (pid {proc.pid})")
     finally:
         _kill9(proc)
@@ -467,7 +459,7 @@ def test_busy_then_killed_sample_refuses_a_second_run_and_resumes_only_missing_i
     (out / f".000399.png.tmp-{proc.pid}").write_bytes(b"half")  # as if killed mid-write
     n = len(done) + 2
     stamps = {p.name: p.stat().st_mtime_ns for p in done}
-    code, err = _main(["sample", "--model", pipe_dir, "--output-dir", out, "--num-images", n, "--batch-size", 1,
+    code, err = run_cli(["sample", "--model", pipe_dir, "--output-dir", out, "--num-images", n, "--batch-size", 1,
                        "--steps", 10, "--resume", "--no-progress"], capsys)
     assert code == 0, err
     assert {p.name: p.stat().st_mtime_ns for p in done} == stamps  # kept, not rewritten

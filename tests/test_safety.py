@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_pipeline, tiny_unet
+from conftest import run_cli, save_tiny_pipeline, tiny_unet
 
 from diffprune import cli
 from diffprune.errors import DiffpruneError
@@ -74,14 +74,6 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
 
 def leftovers(*roots: Path) -> list[str]:
     return [str(p) for root in roots for p in Path(root).rglob(".*") if any(m in p.name for m in LEFTOVER_MARKS)]
-
-
-def run_cli(argv, capsys) -> tuple[int, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def one_line(code, err, expected_code, match=None) -> str:
