@@ -226,6 +226,24 @@ def test_inception_missing_weights_offline(tmp_path, monkeypatch):
         inception.resolve_inception_weights(tmp_path / "nope.pth")
 
 
+
+def test_inception_download_is_checked_then_renamed_into_the_cache(tmp_path, monkeypatch):
+    """The download streams into a temp sibling; a wrong SHA-256 leaves nothing, a right one the file."""
+    import hashlib
+    import io
+
+    payload = b"fake weights " * 1000
+    monkeypatch.setenv("DIFFPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DIFFPRUNE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(inception.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    with pytest.raises(DiffpruneError, match="SHA-256 .* expected a prefix 6726825d"):
+        inception.resolve_inception_weights()
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial file, no temp file
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
+    path = inception.resolve_inception_weights()
+    assert path.read_bytes() == payload and [p.name for p in path.parent.iterdir()] == [path.name]
+
 # --------------------------------------------------------------------------- image sets, SSIM
 
 

@@ -383,3 +383,33 @@ def test_samples_with_another_schedule_are_noted(inputs, tmp_path):
     text = paths["html"].read_text()
     assert "clip_sample=&#x27;auto&#x27;" in text or "clip_sample='auto'" in text
     assert "version=" not in text
+
+
+def test_clip_score_row_when_the_evaluations_have_one(inputs, full_report, tmp_path):
+    """A CLIP score (teacher and student, with the CLIP model) gets its own sourced row; none: no row."""
+    assert "CLIP" not in (full_report / "report.html").read_text()  # absent in both evaluations
+    root = inputs["root"]
+    model = "openai/clip-vit-base-patch16"
+    student = {**_evaluation(True), "clip_score": {"value": 31.4159, "clip_model": model, "num_images": 12,
+                                                    "per_image": {"mean": 31.4159, "std": 2.5}}}
+    teacher = {**_evaluation(False), "clip_score": 32.5, "clip_model": model}  # a bare number is read too
+    (tmp_path / "student.json").write_text(json.dumps(student))
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    paths = write_report(tmp_path / "r", evaluation=tmp_path / "student.json",
+                         teacher_evaluation=tmp_path / "teacher.json", prune=root / "pruned")
+    by_text = {c["text"]: c["src"] for c in _parse(paths["html"]).cells}
+    assert by_text["31.416"] == "evaluation:clip_score.value" and by_text["32.500"] == "teacher_evaluation:clip_score"
+    data = json.loads(paths["data"].read_text())
+    row = next(r for r in data["metrics"] if r["metric"].startswith("CLIP score"))
+    assert row["metric"] == f"CLIP score ({model})" and row["note"] == "student: 12 images"
+    assert row["student"]["values"] == [31.4159] and row["teacher"]["values"] == [32.5]
+    names = [r["metric"] for r in data["metrics"]]
+    assert names.index(row["metric"]) == names.index("SSIM vs teacher (same noise)") - 1  # beside FID/KID, SSIM
+    md = paths["markdown"].read_text()
+    assert f"| CLIP score ({model}) | 32.500 | 31.416 |" in md and f"| CLIP model | {model} |" in md
+
+    other = {**student, "clip_score": {**student["clip_score"], "clip_model": "laion/CLIP-ViT-H-14"}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    paths = write_report(tmp_path / "r2", evaluation=tmp_path / "other.json",
+                         teacher_evaluation=tmp_path / "teacher.json")
+    assert "scored with different CLIP models" in paths["html"].read_text()

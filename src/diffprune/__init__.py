@@ -3,14 +3,19 @@
 __version__ = "0.1.0"
 
 from .errors import DiffpruneError  # noqa: E402
-from .io import (  # noqa: E402
-    PrunedDiTTransformer2DModel,
-    PrunedUNet2DConditionModel,
-    PrunedUNet2DModel,
-    load_pipeline,
-    load_unet,
-    save_pipeline,
-)
+
+# Loaded on first use (PEP 562), so `import diffprune` (and `diffprune --help` / `--version`) does
+# not import torch and diffusers.
+_FROM_IO = ("PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline",
+            "load_unet", "save_pipeline")
+
+
+def __getattr__(name: str):
+    if name in _FROM_IO:
+        from . import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prune(*args, **kwargs):

@@ -1,7 +1,8 @@
 """`diffprune prune|finetune|train|sample|evaluate|report|demo`: one module per subcommand.
 
 Each module in `diffprune.commands` exposes `register(subparsers)`, which adds its parser and sets
-`func`. `main` is the one error boundary around every subcommand: whatever fails, the user gets one
+`func`; `main` imports only the module of the subcommand it runs, so `diffprune --help` and
+`--version` start without torch or diffusers. `main` is the one error boundary around every subcommand: whatever fails, the user gets one
 line on stderr and an exit code, never a traceback:
 
 - 2: bad input (DiffpruneError; also input nested too deeply for Python to read),
@@ -22,12 +23,25 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 from .errors import ENVIRONMENT_ERRNOS, DiffpruneError, environment_failure, os_errno, reason_of
 
 COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo")
 DEBUG_ENV = "DIFFPRUNE_DEBUG"
+
+# The line `diffprune --help` shows per subcommand, known without importing the subcommand (whose
+# options may need torch/diffusers): the same `help=` each commands module registers, which
+# tests/test_layout.py checks. Only the subcommand being run (or asked for help) is imported.
+SUMMARIES = {
+    "prune": "prune a pipeline's UNet and write a pruned pipeline folder",
+    "finetune": "post-train a (pruned) pipeline: Adam, EMA, dropout, grad clip, optional KD",
+    "train": "train a fresh UNet2DModel (e.g. the pruned architecture's 'scratch' baseline)",
+    "sample": "generate images from a (pruned) pipeline folder",
+    "evaluate": "FID/KID, SSIM consistency, params/MACs and latency of samples and models",
+    "report": "self-contained HTML + Markdown report: metrics, sample pairs, loss curves, widths",
+    "demo": "prune, fine-tune, sample, evaluate and report on the embedded digits DDPM",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,13 +55,18 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every `finally` (locks, temp folders) runs."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `diffprune` parser. `commands` names the subcommands registered in full by their module
+    (default: all); the others get a parser that only carries their one-line summary."""
     parser = _Parser(prog="diffprune", description=__doc__.splitlines()[0])
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=SUMMARIES[name], add_help=False)
+            continue
         try:
             module = importlib.import_module(f".commands.{name}", __package__)
         except ModuleNotFoundError as err:
@@ -58,9 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` runs (its first word that is not an option), if it names one."""
+    first = next((str(a) for a in argv if not str(a).startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = requested_command(argv)
+    args = build_parser({command} if command else ()).parse_args(argv)
     try:
         with _sigterm_as_interrupt():
             args.func(args)

@@ -6,25 +6,28 @@ any input, the current directory, the home directory or a filesystem root; symli
 only if the same stage wrote it, as its marker file says (`<stage>_config.json`, or report_data.json).
 Results are written into a temporary sibling and renamed into place (`atomic_dir`).
 
-Each output folder is also guarded by an advisory lock on a `.<name>.lock` sibling (`output_lock`),
-so two diffprune processes never write the same folder: the second one refuses at once. The lock
-is released by the kernel when a process dies (even on kill -9); leftovers of such a process
-(`.<name>.tmp-PID` staging folders) are removed by the next run that holds the lock.
+Each output folder is also guarded by a lock on a `.<name>.lock` sibling (`output_lock`, in
+`fslock.py`, on the `filelock` package), so two diffprune processes never write the same folder: the
+second one refuses at once. Leftovers of a killed process (`.<name>.tmp-PID` staging folders) are
+removed by the next run that holds the lock.
+
+Single files are written with `atomic_write` (bytes, text, JSON or a writer callback) into a temp
+sibling `.<name>.tmp-PID`, flushed and fsynced, then renamed over the target: a reader sees the old
+file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffpruneError, EnvironmentFailure, environment_failure, write_error
+from .errors import DiffpruneError, EnvironmentFailure, environment_failure
+from .fslock import lock_path, output_lock  # noqa: F401  (public here too: one import for stages)
 
 # The file that proves a folder was written by a stage (StageConfig.save writes <stage>_config.json).
 STAGE_MARKERS = {"report": "report_data.json"}
@@ -207,103 +210,6 @@ def check_replaceable(path: Path, stage: str | None) -> None:
                              f"({marker.name} has stage={data.get('stage')!r}){refusal}")
 
 
-# Locks this process holds: lock file -> [fd, depth, pid]. Process-local on purpose: a stage may take
-# the lock early (for its whole run) and again in `atomic_dir`; flock itself is not re-entrant. The pid
-# tells a forked child (which inherits this dict) that the entry is its parent's, not its own.
-_HELD: dict[str, list[int]] = {}
-_HELD_GUARD = threading.Lock()
-
-
-def lock_path(path: str | Path) -> Path:
-    path = Path(path).absolute()
-    return path.parent / f".{path.name}.lock"
-
-
-@contextlib.contextmanager
-def output_lock(path: str | Path) -> Iterator[Path]:
-    """Hold an exclusive, non-blocking lock on output folder `path` (re-entrant in one process).
-
-    Another process holding it -> DiffpruneError "output dir X is in use by another diffprune
-    process (pid N)". The lock file is removed on release.
-    """
-    path = Path(path).absolute()
-    lock = lock_path(path)
-    key = str(lock)
-    with _HELD_GUARD:
-        entry = _HELD.get(key)
-        reentered = entry is not None and entry[2] == os.getpid()
-        if reentered:
-            entry[1] += 1
-    if reentered:
-        try:
-            yield path
-        finally:
-            with _HELD_GUARD:
-                _HELD[key][1] -= 1
-        return
-    fd = _acquire(path, lock)
-    with _HELD_GUARD:
-        _HELD[key] = [fd, 1, os.getpid()]
-    try:
-        yield path
-    finally:
-        with _HELD_GUARD:
-            entry = _HELD.get(key)
-            last = entry is not None and entry[1] <= 1
-            if last:
-                del _HELD[key]
-            elif entry is not None:
-                entry[1] -= 1
-        if last:
-            with contextlib.suppress(OSError):
-                lock.unlink()  # before unlocking: a waiter that opened the old inode re-checks (below)
-            os.close(fd)
-
-
-def _acquire(path: Path, lock: Path) -> int:
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_error(err, f"cannot create the folder of output dir {str(path)!r}") from None
-    for _ in range(20):
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise write_error(err, f"cannot create lock file {str(lock)!r} for output dir {str(path)!r}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _read_pid(fd)
-            os.close(fd)
-            who = f" (pid {owner})" if owner else ""
-            raise DiffpruneError(f"output dir {str(path)!r} is in use by another diffprune process{who}; "
-                                 f"wait for it to finish or choose another --output-dir") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # else the holder removed the file while we waited to lock it: try a fresh one
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            except OSError as err:  # e.g. a full disk: leave no lock file behind
-                with contextlib.suppress(OSError):
-                    lock.unlink()
-                os.close(fd)
-                raise write_error(err, f"cannot write lock file {str(lock)!r} for output dir {str(path)!r}") from None
-            return fd
-        os.close(fd)
-    raise DiffpruneError(f"could not lock output dir {str(path)!r}: {str(lock)!r} keeps changing")
-
-
-def _read_pid(fd: int) -> str:
-    try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return text if text.isdigit() else ""
-
-
 def remove_stale_siblings(path: Path, *patterns: str) -> None:
     """Remove `.<name><pattern>*` siblings left by killed runs; call only while holding the lock."""
     for pattern in patterns:
@@ -394,15 +300,24 @@ def discard_on_failure(folder: Path, output: Path, remove_folder: bool = False) 
         raise
 
 
-def write_json_atomic(path: str | Path, data) -> Path:
-    """Write JSON via a temp file + rename, so a reader never sees half a file.
+def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], object]) -> Path:
+    """Write `path` so that a reader sees the old file or the new one, never half of one.
 
-    On failure the temp file is removed; a full disk becomes one EnvironmentFailure line naming `path`.
+    `content` is bytes, text (UTF-8) or a callback that writes the temporary path it is given
+    (e.g. `lambda tmp: image.save(tmp, format="PNG")`). The temp file `.<name>.tmp-PID` lies in the
+    same folder (so the rename is atomic), is fsynced before `os.replace`, and is removed on any
+    failure; a full disk (or another environment errno) becomes one EnvironmentFailure line naming `path`.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=json_default) + "\n")
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes | bytearray | memoryview):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -412,6 +327,20 @@ def write_json_atomic(path: str | Path, data) -> Path:
             raise failure from None
         raise
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush `path`'s data to the disk (a rename after a crash then never exposes an empty file)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, data) -> Path:
+    """`data` as indented JSON (numpy/torch values and paths converted), written with `atomic_write`."""
+    return atomic_write(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
 def json_default(obj):

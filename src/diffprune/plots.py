@@ -1,13 +1,19 @@
-"""Pictures next to the numbers: loss-over-timestep curves and sample grids (PNG, matplotlib Agg)."""
+"""Pictures next to the numbers: loss-over-timestep curves and sample grids (PNG, matplotlib Agg).
+
+A shared layer: the prune stage (the loss-over-timesteps plot), the sample stage (grid.png) and the
+report draw with these. It imports numpy only; matplotlib and PIL are imported when first used.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,12 +22,15 @@ def _pyplot():
     return plt
 
 
+_pyplot = pyplot  # the old private name (benchmarks/threshold_sweep.py)
+
+
 def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Path:
     """L_t over t for the calibration sweep, the kept range shaded and the threshold cut marked.
 
     `summary` is `ImportanceResult.summary()` (losses, tail_losses, kept ranges, threshold).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     swept = np.array(summary["losses"], dtype=float).reshape(-1, 2)
     tail = np.array(summary["tail_losses"], dtype=float).reshape(-1, 2)
@@ -46,11 +55,18 @@ def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Pa
     return Path(path)
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one uint8 (H', W', C) grid, row-major, white padding."""
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1,
+               max_images: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (H', W', C) grid, row-major, `pad` px white borders.
+
+    `ncols` defaults to a near-square grid (ceil(sqrt(N)) columns); `max_images` keeps the first ones.
+    The one grid function of the package: sample folders' grid.png and the report's pictures.
+    """
+    if max_images is not None:
+        images = images[:max_images]
     n, h, w, c = images.shape
-    ncols = ncols or int(np.ceil(np.sqrt(n)))
-    nrows = int(np.ceil(n / ncols))
+    ncols = max(1, ncols or math.ceil(math.sqrt(n)))
+    nrows = max(1, math.ceil(n / ncols))
     grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, ncols)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DiffpruneError
-from .features import FeatureExtractor, resize_bilinear
+from .extractor_base import FeatureExtractor, resize_bilinear
 
 EXTRACTOR_NAME = "digits-cnn-v1"
 WEIGHTS_FILE = "model.safetensors"

@@ -17,13 +17,13 @@ keeps no statistics file; its `_compute_fid` is used in the tests as a cross-che
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DiffpruneError
+from ..fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ STATS_FORMAT = "diffprune-fid-stats"
 STATS_VERSION = 1
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+# The extractor behind a pytorch-fid statistics file (mu/sigma only); `inception.EXTRACTOR_NAME` is this name.
+PYTORCH_FID_EXTRACTOR = "inception-v3-pytorch-fid"
 
 
 @dataclass
@@ -169,11 +171,12 @@ def save_stats(path: str | Path, stats: FeatureStats, keep_features: bool = True
     }
     if keep_features and stats.features is not None:
         arrays["features"] = stats.features.astype(np.float32)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare path
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)
 
 
 def load_stats(path: str | Path) -> FeatureStats:
@@ -190,9 +193,7 @@ def load_stats(path: str | Path) -> FeatureStats:
             if "feature_extractor" in files:
                 extractor = str(data["feature_extractor"])
             else:
-                from .inception import EXTRACTOR_NAME
-
-                extractor = EXTRACTOR_NAME
+                extractor = PYTORCH_FID_EXTRACTOR
                 logger.warning(
                     "%s has no feature_extractor field; assuming pytorch-fid Inception pool3", path
                 )

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DiffpruneError
-from .features import FeatureExtractor
+from ..fsutil import atomic_write
+from .extractor_base import FeatureExtractor
+from .fid import PYTORCH_FID_EXTRACTOR
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ FID_WEIGHTS_URL = (
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carries the hash prefix
 DOWNLOAD_TIMEOUT_S = 20.0
-EXTRACTOR_NAME = "inception-v3-pytorch-fid"
+EXTRACTOR_NAME = PYTORCH_FID_EXTRACTOR  # "inception-v3-pytorch-fid"
 
 
 class BasicConv2d(nn.Module):
@@ -247,28 +249,29 @@ def resolve_inception_weights(
             f"Inception weights not found in {cache} and downloads are off; {_how_to_get(target)}"
         )
     logger.warning("downloading the pytorch-fid Inception weights to %s", target)
-    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout_s) as resp, open(tmp, "wb") as fh:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                fh.write(chunk)
+        atomic_write(target, lambda tmp: _download(tmp, target, timeout_s))
     except (urllib.error.URLError, OSError, TimeoutError) as err:
-        tmp.unlink(missing_ok=True)
         raise DiffpruneError(
             f"Inception weights not in {cache} and the download failed "
             f"({type(err).__name__}: {err}); {_how_to_get(target)}"
         ) from None
+    return target
+
+
+def _download(tmp: Path, target: Path, timeout_s: float) -> None:
+    """Stream the pytorch-fid weights into `tmp`, refusing a file whose SHA-256 does not match."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(FID_WEIGHTS_URL, timeout=timeout_s) as resp, open(tmp, "wb") as fh:
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            fh.write(chunk)
     if not digest.hexdigest().startswith(FID_WEIGHTS_SHA256_PREFIX):
-        tmp.unlink(missing_ok=True)
         raise DiffpruneError(
             f"downloaded Inception weights have SHA-256 {digest.hexdigest()[:16]}..., "
             f"expected a prefix {FID_WEIGHTS_SHA256_PREFIX}; {_how_to_get(target)}"
         )
-    os.replace(tmp, target)
-    return target
 
 
 def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:

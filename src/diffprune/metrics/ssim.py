@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DiffpruneError
-from .features import to_unit_nchw
+from .extractor_base import to_unit_nchw
 from .imageset import ImageSet, pair_sets
 
 SSIM_KERNEL = 11
