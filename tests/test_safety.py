@@ -331,6 +331,39 @@ def test_read_json_turns_every_bad_file_into_one_line(tmp_path):
         read_json(tmp_path, "thing")
 
 
+
+def test_atomic_write_is_all_or_nothing(tmp_path, monkeypatch):
+    """bytes, text and a writer callback land complete (fsynced before the rename); a failure keeps the
+    old file and leaves no temp file; a full disk is one EnvironmentFailure line naming the target."""
+    from diffprune import fsutil
+    from diffprune.errors import EnvironmentFailure
+
+    target = tmp_path / "out.bin"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(fsutil.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    assert fsutil.atomic_write(target, b"\x00\x01") == target and target.read_bytes() == b"\x00\x01"
+    assert events == ["fsync", "replace"]
+    fsutil.atomic_write(target, "caf\u00e9\n")
+    assert target.read_bytes() == "caf\u00e9\n".encode()
+    fsutil.atomic_write(target, lambda tmp: tmp.write_bytes(b"from a callback"))
+    assert target.read_bytes() == b"from a callback"
+
+    def half_then(exc):
+        def write(tmp):
+            tmp.write_bytes(b"half")
+            raise exc
+        return write
+
+    with pytest.raises(EnvironmentFailure, match=f"no space left on device while writing {target}$"):
+        fsutil.atomic_write(target, half_then(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(KeyError):
+        fsutil.atomic_write(target, half_then(KeyError("a bug")))
+    assert target.read_bytes() == b"from a callback" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    fsutil.write_json_atomic(tmp_path / "d.json", {"a": [1, 2]})
+    assert read_json(tmp_path / "d.json", "x") == {"a": [1, 2]} and not leftovers(tmp_path)
+
 def test_deeply_nested_json_inputs_fail_in_one_line(project, capsys):
     teacher = project / "teacher"
     samples = project.parent / "s"
