@@ -1,9 +1,10 @@
-"""The evaluate stage: FID/KID, SSIM consistency, params/MACs, latency and throughput in one JSON.
+"""The evaluate stage: FID/KID, SSIM consistency, CLIP score, params/MACs, latency and throughput in one JSON.
 
 PAPER.md ("Evaluation protocol"): FID of the samples against reference statistics (Heusel et al.
 2017), KID (Binkowski et al. 2018), SSIM consistency between teacher and student samples drawn from
 the same noise (Wang et al. 2004), MACs and params of one forward pass at batch 1. We add measured
-forward latency and DDIM sampling throughput next to the MAC ratio. Every number carries the name
+forward latency and DDIM sampling throughput next to the MAC ratio, and for text-to-image samples the
+CLIP score against the prompts they were generated from (metrics/clip_score.py, torchmetrics' CLIPScore). Every number carries the name
 of the feature extractor it came from and the sample counts behind it.
 
 `evaluate(EvaluateConfig(...))` is the API; `diffprune evaluate` maps its flags one to one.
@@ -24,6 +25,7 @@ from .errors import DiffpruneError, check_range
 from .evaluation_cost import cost
 from .evaluation_outputs import DEFAULT_OUTPUT_NAME, RESULT_FORMAT, check_outputs
 from .fsutil import write_json_atomic
+from .metrics.clip_score import DEFAULT_CLIP_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class EvaluateConfig(StageConfig):
 
     - FID/KID: `samples` + `reference` ("digits", an image folder, an image .npz, or a stats .npz).
     - SSIM/MSE/PSNR consistency: `samples` + `teacher_samples` (paired by index).
+    - CLIP score: `samples` + `clip_score` (prompts from the sample folder's sample_config.json),
+      with the CLIP checkpoint `clip_model` (a local folder or hub id).
     - Cost: `model` (and `teacher_model` for ratios): params, MACs, forward latency, and DDIM
       throughput when `throughput_images` > 0, of the pipeline's denoiser (any supported family).
     """
@@ -54,6 +58,8 @@ class EvaluateConfig(StageConfig):
     inception_weights: str | None = None
     digits_weights: str | None = None
     save_stats: str | None = None
+    clip_score: bool = False
+    clip_model: str = DEFAULT_CLIP_MODEL  # torchmetrics' default
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     latency_repeats: int = 20
@@ -95,6 +101,8 @@ class EvaluateConfig(StageConfig):
             raise DiffpruneError(
                 "teacher_samples given without samples; SSIM compares samples with teacher_samples"
             )
+        if self.clip_score and not self.samples:
+            raise DiffpruneError("clip_score needs samples: the CLIP score compares each sample with its prompt")
         if self.teacher_model and not self.model:
             raise DiffpruneError(
                 "teacher_model given without model; cost ratios compare model with teacher_model"
@@ -285,6 +293,11 @@ def evaluate(config: EvaluateConfig, overwrite: bool = True) -> dict[str, Any]:
         result.update(fidelity(config, samples, warnings))
     elif samples is not None:
         logger.info("no reference given: FID/KID skipped")
+    if config.clip_score:
+        from .metrics.clip_score import clip_result
+
+        result["clip_score"] = clip_result(samples, config.samples, config.clip_model, config.device,
+                                           config.allow_download)
     if config.teacher_samples:
         teacher = load_image_set(config.teacher_samples)
         result["consistency"] = {
@@ -328,6 +341,10 @@ def format_table(result: dict[str, Any]) -> str:
             ("SSIM", f"{c['ssim']['mean']:.4f} +- {c['ssim']['std']:.4f}", f"{c['num_pairs']} pairs by index")
         )
         rows.append(("PSNR", f"{c['psnr_db']['mean']:.2f} dB", f"MSE {c['mse']['mean']:.5f}"))
+    if "clip_score" in result:
+        c = result["clip_score"]
+        rows.append(("CLIP score", f"{c['value']:.4f}", f"{c['clip_model']}, {c['num_images']} images, "
+                                                        f"{c['num_prompts']} prompt(s)"))
     if "cost" in result:
         c = result["cost"]
         for name in ("teacher", "student"):

@@ -12,7 +12,8 @@ config values and the memory they need, float dtypes and finite values of the we
 
 The classes below are registered under the `diffprune` library name in `model_index.json`, so
 `DiffusionPipeline.from_pretrained(folder)` also works once `import diffprune` has run (diffusers
-0.42 only resolves libraries that are already imported, for safety).
+0.42 only resolves libraries that are already imported, for safety). A `--portable` folder
+(portable.py) also ships a module for plain diffusers (`trust_remote_code=True`); diffprune never runs it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from diffusers import (
     DiffusionPipeline,
     DiTTransformer2DModel,
     ModelMixin,
+    PixArtTransformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -58,8 +60,8 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "base_class", "structure")
 # diffusers finds a component's load method by looking its base classes up in the component's own
 # module (`model_index.json` names `diffprune.io`), so ModelMixin must be reachable from here.
-__all__ = ["ModelMixin", "PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
-           "load_pipeline", "load_unet", "save_pipeline"]
+__all__ = ["ModelMixin", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel",
+           "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline"]
 
 
 def library_versions() -> dict[str, str]:
@@ -120,6 +122,7 @@ def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Ten
 
     with init_empty_weights(include_buffers=False):  # buffers outside the file (e.g. DiT pos_embed) stay real
         model = cls.from_config(config)
+    restore_saved_buffers(model, state, where)
     method = info.get("method")
     prune_heads = method.get("prune_heads") if isinstance(method, dict) else None
     apply_structure(model, info["structure"], {k: tuple(v.shape) for k, v in state.items()}, where,
@@ -135,6 +138,39 @@ def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Ten
     model.pruning_info = {k: v for k, v in info.items() if k != "structure"}
     model.eval()
     return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+# ---- restore_saved_buffers: H6 (issue 16, DiT residual width); self-contained, used by build_pruned only
+def restore_saved_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Buffers the architecture builds as non-persistent but the weights file holds load from the file.
+
+    A residual-pruned DiT stores its sliced sin-cos position buffer (`pos_embed.pos_embed`, see
+    families/dit.py): diffusers rebuilds that buffer from the base width at construction, and a fresh
+    sin-cos of the pruned width would be a different function. Only buffers the base model already
+    has are restored, differing from the base's shape in the last (channel) dimension alone, never
+    larger (pruning only slices), and as wide as the owner's `proj` output when it has one (the
+    PatchEmbed adds the buffer to it); anything else in the file is refused by the strict load.
+    """
+    for key, saved in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue
+        base = owner._buffers.get(leaf)
+        if base is None or leaf not in owner._non_persistent_buffers_set:
+            continue
+        proj = state.get(f"{owner_name}.proj.weight" if owner_name else "proj.weight")
+        width = int(proj.shape[0]) if proj is not None and proj.dim() > 0 else None
+        ok = saved.dim() == base.dim() and (saved.dim() == 0 or (
+            saved.shape[:-1] == base.shape[:-1] and 0 < saved.shape[-1] <= base.shape[-1]
+            and width in (None, saved.shape[-1])))
+        if not ok:
+            allowed = f"{tuple(base.shape[:-1]) + (width,)}" if width is not None else \
+                f"{tuple(base.shape)} with a last dimension of at most {base.shape[-1]}"
+            raise DiffpruneError(f"{where}: buffer {key!r} has shape {tuple(saved.shape)}; allowed: {allowed}")
+        owner.register_buffer(leaf, base, persistent=True)
+# ---- end restore_saved_buffers
 
 
 class PrunedUNet2DModel(PrunedModelMixin, UNet2DModel):
@@ -155,9 +191,16 @@ class PrunedDiTTransformer2DModel(PrunedModelMixin, DiTTransformer2DModel):
     base_class = DiTTransformer2DModel
 
 
+class PrunedPixArtTransformer2DModel(PrunedModelMixin, PixArtTransformer2DModel):
+    """A `PixArtTransformer2DModel` (PixArt-alpha / sigma) whose heads / MLP / conditioning widths are pruned."""
+
+    base_class = PixArtTransformer2DModel
+
+
 PRUNED_CLASSES: dict[type, type] = {UNet2DModel: PrunedUNet2DModel,
                                     UNet2DConditionModel: PrunedUNet2DConditionModel,
-                                    DiTTransformer2DModel: PrunedDiTTransformer2DModel}
+                                    DiTTransformer2DModel: PrunedDiTTransformer2DModel,
+                                    PixArtTransformer2DModel: PrunedPixArtTransformer2DModel}
 
 
 def pruned_class_for(model: torch.nn.Module) -> type:
@@ -201,7 +244,10 @@ def read_pruning_info(folder: Path) -> dict[str, Any]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    return read_json(folder / CONFIG_FILE, "model config")
+    """The base config; a portable folder's `auto_map` (portable.py) is for diffusers only, not a setting."""
+    config = read_json(folder / CONFIG_FILE, "model config")
+    config.pop("auto_map", None)
+    return config
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -301,14 +347,18 @@ def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
     for component, cls in classes.items():
         if cls is not None and (folder / component / PRUNING_FILE).exists() and not issubclass(cls, PrunedModelMixin):
             raise DiffpruneError(f"{folder / 'model_index.json'}: {component} has pruning.json but is "
-                                 f"declared as {cls.__name__}; expected ['diffprune.io', 'Pruned...']")
+                                 f"declared as {cls.__name__}; expected ['diffprune.io' or "
+                                 "'diffprune_pruned_model' (--portable), 'Pruned...']")
     check_pipeline_folder(folder, classes, torch_dtype, PRUNING_FILE)
     from diffusers.utils import logging as diffusers_logging
 
+    from .portable import portable_loading
+
     bars_were_on = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # a per-component bar is noise in our commands' output
-    try:
-        return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+    try:  # a portable folder's shipped code is never run: its pruned components load with our classes
+        with portable_loading(folder, classes, torch_dtype) as passed:
+            return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, **passed)
     except DiffpruneError:
         raise
     except (OSError, ValueError, RuntimeError, AttributeError) as err:
@@ -327,8 +377,16 @@ def _scheduler_near(folder: Path):
     return DDPMScheduler()
 
 
-def save_pipeline(pipe: DiffusionPipeline, folder: str | Path) -> Path:
-    """Write `pipe` as a diffusers pipeline folder (safetensors only) into an existing folder."""
+def save_pipeline(pipe: DiffusionPipeline, folder: str | Path, portable: bool = False) -> Path:
+    """Write `pipe` as a diffusers pipeline folder (safetensors only) into an existing folder.
+
+    `portable`: pruned components also get the code plain diffusers needs (portable.make_portable),
+    so the folder loads with `trust_remote_code=True` where diffprune is not installed.
+    """
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
+    if portable:
+        from .portable import make_portable
+
+        make_portable(folder)
     return folder

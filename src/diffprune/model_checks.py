@@ -127,7 +127,9 @@ def _library(library: str) -> ModuleType | None:
     """The module a model_index library name refers to, as diffusers resolves it; None if unknown."""
     if library in ("diffusers", "transformers"):
         return _import(library)
-    if library == "diffprune.io":
+    from .portable import PORTABLE_MODULE  # a --portable component: diffprune never runs its shipped module
+
+    if library in ("diffprune.io", PORTABLE_MODULE):
         from . import io
 
         return io
@@ -158,7 +160,9 @@ def _loadable_bases(library: str) -> tuple[type, ...]:
     from diffusers import ModelMixin
     from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
-    if library == "diffprune.io":
+    from .portable import PORTABLE_MODULE
+
+    if library in ("diffprune.io", PORTABLE_MODULE):
         return (ModelMixin,)
     # A class in a diffusers pipeline module (e.g. ["stable_diffusion", "StableDiffusionSafetyChecker"])
     # may derive from any library's loadable base, as diffusers' ALL_IMPORTABLE_CLASSES allows.
@@ -401,6 +405,7 @@ def check_model_folder(folder: Path, cls: type, torch_dtype: torch.dtype | None 
     """
     path = folder / CONFIG_FILE
     config = read_json(path, "model config")
+    config.pop("auto_map", None)  # a --portable folder's pointer to its shipped module, not a setting
     check_config_values(config, path)
     meta = meta_model(cls, config, path)
     files = weights_files(folder)

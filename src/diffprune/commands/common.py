@@ -85,3 +85,13 @@ def add_conditioning_options(parser: argparse.ArgumentParser, images: str, capti
     group.add_argument("--class-labels", default=None,
                        help=f"DiT: comma-separated class ids cycled over the {images}s "
                             "(default: integer class-folder names, else random labels)")
+
+
+def add_portable_option(parser: argparse.ArgumentParser) -> None:
+    """--portable for the stages that write a pipeline folder (prune, finetune, train); see portable.py."""
+    parser.add_argument("--portable", action="store_true",
+                        help="also write, into each pruned component folder, a small self-contained Python module "
+                             "and the model_index.json / config.json auto_map entries diffusers needs, so the "
+                             "folder loads where diffprune is not installed: DiffusionPipeline.from_pretrained("
+                             "FOLDER, trust_remote_code=True) (default: off, a code-free folder; loading it then "
+                             "needs diffprune)")

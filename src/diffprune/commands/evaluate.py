@@ -1,4 +1,4 @@
-"""`diffprune evaluate`: FID/KID, SSIM consistency, params/MACs, latency and throughput in one JSON."""
+"""`diffprune evaluate`: FID/KID, SSIM consistency, CLIP score, params/MACs, latency and throughput in one JSON."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ _EPILOG = """examples:
   diffprune evaluate --model pruned/ --teacher-model teacher/ --latency-repeats 50
   diffprune evaluate --reference data/cifar_train --feature-net inception --save-stats cifar_train.npz
   diffprune evaluate --samples out/student --reference cifar_train.npz --feature-net inception
+  diffprune evaluate --samples out/sd_student --clip-score --clip-model path/to/clip-vit-large-patch14
 
 Every number in the JSON names its feature extractor ("digits-cnn-v1" or "inception-v3-pytorch-fid")
 and the sample counts behind it; digits-FID is comparable only with other digits-FIDs.
 Inception weights: --inception-weights PATH, else $DIFFPRUNE_CACHE (or ~/.cache/diffprune)/
 pt_inception-2015-12-05-6726825d.pth, else downloaded from the pytorch-fid release when online
-(set DIFFPRUNE_OFFLINE=1 to never try)."""
+(set DIFFPRUNE_OFFLINE=1 to never try).
+CLIP score: each sample against the prompt its sample_config.json records, torchmetrics' CLIPScore
+(max(mean 100*cos, 0)); --clip-model is a local folder or a hub id (weights: safetensors only)."""
 
 
 def register(subparsers) -> None:
@@ -78,6 +81,19 @@ def register(subparsers) -> None:
         "--teacher-samples",
         help="the teacher's samples from the same seed; paired with --samples "
         "by index (default: none = no SSIM)",
+    )
+    g = p.add_argument_group("text-image agreement (CLIP score)")
+    g.add_argument(
+        "--clip-score",
+        action="store_true",
+        help="CLIP score of --samples against the prompt each was generated from (recorded in the "
+        "sample folder's sample_config.json) (default: off; on when --clip-model is given)",
+    )
+    g.add_argument(
+        "--clip-model",
+        default=None,
+        help="CLIP checkpoint: a local folder (config.json, model.safetensors, tokenizer and "
+        "preprocessor files) or a hub id (default: openai/clip-vit-large-patch14, torchmetrics' default)",
     )
     g = p.add_argument_group("cost (params, MACs, latency, throughput)")
     g.add_argument(
@@ -143,6 +159,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from ..evaluation import EvaluateConfig, evaluate, format_table
+    from ..metrics.clip_score import DEFAULT_CLIP_MODEL
 
     resolve_device(args.device)
     config = EvaluateConfig(
@@ -154,6 +171,8 @@ def run(args: argparse.Namespace) -> dict:
         teacher_model=args.teacher_model,
         feature_net=args.feature_net,
         inception_weights=args.inception_weights,
+        clip_score=args.clip_score or args.clip_model is not None,
+        clip_model=args.clip_model or DEFAULT_CLIP_MODEL,
         save_stats=args.save_stats,
         kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size,
