@@ -263,13 +263,17 @@ def test_unsupported_scheduler_keys_are_one_line_errors(unet, key, value, match)
     assert "\n" not in str(info.value)
 
 
-def test_sample_config_version_2_records_clip_sample_and_reads_version_1():
+def test_sample_config_version_3_records_clip_sample_and_guidance_and_reads_versions_1_and_2():
     config = SampleConfig(model="m", num_images=2, clip_sample="off")
     d = config.to_dict()
-    assert d["version"] == 2 and d["clip_sample"] == "off"
+    assert d["version"] == 3 and d["clip_sample"] == "off" and d["guidance_scale"] == 1.0
     assert SampleConfig.from_dict(d) == config
-    old = {k: v for k, v in d.items() if k != "clip_sample"} | {"version": 1}
+    guidance = ("guidance_scale", "negative_prompt", "guidance_rescale")
+    v2 = {k: v for k, v in d.items() if k not in guidance} | {"version": 2}
+    assert SampleConfig.from_dict(v2) == config  # version 2 = no guidance
+    old = {k: v for k, v in v2.items() if k != "clip_sample"} | {"version": 1}
     assert SampleConfig.from_dict(old).clip_sample == "auto"
+    assert SampleConfig.from_dict(old).guidance_scale == 1.0
     with pytest.raises(DiffpruneError, match="clip_sample='sometimes' is not supported"):
         SampleConfig(model="m", num_images=2, clip_sample="sometimes")
 
@@ -286,7 +290,7 @@ def test_folder_layout_resume_and_overwrite(tmp_path):
     assert indices.tolist() == list(range(5))
     config = json.loads((out / "sample_config.json").read_text())
     assert config["stage"] == "sample" and config["steps"] == 2 and config["seed"] == 1
-    assert config["version"] == 2 and config["clip_sample"] == "auto"
+    assert config["version"] == 3 and config["clip_sample"] == "auto" and config["guidance_scale"] == 1.0
 
     with pytest.raises(DiffpruneError, match="--resume"):
         sample_to_folder(model, out, 5, **kw)
@@ -302,11 +306,18 @@ def test_folder_layout_resume_and_overwrite(tmp_path):
         sample_to_folder(model, out, 6, resume=True, **{**kw, "steps": 3})
     with pytest.raises(DiffpruneError, match="clip_sample='auto', this run has clip_sample='off'"):
         sample_to_folder(model, out, 6, resume=True, clip_sample="off", **kw)
-    # A version-1 folder (uniform spacing ignored steps_offset & co.) is not mixed with version 2 images.
-    v1 = {k: v for k, v in json.loads((out / "sample_config.json").read_text()).items() if k != "clip_sample"}
+    # A version-1 folder (uniform spacing ignored steps_offset & co.) is not mixed with later images.
+    guidance = ("guidance_scale", "negative_prompt", "guidance_rescale")
+    v3 = json.loads((out / "sample_config.json").read_text())
+    v1 = {k: v for k, v in v3.items() if k != "clip_sample" and k not in guidance}
     (out / "sample_config.json").write_text(json.dumps({**v1, "version": 1}))
-    with pytest.raises(DiffpruneError, match="version=1, this run has version=2"):
+    with pytest.raises(DiffpruneError, match="version=1, this run has version=3"):
         sample_to_folder(model, out, 6, resume=True, **kw)
+    # A version-2 folder (no guidance keys) holds the same images as version 3 unguided: it resumes.
+    (out / "sample_config.json").write_text(json.dumps({**v1, "clip_sample": "auto", "version": 2}))
+    (out / "000005.png").unlink()
+    sample_to_folder(model, out, 6, resume=True, **kw)
+    np.testing.assert_array_equal(load_samples(out)[0], resumed)
     assert not list(out.glob(".*tmp*"))
 
     sample_to_folder(model, out, 2, overwrite=True, **{**kw, "seed": 2})

@@ -24,7 +24,7 @@ from .errors import DiffpruneError, write_error
 from .fsutil import json_default, read_json, replace_dir
 
 if TYPE_CHECKING:
-    from .training import TrainingConfig
+    from .train_config import TrainingConfig
 
 # Config keys a --resume run may change without changing the result.
 RESUME_FREE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers")
@@ -159,7 +159,9 @@ def _check_state(state: dict, where: Path, hint: str) -> None:
 
 def check_resumable(state: dict, config: TrainingConfig, fingerprint: str, world: int, path: Path) -> None:
     """Refuse a checkpoint made for another model, config or process count (one line, first difference)."""
-    old = state.get("config", {})
+    from .train_config import upgrade_config_dict
+
+    old = upgrade_config_dict(state.get("config", {}))
     if old.get("stage") != config.stage:
         raise DiffpruneError(f"--resume: {path} comes from a {old.get('stage')!r} run, not {config.stage!r}")
     new = config.to_dict()

@@ -8,8 +8,7 @@ Image i always starts from noise drawn from its own generator seeded by (seed, i
 noise for image i is drawn from that same generator, so image i is the same whatever the batch size
 or number of processes, and a teacher folder and a student folder pair up by index.
 
-Folder layout written by `sample_to_folder`: `000000.png`, ... (global index, 6 digits),
-`samples.npz` (`images`: uint8 NHWC sorted by index, `indices`), `grid.png`, `sample_config.json`.
+Folder layout written by `sample_to_folder`: see sample_files.py. Guidance: families/guidance.py.
 """
 
 from __future__ import annotations
@@ -17,20 +16,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io as _io
-import math
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import StageConfig
 from .errors import DiffpruneError, check_range
+from .families.guidance import check_guidance, guided_predict
+from .families.pipeline_parts import denoiser_of, image_seed  # noqa: F401  (image_seed: public here too)
 from .fsutil import (
     check_output_dir,
     check_output_location,
@@ -39,6 +36,16 @@ from .fsutil import (
     read_json,
     replace_dir,
     write_json_atomic,
+)
+from .sample_files import (  # noqa: F401  (public here too)
+    GRID_FILE,
+    NPZ_FILE,
+    load_samples,
+    make_grid,
+    png_name,
+    read_png,
+    write_npz_atomic,
+    write_png_atomic,
 )
 from .schedules import (  # noqa: F401  (SAMPLERS, SPACINGS, CLIP_MODES, timestep_sequence: public here too)
     CLIP_MODES,
@@ -56,21 +63,15 @@ from .schedules import (  # noqa: F401  (SAMPLERS, SPACINGS, CLIP_MODES, timeste
 )
 
 CONFIG_FILE = "sample_config.json"
-NPZ_FILE = "samples.npz"
-GRID_FILE = "grid.png"
 # Settings that change image content: a --resume run must agree on all of them.
 # "version": version 1 ignored the scheduler's steps_offset / timestep_spacing / set_alpha_to_one.
+# Version 3 added classifier-free guidance; a version-2 folder equals version 3 with guidance off.
 CONTENT_KEYS = ("version", "model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing",
-                "clip_sample", "prompt", "class_labels")
+                "clip_sample", "prompt", "class_labels", "guidance_scale", "negative_prompt", "guidance_rescale")
+GUIDANCE_OFF = {"guidance_scale": 1.0, "negative_prompt": None, "guidance_rescale": 0.0}
 
 
 # --------------------------------------------------------------------------- seeds and noise
-
-
-def image_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for image `index`, a fixed function of (seed, index)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
 
 
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -118,12 +119,15 @@ def _sample_size(unet) -> tuple[int, int]:
 @torch.no_grad()
 def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generator], *, steps: int,
             eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform", clip_sample: str = "auto",
-            family=None, cond: dict | None = None) -> torch.Tensor:
+            family=None, cond: dict | None = None, uncond: dict | None = None, guidance_scale: float = 1.0,
+            guidance_rescale: float = 0.0) -> torch.Tensor:
     """Run the reverse chain from `noise` (B, C, H, W); returns x_0 in model range (unclipped).
 
     `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0), drawn as
     diffusers' `randn_tensor` draws image b's noise from a list of generators. `clip_sample`: see
-    `chain_rule`. With a `family`, the model is called as `family.predict(unet, x, t, cond)`.
+    `chain_rule`. With a `family`, the model is called as `family.predict(unet, x, t, cond)`; with
+    `uncond` and guidance_scale > 1, classifier-free guidance as diffusers' pipelines compute it
+    (families/guidance.py), applied to the model output before the update.
     """
     config = scheduler.config
     rule = chain_rule(config, clip_sample)
@@ -134,7 +138,8 @@ def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generat
     for t, t_prev in reverse_chain(config.num_train_timesteps, steps, sampler, spacing, rule):
         a_t, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else final)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = (unet(x, tt).sample if family is None else family.predict(unet, x, tt, cond)).float()
+        out = (unet(x, tt).sample if family is None else
+               guided_predict(family, unet, x, tt, cond, uncond, guidance_scale, guidance_rescale)).float()
         x0, eps = split_prediction(out, x.float(), a_t, rule.prediction_type)
         x0 = limit_x0(x0, rule)
         if sampler == "ddim":
@@ -145,6 +150,12 @@ def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generat
             x = ddpm_update(x0, x.float(), a_t, a_prev, z, rule.variance_type)
         x = x.to(noise.dtype)
     return x
+
+
+def _guided(ctx, batch: list[int], device) -> dict:
+    """`denoise` keyword arguments for a conditional pipeline: family, cond, uncond, guidance."""
+    return {"family": ctx.family, "cond": ctx.cond_for(batch, device), "uncond": ctx.uncond_for(batch, device),
+            "guidance_scale": ctx.guidance_scale, "guidance_rescale": ctx.guidance_rescale}
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -162,8 +173,8 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
     Image i depends only on (model, scheduler, seed, i, steps, eta, sampler, spacing, clip_sample),
     not on batch_size or on which other indices are generated alongside it. `clip_sample` ("auto",
     "on", "off"): what happens to each step's predicted x0 (see `chain_rule`). `ctx`
-    (families.conditioning.PipelineContext) adds image i's prompt / class label and, for latent
-    pipelines, decodes the final latents with the autoencoder.
+    (families.conditioning.PipelineContext) adds image i's prompt / class label, the guidance
+    settings, and for latent pipelines decodes the final latents with the autoencoder.
     """
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     indices = list(range(num_images)) if indices is None else [int(i) for i in indices]
@@ -179,8 +190,7 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
         gens = image_generators(seed, batch)
         noise = _randn(gens, shape, device, dtype)
         x = denoise(unet, scheduler, noise, gens, steps=steps, eta=eta, sampler=sampler, spacing=spacing,
-                    clip_sample=clip_sample, family=None if ctx is None else ctx.family,
-                    cond=None if ctx is None else ctx.cond_for(batch, device))
+                    clip_sample=clip_sample, **({} if ctx is None else _guided(ctx, batch, device)))
         out.append(to_uint8(x if ctx is None else ctx.to_image_space(x)))
     if not out:
         if ctx is not None:
@@ -188,72 +198,6 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
             return np.zeros((0, size, size, channels), dtype=np.uint8)
         return np.zeros((0, shape[1], shape[2], shape[0]), dtype=np.uint8)
     return np.concatenate(out)
-
-
-# --------------------------------------------------------------------------- files
-
-
-def png_name(index: int) -> str:
-    return f"{index:06d}.png"
-
-
-def write_png_atomic(path: Path, image: np.ndarray) -> None:
-    """One HWC uint8 image as PNG via temp file + rename (a reader never sees half a PNG)."""
-    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def read_png(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One PNG as HWC uint8; a damaged file or one of another shape -> DiffpruneError naming it."""
-    try:
-        with Image.open(path) as im:
-            a = np.array(im)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise DiffpruneError(f"{path}: not a readable PNG ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                             "delete it and rerun with --resume to regenerate it") from None
-    a = a[..., None] if a.ndim == 2 else a
-    if a.ndim != 3 or a.dtype != np.uint8:
-        raise DiffpruneError(f"{path}: is not an 8-bit image (shape {a.shape}, {a.dtype}); "
-                             "delete it and rerun with --resume")
-    if a.shape[-1] != channels:
-        raise DiffpruneError(f"{path}: has {a.shape[-1]} channels, expected {channels}; "
-                             "the folder holds images from another model")
-    if size is not None and tuple(a.shape[:2]) != tuple(size):
-        raise DiffpruneError(f"{path}: is {a.shape[0]}x{a.shape[1]} pixels, expected {size[0]}x{size[1]}; "
-                             "delete it and rerun with --resume")
-    return a
-
-
-def make_grid(images: np.ndarray, max_images: int = 64, pad: int = 2) -> np.ndarray:
-    """Tile up to `max_images` NHWC images in a near-square grid with `pad` px white borders."""
-    images = images[:max_images]
-    n, h, w, c = images.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return grid
-
-
-def write_npz_atomic(path: Path, **arrays) -> None:
-    buf = _io.BytesIO()
-    np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def load_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 NHWC, indices) from a finished sample folder's samples.npz."""
-    path = Path(folder) / NPZ_FILE
-    if not path.is_file():
-        raise DiffpruneError(f"{path}: missing; is {str(folder)!r} a finished sample folder?")
-    with np.load(path, allow_pickle=False) as data:
-        return data["images"], data["indices"]
 
 
 # --------------------------------------------------------------------------- the stage
@@ -265,10 +209,11 @@ class SampleConfig(StageConfig):
 
     Version 2: "uniform" follows the scheduler config's steps_offset / timestep_spacing /
     set_alpha_to_one / thresholding (version 1 ignored them), and `clip_sample` was added.
+    Version 3: classifier-free guidance (`guidance_scale`, `negative_prompt`, `guidance_rescale`).
     """
 
     stage = "sample"
-    version = 2
+    version = 3
 
     model: str
     num_images: int
@@ -282,6 +227,9 @@ class SampleConfig(StageConfig):
     prompt: str | None = None  # text-conditional UNets: the prompt of every image
     class_labels: str | None = None  # DiT: labels cycled over image indices (default: random per index)
     clip_sample: str = "auto"  # predicted x0: "auto" (the scheduler config), "on" or "off"
+    guidance_scale: float = 1.0  # classifier-free guidance scale s (on when s > 1, as diffusers)
+    negative_prompt: str | None = None  # text-conditional UNets: the unconditional branch's prompt
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2024, sec. 3.4)
 
     def __post_init__(self):
         check_range("num_images", self.num_images, 1)
@@ -295,16 +243,26 @@ class SampleConfig(StageConfig):
             raise DiffpruneError(f"spacing={self.spacing!r} is not supported; allowed: {SPACINGS}")
         if self.clip_sample not in CLIP_MODES:
             raise DiffpruneError(f"clip_sample={self.clip_sample!r} is not supported; allowed: {CLIP_MODES}")
+        check_guidance(self.guidance_scale, self.guidance_rescale, self.negative_prompt)
 
     @classmethod
     def from_dict(cls, data):
-        """Also reads version 1 (no clip_sample key: it clipped as the config says, i.e. "auto"). Its
-        "uniform" images equal version 2's only for schedulers with steps_offset 0, "leading",
-        set_alpha_to_one true and no thresholding; a --resume refuses to mix the two (CONTENT_KEYS)."""
-        data = dict(data)
+        """Also reads versions 1 and 2 (no guidance: scale 1, no negative prompt, rescale 0). Version 1
+        has no clip_sample key (it clipped as the config says, i.e. "auto"); its "uniform" images equal
+        later versions' only for schedulers with steps_offset 0, "leading", set_alpha_to_one true and no
+        thresholding, so a --resume refuses to mix them (CONTENT_KEYS); version 2 equals version 3."""
+        data = upgrade_v2(data)
         if data.get("stage", cls.stage) == cls.stage and data.get("version") == 1:
-            data.update(version=cls.version, clip_sample=data.get("clip_sample", "auto"))
+            data.update(version=cls.version, clip_sample=data.get("clip_sample", "auto"), **GUIDANCE_OFF)
         return super().from_dict(data)
+
+
+def upgrade_v2(data: dict) -> dict:
+    """A version-2 sample config as the version-3 one of the same images (guidance off)."""
+    data = dict(data)
+    if data.get("stage", SampleConfig.stage) == SampleConfig.stage and data.get("version") == 2:
+        data.update(version=SampleConfig.version, **{k: data.get(k, v) for k, v in GUIDANCE_OFF.items()})
+    return data
 
 
 def model_fingerprint(unet) -> str:
@@ -322,7 +280,7 @@ def _check_resume(folder: Path, config: SampleConfig) -> None:
     if not path.is_file():
         raise DiffpruneError(f"--resume: {path} is missing; {str(folder)!r} is not a sample folder "
                              "(choose another --output-dir)")
-    old = read_json(path, "--resume: sample config")
+    old = upgrade_v2(read_json(path, "--resume: sample config"))
     new = config.to_dict()
     diff = [k for k in CONTENT_KEYS if old.get(k) != new.get(k)]
     if diff:
@@ -367,14 +325,18 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                      steps: int = 100, eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
                      seed: int = 0, device: str | torch.device = "cpu", resume: bool = False,
                      overwrite: bool = False, progress: bool = True, prompt: str | None = None,
-                     class_labels: str | None = None, clip_sample: str = "auto") -> Path:
+                     class_labels: str | None = None, clip_sample: str = "auto", guidance_scale: float = 1.0,
+                     negative_prompt: str | None = None, guidance_rescale: float = 0.0) -> Path:
     """Sample a pipeline folder into `output_dir` (layout in the module docstring); returns it.
 
     `clip_sample`: "auto" clips / thresholds predicted x0 as the scheduler config says, "on" clamps
     it to +-clip_sample_range, "off" never touches it (the DDIM reference code, with spacing="quad").
 
-    Latent pipelines are decoded with their autoencoder; Stable Diffusion UNets need `prompt`
-    (no classifier-free guidance); DiT takes `class_labels` ('1,2,3', cycled) or random ones.
+    Latent pipelines are decoded with their autoencoder; Stable Diffusion UNets need `prompt`;
+    DiT takes `class_labels` ('1,2,3', cycled) or random ones. `guidance_scale` > 1 turns on
+    classifier-free guidance as diffusers' pipelines compute it (`negative_prompt`: the
+    unconditional branch of text models, default the empty prompt; DiT: the null class;
+    `guidance_rescale`: diffusers' option of that name). The default 1.0 is unguided.
 
     Under `accelerate launch` with N processes, rank r generates the indices i with i % N == r;
     the main process writes samples.npz and grid.png once every rank is done.
@@ -390,16 +352,18 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     pipe = load_pipeline(model, device="cpu")
     from .families import family_for
     from .families.conditioning import attach_for_sampling, context_for
-    from .prune_job import denoiser_of
 
     _, unet = denoiser_of(pipe)
     scheduler = pipe.scheduler
     ctx = attach_for_sampling(context_for(pipe, family_for(unet), unet), prompt=prompt,
-                              class_labels=class_labels, seed=seed)
+                              class_labels=class_labels, seed=seed, guidance_scale=guidance_scale,
+                              negative_prompt=negative_prompt, guidance_rescale=guidance_rescale)
     config = SampleConfig(model=str(Path(model).absolute()) if Path(model).exists() else str(model),
                           num_images=num_images, batch_size=batch_size, steps=steps, eta=eta,
                           sampler=sampler, spacing=spacing, seed=seed, model_fingerprint=model_fingerprint(unet),
-                          prompt=prompt, class_labels=class_labels, clip_sample=clip_sample)
+                          prompt=prompt, class_labels=class_labels, clip_sample=clip_sample,
+                          guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                          guidance_rescale=guidance_rescale)
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     pixels, channels = ctx.data_size()
     if channels not in (1, 3, 4):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (
+    _number,
     add_conditioning_options,
     add_device_seed,
     add_output_dir,
@@ -15,6 +16,8 @@ from .common import (
     resolve_device,
     unit_half_open,
 )
+
+unit_closed = _number(float, 0.0, 1.0)  # [0, 1]
 
 
 def document_defaults(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +109,12 @@ def register(subparsers) -> None:
     p.add_argument("--reinit", action="store_true",
                    help="re-initialise all weights first (train the pruned architecture from scratch)")
     add_conditioning_options(p, "training image")
+    p.add_argument("--cond-drop-prob", "--proportion_empty_prompts", dest="cond_drop_prob", type=unit_closed,
+                   default=None, help="probability in [0, 1] of replacing an image's caption by the empty prompt "
+                                      "(DiT: its label by the null class), so the unconditional branch that "
+                                      "classifier-free guidance uses is trained too; distillation gives the teacher "
+                                      "the same dropped conditioning (default: 0.1 for text-conditional UNets, "
+                                      "0 otherwise)")
     document_defaults(p)
     p.set_defaults(func=run)
 
@@ -115,4 +124,5 @@ def run(args: argparse.Namespace) -> None:
 
     finetune(args.model, args.data, args.output_dir, teacher=args.teacher, distill=args.distill,
              distill_weight=args.distill_weight, feature_weight=args.feature_weight, reinit=args.reinit,
-             prompt=args.prompt, captions=args.captions, class_labels=args.class_labels, **training_kwargs(args))
+             prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
+             cond_drop_prob=args.cond_drop_prob, **training_kwargs(args))

@@ -12,7 +12,7 @@ from .common import (
     positive_int,
     resolve_device,
 )
-from .finetune import document_defaults
+from .finetune import document_defaults, unit_closed
 
 
 def register(subparsers) -> None:
@@ -47,9 +47,19 @@ def register(subparsers) -> None:
     add_device_seed(p)
     p.add_argument("--resume", action="store_true",
                    help="fill in only the missing images of an existing folder made with the same "
-                        "model/seed/steps/eta/sampler/spacing/clip-sample (--num-images may grow)")
+                        "model/seed/steps/eta/sampler/spacing/clip-sample/prompt/guidance (--num-images may grow)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_conditioning_options(p, "image", captions=False)
+    group = p.add_argument_group("classifier-free guidance (Stable Diffusion UNets, DiT; as diffusers' pipelines)")
+    group.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=non_negative_float,
+                       default=1.0, help="CFG scale s, a number >= 0: uncond + s * (cond - uncond), on when s > 1 (diffusers' "
+                                         "pipelines use 7.5 for SD, 5.0 for SDXL, 4.0 for DiT); 1 = unguided")
+    group.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
+                       help="prompt of the unconditional branch (text models; default: the empty prompt, or "
+                            "zeros for SDXL pipelines with force_zeros_for_empty_prompt)")
+    group.add_argument("--guidance-rescale", "--guidance_rescale", dest="guidance_rescale", type=unit_closed,
+                       default=0.0, help="diffusers' guidance_rescale in [0, 1] (Lin et al. 2024, sec. 3.4; "
+                                         "0.7 for zero-terminal-SNR v-prediction models)")
     document_defaults(p)
     p.set_defaults(func=run)
 
@@ -62,4 +72,5 @@ def run(args: argparse.Namespace) -> None:
                      steps=args.steps, eta=args.eta, sampler=args.sampler, spacing=args.spacing,
                      seed=args.seed, device=device, resume=args.resume, overwrite=args.overwrite,
                      progress=args.progress, prompt=args.prompt, class_labels=args.class_labels,
-                     clip_sample=args.clip_sample)
+                     clip_sample=args.clip_sample, guidance_scale=args.guidance_scale,
+                     negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale)

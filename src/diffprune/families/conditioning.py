@@ -1,8 +1,12 @@
 """What a pipeline adds around its denoiser, resolved once for prune / finetune / sample.
 
-`PipelineContext` bundles the family, the latent codec (None in pixel space) and the per-image
-conditioning (prompts encoded by the pipeline's text encoder, or DiT class labels), so every stage
-calls the denoiser the same way: `family.predict(model, x_t, t, ctx.cond_for(indices, device))`.
+`PipelineContext` bundles the family, the latent codec (None in pixel space), the per-image
+conditioning (prompts encoded by the pipeline's text encoder(s), or DiT class labels) and the
+classifier-free-guidance settings, so every stage calls the denoiser the same way:
+`family.predict(model, x_t, t, ctx.cond_for(indices, device))`, or with guidance
+`guidance.guided_predict(..., cond, ctx.uncond_for(indices, device), scale, rescale)`.
+`cond_for(..., drop=mask)` replaces the conditioning of the masked images by the empty prompt /
+DiT's null class (caption dropout for fine-tuning, so the unconditional branch is trained).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import torch
 from ..errors import DiffpruneError
 from .base import Family
 from .dit import DiTFamily, labels_for_dataset, parse_class_labels
+from .guidance import check_guidance, guidance_on
 from .latent import LatentCodec, codec_of
-from .unet2d_condition import PromptEncoder, UNet2DConditionFamily, prompts_for_dataset
+from .pipeline_parts import image_seed
+from .unet2d_condition import PromptEncoder, UNet2DConditionFamily, is_text_time, prompts_for_dataset
 
 
 @dataclasses.dataclass
@@ -24,10 +30,14 @@ class PipelineContext:
     family: Family
     model: torch.nn.Module
     codec: LatentCodec | None = None
-    encoder: PromptEncoder | None = None
+    encoder: object | None = None  # PromptEncoder or sdxl.SDXLPromptEncoder
     prompts: list[str] | None = None  # one per dataset image (or cycled by sample index)
     labels: list[int] | None = None
     label_seed: int | None = None
+    time_ids: list[tuple[int, ...]] | None = None  # SDXL: per dataset image (default: the output size)
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+    negative_prompt: str | None = None
 
     def data_size(self) -> tuple[int, int]:
         """(square size, channels) of the images the pipeline works on (pixels, before encoding)."""
@@ -42,48 +52,97 @@ class PipelineContext:
     def to_image_space(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.codec is None else self.codec.decode(x).to(x.device)
 
-    def cond_for(self, indices: Sequence[int] | torch.Tensor, device) -> dict | None:
-        """Conditioning for dataset (or sample) indices; lists are cycled by index."""
-        idx = [int(i) for i in indices]
-        if isinstance(self.family, UNet2DConditionFamily):
-            return self.encoder.cond([self.prompts[i % len(self.prompts)] for i in idx], device)
-        if isinstance(self.family, DiTFamily):
-            if self.labels is None:
-                from ..sampling import image_seed
+    @property
+    def text(self) -> bool:
+        return is_text_family(self.family)
 
-                n = self.family.num_classes(self.model)
+    def _time_ids(self, idx: list[int]) -> torch.Tensor | None:
+        if not (self.text and is_text_time(self.model)):
+            return None
+        if self.time_ids is None:
+            from .sdxl import default_time_ids
+
+            side = self.data_size()[0]
+            return torch.tensor([default_time_ids(side, side)] * len(idx), dtype=torch.float32)
+        return torch.tensor([self.time_ids[i % len(self.time_ids)] for i in idx], dtype=torch.float32)
+
+    def cond_for(self, indices: Sequence[int] | torch.Tensor, device, drop: Sequence[bool] | None = None) -> dict | None:
+        """Conditioning for dataset (or sample) indices; lists are cycled by index. `drop[b]` True:
+        image b gets the empty prompt (text) or the null class (DiT) instead."""
+        idx = [int(i) for i in indices]
+        keep = [True] * len(idx) if drop is None else [not bool(d) for d in drop]
+        if self.text:
+            prompts = [self.prompts[i % len(self.prompts)] if k else "" for i, k in zip(idx, keep, strict=True)]
+            return self.encoder.cond(prompts, device, self._time_ids(idx))
+        if isinstance(self.family, DiTFamily):
+            n = self.family.num_classes(self.model)
+            if self.labels is None:
                 labels = [int(torch.randint(0, n, (1,), generator=torch.Generator().manual_seed(
                     image_seed(self.label_seed or 0, i)))) for i in idx]
-                return {"class_labels": torch.tensor(labels, dtype=torch.long, device=device)}
-            return {"class_labels": torch.tensor([self.labels[i % len(self.labels)] for i in idx],
-                                                 dtype=torch.long, device=device)}
+            else:
+                labels = [self.labels[i % len(self.labels)] for i in idx]
+            labels = [label if k else n for label, k in zip(labels, keep, strict=True)]
+            return {"class_labels": torch.tensor(labels, dtype=torch.long, device=device)}
+        return None
+
+    def uncond_for(self, indices: Sequence[int] | torch.Tensor, device) -> dict | None:
+        """The unconditional branch of CFG (None when guidance is off): the negative / empty prompt
+        (SDXL: zeros, as its pipeline, when there is no negative prompt) or DiT's null class."""
+        if not guidance_on(self.guidance_scale):
+            return None
+        idx = [int(i) for i in indices]
+        if self.text:
+            return self.encoder.uncond(len(idx), self.negative_prompt, device, self._time_ids(idx))
+        if isinstance(self.family, DiTFamily):
+            null = self.family.num_classes(self.model)
+            return {"class_labels": torch.full((len(idx),), null, dtype=torch.long, device=device)}
         return None
 
     def to(self, device) -> PipelineContext:
         if self.codec is not None:
             self.codec.to(device)
         if self.encoder is not None:
-            self.encoder.text_encoder.to(device)
+            self.encoder.to(device)
         return self
 
 
+def is_text_family(family: Family) -> bool:
+    """Prompt-conditioned: Stable Diffusion UNets and families that say so (`text_conditional`, PixArt)."""
+    return isinstance(family, UNet2DConditionFamily) or bool(getattr(family, "text_conditional", False))
+
+
 def context_for(pipe, family: Family, model: torch.nn.Module) -> PipelineContext:
-    """Codec and text encoder of `pipe` (conditioning data is attached by `attach_*`)."""
+    """Codec and text encoder(s) of `pipe` (conditioning data is attached by `attach_*`)."""
     ctx = PipelineContext(family, model, codec_of(pipe))
     if ctx.codec is not None and ctx.codec.latent_channels != family.in_channels(model):
         raise DiffpruneError(f"{type(pipe).__name__}: the autoencoder has {ctx.codec.latent_channels} latent "
                              f"channels, the {family.name} denoiser takes {family.in_channels(model)}")
     if isinstance(family, UNet2DConditionFamily):
-        ctx.encoder = PromptEncoder(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))
+        if is_text_time(model):
+            from .sdxl import SDXLPromptEncoder
+
+            ctx.encoder = SDXLPromptEncoder(pipe, model)
+        else:
+            ctx.encoder = PromptEncoder(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))
+    elif is_text_family(family):
+        from .pixart import PixArtPromptEncoder
+
+        side = float(ctx.data_size()[0])  # micro-conditions: the image size in pixels (PixArt-alpha 1024px)
+        ctx.encoder = PixArtPromptEncoder(pipe, micro=(side, side) if model.use_additional_conditions else None)
     return ctx
 
 
 def attach_dataset(ctx: PipelineContext, dataset, data: str, *, prompt: str | None = None,
                    captions: str | None = None, class_labels=None, seed: int = 0,
                    label_fallback: str = "random") -> PipelineContext:
-    """Per-image prompts / labels for `dataset` (see unet2d_condition.py and dit.py)."""
-    if isinstance(ctx.family, UNet2DConditionFamily):
+    """Per-image prompts / labels (SDXL: and time_ids) for `dataset` (unet2d_condition.py, dit.py, sdxl.py)."""
+    if ctx.text:
         ctx.prompts = prompts_for_dataset(dataset, data, prompt, captions)
+        paths = getattr(dataset, "paths", None)
+        if is_text_time(ctx.model) and paths:
+            from .sdxl import training_time_ids
+
+            ctx.time_ids = training_time_ids(paths, ctx.data_size()[0])
     elif isinstance(ctx.family, DiTFamily):
         n = ctx.family.num_classes(ctx.model)
         ctx.labels = labels_for_dataset(dataset, data, parse_class_labels(class_labels, n), n, seed, label_fallback)
@@ -91,15 +150,25 @@ def attach_dataset(ctx: PipelineContext, dataset, data: str, *, prompt: str | No
 
 
 def attach_for_sampling(ctx: PipelineContext, *, prompt: str | list[str] | None = None,
-                        class_labels=None, seed: int = 0) -> PipelineContext:
-    """Prompts / labels cycled over sample indices (random labels drawn from `seed` if none)."""
-    if isinstance(ctx.family, UNet2DConditionFamily):
+                        class_labels=None, seed: int = 0, guidance_scale: float = 1.0,
+                        negative_prompt: str | None = None, guidance_rescale: float = 0.0) -> PipelineContext:
+    """Prompts / labels cycled over sample indices (random labels drawn from `seed` if none), and
+    the classifier-free-guidance settings (families/guidance.py)."""
+    check_guidance(guidance_scale, guidance_rescale, negative_prompt)
+    if ctx.text:
         if not prompt:
-            raise DiffpruneError("sampling a text-conditional UNet (UNet2DConditionModel) needs a prompt")
+            raise DiffpruneError(f"sampling a text-conditional model ({type(ctx.model).__name__}) needs a prompt")
         ctx.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     elif isinstance(ctx.family, DiTFamily):
         n = ctx.family.num_classes(ctx.model)
         labels = parse_class_labels(class_labels, n)
         ctx.labels = labels
         ctx.label_seed = seed  # labels None: image i gets a random label drawn from (seed, i)
+    if negative_prompt is not None and not ctx.text:
+        raise DiffpruneError("negative_prompt applies to text-conditional models only")
+    if guidance_on(guidance_scale) and not ctx.family.conditional:
+        raise DiffpruneError(f"guidance_scale={guidance_scale} needs a conditional model (Stable Diffusion, DiT); "
+                             f"{type(ctx.model).__name__} is unconditional: use guidance_scale 1")
+    ctx.guidance_scale, ctx.negative_prompt, ctx.guidance_rescale = float(guidance_scale), negative_prompt, \
+        float(guidance_rescale)
     return ctx

@@ -1,11 +1,14 @@
-"""diffusers `UNet2DConditionModel` (Stable Diffusion 1.x/2.x UNets with text cross-attention).
+"""diffusers `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x / XL UNets with text cross-attention).
 
-Conditioning = the pipeline's own text encoder applied to one prompt per image, as
-`StableDiffusionPipeline.encode_prompt` does without guidance (tokenizer padded to
-`model_max_length`, last hidden state). Calibration and fine-tuning use the plain conditional loss
-(no classifier-free-guidance dropout). Cross-attention `to_k`/`to_v` read the text embedding: their
-input width is never pruned (the text encoder is not a part of the pruned graph), only their
-output (head) dims, together with `to_q`.
+Conditioning = the pipeline's own text encoder(s) applied to one prompt per image, as the pipelines'
+`encode_prompt` does (tokenizer padded to `model_max_length`): SD 1.x/2.x take the last hidden state
+(`StableDiffusionPipeline`); SDXL (`addition_embed_type="text_time"`, two text encoders) takes the
+penultimate hidden states of both, the pooled projection of the second, and `time_ids` made of the
+image sizes (`StableDiffusionXLPipeline`; families/sdxl.py). SD 2.x variants (linear projections,
+v-prediction, `upcast_attention`) need nothing special. Classifier-free guidance: families/guidance.py;
+fine-tuning drops captions with probability `cond_drop_prob` (the empty prompt). Cross-attention
+`to_k`/`to_v` read the text embedding: their input width is never pruned (the text encoder is not a
+part of the pruned graph), only their output (head) dims, together with `to_q`.
 
 Prompts come from `captions.jsonl` (lines `{"file_name": "a/b.png", "text": "..."}`, the Hugging Face
 imagefolder convention) or `captions.txt` (lines `a/b.png<TAB>caption`) beside the images, or one
@@ -38,9 +41,10 @@ class UNet2DConditionFamily(UNet2DFamily):
     def check(self, model):
         c = model.config
         for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "num_class_embeds"):
-            if c.get(key):
-                raise DiffpruneError(f"UNet2DConditionModel with {key}={c[key]!r} (e.g. SDXL, unCLIP) is not "
-                                     "supported yet; supported: Stable Diffusion 1.x/2.x-style text-conditional UNets")
+            if c.get(key) and not (key == "addition_embed_type" and c[key] == "text_time"):
+                raise DiffpruneError(f"UNet2DConditionModel with {key}={c[key]!r} (e.g. unCLIP, Kandinsky) is not "
+                                     "supported yet; supported: Stable Diffusion 1.x/2.x/XL-style text-conditional "
+                                     "UNets (addition_embed_type None or 'text_time')")
         if not isinstance(c.cross_attention_dim, int):
             raise DiffpruneError(f"UNet2DConditionModel with per-block cross_attention_dim="
                                  f"{c.cross_attention_dim!r} is not supported yet")
@@ -48,17 +52,35 @@ class UNet2DConditionFamily(UNet2DFamily):
     def example_cond(self, model, batch_size=1, device="cpu"):
         g = torch.Generator().manual_seed(0)
         dim = int(model.config.cross_attention_dim)
-        return {"encoder_hidden_states": torch.randn(batch_size, TEXT_LENGTH, dim, generator=g).to(device)}
+        cond = {"encoder_hidden_states": torch.randn(batch_size, TEXT_LENGTH, dim, generator=g).to(device)}
+        if is_text_time(model):
+            from .sdxl import example_added_cond
+
+            cond.update(example_added_cond(model, batch_size, device))
+        return cond
 
     def example_inputs(self, model, batch_size=1, device="cpu"):
+        """Keyword inputs of `model(**inputs)` in the model's float dtype (a bf16 model traces in bf16);
+        SDXL's pooled text and time ids go in `added_cond_kwargs`."""
         size = self.sample_size(model)
-        return {"sample": torch.randn(batch_size, self.in_channels(model), size, size, device=device),
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        cond = {k: v.to(dtype) for k, v in self.example_cond(model, batch_size, device).items()}
+        added = {k: cond.pop(k) for k in ("text_embeds", "time_ids") if k in cond}
+        return {"sample": torch.randn(batch_size, self.in_channels(model), size, size, device=device).to(dtype),
                 "timestep": torch.ones(batch_size, dtype=torch.long, device=device),
-                **self.example_cond(model, batch_size, device)}
+                **cond, **({"added_cond_kwargs": added} if added else {})}
 
     def predict(self, model, x_t, t, cond=None):
-        return model(x_t, t, encoder_hidden_states=self._need(cond, "encoder_hidden_states")).sample
+        hidden = self._need(cond, "encoder_hidden_states")
+        if not is_text_time(model):
+            return model(x_t, t, encoder_hidden_states=hidden).sample
+        added = {"text_embeds": self._need(cond, "text_embeds"), "time_ids": self._need(cond, "time_ids")}
+        return model(x_t, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
+
+def is_text_time(model) -> bool:
+    """SDXL-style UNet: pooled text embeddings and size/crop `time_ids` add to the timestep embedding."""
+    return model.config.get("addition_embed_type") == "text_time"
 
 
 # --------------------------------------------------------------------------- prompts
@@ -75,6 +97,10 @@ class PromptEncoder:
         self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval().requires_grad_(False)
         self._cache: dict[str, torch.Tensor] = {}
 
+    def to(self, device) -> PromptEncoder:
+        self.text_encoder.to(device)
+        return self
+
     @torch.no_grad()
     def encode(self, prompts: list[str], device) -> torch.Tensor:
         """(B, L, D) text embeddings, as StableDiffusionPipeline.encode_prompt (no guidance)."""
@@ -90,8 +116,12 @@ class PromptEncoder:
                 self._cache[p] = e.detach().cpu()
         return torch.stack([self._cache[p] for p in prompts]).to(device)
 
-    def cond(self, prompts: list[str], device) -> dict:
+    def cond(self, prompts: list[str], device, time_ids: torch.Tensor | None = None) -> dict:
         return {"encoder_hidden_states": self.encode(prompts, device)}
+
+    def uncond(self, n: int, negative_prompt: str | None, device, time_ids: torch.Tensor | None = None) -> dict:
+        """The unconditional branch of CFG: the negative prompt, else the empty prompt (as the pipeline)."""
+        return self.cond([negative_prompt or ""] * n, device)
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
