@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import cpu_model  # noqa: E402
 
-from diffprune import training  # noqa: E402
+from diffprune import train_loop, train_setup, training  # noqa: E402
 from diffprune.families import family_for  # noqa: E402
 from diffprune.importance import ImportanceResult  # noqa: E402
 from diffprune.io import library_versions, save_pipeline, to_pruned  # noqa: E402
@@ -116,17 +116,17 @@ class Hooks:
         from accelerate import Accelerator
         from accelerate.optimizer import AcceleratedOptimizer
 
-        targets = [(training, "_train_step", "step"), (training, "_micro_batch", "batch"),
-                   (training, "_losses", "forward"), (training, "_settle", "loss check"),
+        targets = [(train_loop, "_train_step", "step"), (train_loop, "_micro_batch", "batch"),
+                   (train_loop, "_losses", "forward"), (train_loop, "_settle", "loss check"),
                    (Accelerator, "backward", "backward"), (Accelerator, "clip_grad_norm_", "clip"),
                    (AcceleratedOptimizer, "step", "optimizer"), (AcceleratedOptimizer, "zero_grad", "zero_grad"),
-                   (training.EMA, "update", "EMA"), (training, "_save", "checkpoint"), (training, "_loop", "loop")]
+                   (training.EMA, "update", "EMA"), (train_loop, "_save", "checkpoint"), (train_loop, "_loop", "loop")]
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
-        saved.append((training, "batch_stream", training.batch_stream))
+        saved.append((train_loop, "batch_stream", train_loop.batch_stream))
         try:
             for obj, name, piece in targets:
                 setattr(obj, name, self.wrap(piece, getattr(obj, name)))
-            training.batch_stream = self._stream(training.batch_stream)
+            train_loop.batch_stream = self._stream(train_loop.batch_stream)
             yield self
         finally:
             for obj, name, original in saved:
@@ -200,7 +200,7 @@ def pre_fix_loop():
     """Swap the loop's fixed pieces back to what they were before the overhead fixes."""
     from diffprune import data as data_module
 
-    originals = (training.make_optimizer, training.EMA.update, training._train_step, data_module.make_dataset)
+    originals = (train_setup.make_optimizer, training.EMA.update, train_loop._train_step, data_module.make_dataset)
 
     def train_step_with_sync(run, batches, step):
         out = originals[2](run, batches, step)
@@ -213,14 +213,14 @@ def pre_fix_loop():
             return data_module.ImageFolderDataset(source, size, channels, cache_bytes=0)
         return originals[3](source, size, channels)
 
-    training.make_optimizer = lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr)
+    train_setup.make_optimizer = lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr)
     training.EMA.update = ema_update_per_tensor
-    training._train_step = train_step_with_sync
+    train_loop._train_step = train_step_with_sync
     data_module.make_dataset = uncached_dataset
     try:
         yield
     finally:
-        training.make_optimizer, training.EMA.update, training._train_step, data_module.make_dataset = originals
+        train_setup.make_optimizer, training.EMA.update, train_loop._train_step, data_module.make_dataset = originals
 
 
 def adam_costs(unet, repeats: int) -> dict:

@@ -7,14 +7,13 @@ Layout (written by `sampling.sample_to_folder`): `000000.png`, ... (global index
 from __future__ import annotations
 
 import io as _io
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import DiffpruneError
+from .fsutil import atomic_write
 
 NPZ_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -27,9 +26,7 @@ def png_name(index: int) -> str:
 def write_png_atomic(path: Path, image: np.ndarray) -> None:
     """One HWC uint8 image as PNG via temp file + rename (a reader never sees half a PNG)."""
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def read_png(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -53,25 +50,10 @@ def read_png(path: Path, channels: int, size: tuple[int, int] | None = None) -> 
     return a
 
 
-def make_grid(images: np.ndarray, max_images: int = 64, pad: int = 2) -> np.ndarray:
-    """Tile up to `max_images` NHWC images in a near-square grid with `pad` px white borders."""
-    images = images[:max_images]
-    n, h, w, c = images.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return grid
-
-
 def write_npz_atomic(path: Path, **arrays) -> None:
     buf = _io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
 
 
 def load_samples(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -37,11 +37,11 @@ from .fsutil import (
     replace_dir,
     write_json_atomic,
 )
+from .plots import image_grid
 from .sample_files import (  # noqa: F401  (public here too)
     GRID_FILE,
     NPZ_FILE,
     load_samples,
-    make_grid,
     png_name,
     read_png,
     write_npz_atomic,
@@ -314,7 +314,7 @@ def _finish(work: Path, output_dir: Path, num_images: int, channels: int,
                              f"{png_name(missing[0])}); rerun with --resume")
     images = np.stack([read_png(work / png_name(i), channels, size) for i in range(num_images)])
     write_npz_atomic(work / NPZ_FILE, images=images, indices=np.arange(num_images, dtype=np.int64))
-    grid = make_grid(images)
+    grid = image_grid(images, max_images=64, pad=2)
     write_png_atomic(work / GRID_FILE, grid)
     if work != output_dir:
         replace_dir(work, output_dir)
