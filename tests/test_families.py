@@ -359,10 +359,9 @@ def test_unsupported_family_names_it_and_the_supported_ones():
                                                              "DiTTransformer2DModel"))
 
 
-def test_sdxl_style_unet_is_refused_clearly():
-    with pytest.raises(DiffpruneError, match="addition_embed_type"):
-        family_for(tiny_sd_unet(addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=16 + 6 * 8))
+def test_unsupported_unet2d_condition_variants_are_refused_clearly():
+    with pytest.raises(DiffpruneError, match="class_embed_type"):
+        family_for(tiny_sd_unet(class_embed_type="timestep"))
 
 
 def test_sd_calibration_needs_prompts(pipeline_dirs, image_dir, tmp_path):

@@ -6,8 +6,8 @@ from .errors import DiffpruneError  # noqa: E402
 
 # Loaded on first use (PEP 562), so `import diffprune` (and `diffprune --help` / `--version`) does
 # not import torch and diffusers.
-_FROM_IO = ("PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline",
-            "load_unet", "save_pipeline")
+_FROM_IO = ("PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel", "PrunedUNet2DConditionModel",
+            "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline")
 
 
 def __getattr__(name: str):
@@ -60,6 +60,6 @@ def report(*args, **kwargs):
     return write_report(*args, **kwargs)
 
 
-__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
+__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
            "evaluate", "finetune", "load_pipeline", "load_unet", "prune", "report", "sample", "save_pipeline",
            "train", "__version__"]

@@ -63,6 +63,14 @@ def fix_attention(name: str, attn: nn.Module, before: dict, prune_heads: bool) -
         attn.scale = head_dim**-0.5
 
 
+def fix_attention_io(attn: nn.Module) -> None:
+    """`query_dim`/`out_dim` (recorded sizes, not read by the forward) follow the residual width
+    the projections now have, once it was pruned."""
+    attn.query_dim = attn.to_q.in_features
+    if isinstance(attn.to_out[0], nn.Linear):
+        attn.out_dim = attn.to_out[0].out_features
+
+
 def softmax_scale(attn: nn.Module) -> float:
     """The q.k scale a (pruned) diffusers `Attention` must hold: 1/sqrt(head_dim) of its current
     heads when `scale_qk` (diffusers' own rule; head-dim pruning keeps it by folding

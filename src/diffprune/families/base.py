@@ -21,7 +21,7 @@ class Family:
     component: str = "unet"  # the pipeline attribute holding the denoiser
     model_classes: tuple[type, ...] = ()
     conditional: bool = False  # True when predict() needs `cond` (text embeddings, class labels)
-    residual_prunable: bool = True  # False: the residual/hidden width is protected (see ignored_layers)
+    residual_prunable: bool = True  # False: the residual/hidden width is protected (see configured)
 
     def check(self, model: torch.nn.Module) -> None:
         """Raise DiffpruneError for configurations of the class this adapter does not handle."""
@@ -52,6 +52,22 @@ class Family:
     def num_heads(self, model: torch.nn.Module) -> dict[torch.nn.Module, int]:
         """q/k/v projections -> head count, so pruning keeps heads equal in size."""
         return {}
+
+    def configured(self, prune_residual: bool = False) -> Family:
+        """This adapter for one pruning run. `prune_residual`: also prune the residual (hidden) width
+        where the family protects it by default (transformers, see `residual_prunable`); families
+        that always prune every channel (UNets, as the paper does) return themselves."""
+        return self
+
+    def out_channel_groups(self, model: torch.nn.Module) -> dict[torch.nn.Module, int]:
+        """Layers whose outputs are k equal chunks of one pruned width (torch-pruning's
+        `out_channel_groups`), when such a layer can be a group's root. Default: none."""
+        return {}
+
+    def before_group_prune(self, model: torch.nn.Module, group) -> None:
+        """Called with each torch-pruning group just before `group.prune()`: slice what torch-pruning
+        does not see (buffers, e.g. DiT's fixed position embedding). `group` holds (dep, idxs) items,
+        idxs = the channels of `dep.target.module` about to be removed. Default: nothing."""
 
     def fix_after_pruning(self, model: torch.nn.Module, before: dict[str, dict],
                           prune_heads: bool = False) -> None:
