@@ -52,6 +52,8 @@ def test_prune_end_to_end_from_a_saved_folder(pipeline_dir, image_dir, tmp_path,
     assert abs(report["macs"]["fraction"] - 0.56) <= 0.02 and report["params"]["after"] < report["params"]["before"]
     assert report["calibration"] == {"images": 6, "skipped_files": 1}
     assert report["importance"]["num_kept_timesteps"] >= 1 and report["widths"]["after"]["conv_in"] < 32
+    search = report["size_search"]  # decided before the sweep, every candidate recorded
+    assert search["chosen_ratio"] == report["ratio"] and search["candidates"][-1]["time_s"] > 0
     assert (out / "loss_over_timesteps.png").stat().st_size > 1000
     assert json.loads((out / "prune_config.json").read_text())["method"] == "diff-pruning"
     pipe = diffprune.load_pipeline(out)
@@ -73,6 +75,7 @@ def test_overwrite_replaces_only_when_asked(pipeline_dir, tmp_path, capsys):
     (["--threshold", "1"], "--threshold"), (["--threshold", "-0.1"], "--threshold"),
     (["--batch-size", "0"], "--batch-size"), (["--method", "l1"], "--method"),
     (["--target-macs", "0.01"], "unreachable"), (["--ratio", "0.3", "--target-macs", "0.5"], "not allowed with"),
+    (["--target-macs", "0.6"], "--ratio-rule paper (no --round-to) reaches"),
 ])
 def test_bad_values(pipeline_dir, tmp_path, capsys, extra, match):
     out = tmp_path / "o"
@@ -80,6 +83,11 @@ def test_bad_values(pipeline_dir, tmp_path, capsys, extra, match):
     code, err = run_cli(args + extra, capsys)
     assert code == 2 and match in _last_line(err) and err.count("error:") == 1
     assert not out.exists()
+
+
+def test_output_dir_is_required_unless_dry_run(pipeline_dir, capsys):
+    code, err = run_cli(["prune", "--model", str(pipeline_dir), "--method", "magnitude"], capsys)
+    assert code == 2 and "--output-dir is required" in _last_line(err) and err.count("error:") == 1
 
 
 def _last_line(err: str) -> str:

@@ -1,8 +1,10 @@
 """The prune stage as a job: pipeline folder or hub id in, pruned pipeline folder out.
 
-Reads the model and calibration images, runs the importance sweep (importance.py), prunes
-(pruning.py), and writes atomically: the pruned pipeline (diffusers layout + pruning.json +
-safetensors), `prune_config.json`, `prune_report.json` and `loss_over_timesteps.png`.
+Reads the model, decides the size first (size_search.py: seconds, no weights touched, so an
+unreachable target fails before any calibration work), then reads the calibration images, runs the
+importance sweep (importance.py), prunes once (pruning.py), and writes atomically: the pruned
+pipeline (diffusers layout + pruning.json + safetensors), `prune_config.json`, `prune_report.json`
+and `loss_over_timesteps.png`. `dry_run` stops after the size: nothing read but the model, nothing written.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .importance import PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_f
 from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
 from .plots import plot_timestep_losses
 from .pruning import PruneConfig, prune
-from .structure import widths
+from .size_search import search_sizes
+from .structure import record_structure, widths
 
 STAGE = PruneConfig.stage
 
@@ -66,6 +69,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     pipe = load_pipeline(config.model, device=device)
     component, model = denoiser_of(pipe)
     family = family_for(model)
+    plan = search_sizes(model, family, config, progress=progress)  # before any calibration work
     model.requires_grad_(True)
     ctx = context_for(pipe, family, model)
     if not family.conditional and (config.prompt or config.captions or config.class_labels):
@@ -91,7 +95,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
             config.method == "diff-pruning" and importance.threshold != config.threshold):
         raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
                              f"threshold={importance.threshold}, not for {config.method!r} {config.threshold}")
-    outcome = prune(model, family, config, importance, progress=progress)
+    outcome = prune(model, family, config, importance, progress=progress, plan=plan)
     info = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
         "base_model": {"id": _model_id(config.model), "revision": None},
@@ -122,6 +126,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         "importance": importance.summary(),
         "widths": {"before": widths(outcome.widths_before), "after": widths(outcome.widths_after)},
         "ratio_search": outcome.search,
+        "size_search": plan.report(),
         # A precomputed sweep's time counts as if this run had made it (it is this run's work).
         "wall_time_s": {"importance": importance.wall_time_s, "prune": outcome.wall_time_s,
                         "total": time.perf_counter() - start + (importance.wall_time_s if precomputed else 0.0),
@@ -136,6 +141,53 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
             report["loss_plot"] = "loss_over_timesteps.png"
         write_json_atomic(tmp / "prune_report.json", report)
     return report
+
+
+def dry_run(config: PruneConfig, progress: bool = True) -> dict:
+    """The size `config` gives (widths, params, MACs and the search), without calibration data,
+    importance sweep or output: only the model is read."""
+    start = time.perf_counter()
+    pipe = load_pipeline(config.model, device=torch.device(config.device))
+    _, model = denoiser_of(pipe)
+    family = family_for(model)
+    plan = search_sizes(model, family, config, progress=progress)
+    return {"config": config.to_dict(), "family": family.name, "ratio": plan.ratio,
+            "params": _before_after(plan.params0, plan.chosen.params),
+            "macs": _before_after(plan.macs0, plan.chosen.macs),
+            "widths": {"before": widths(record_structure(model)), "after": widths(plan.chosen.structure)},
+            "size_search": plan.report(), "wall_time_s": {"total": time.perf_counter() - start}}
+
+
+def _before_after(before: int, after: int) -> dict:
+    return {"before": before, "after": after, "fraction": after / before}
+
+
+def dry_run_table(result: dict, max_names: int = 3) -> str:
+    """What a dry run found: every size candidate tried, params/MACs before and after (as
+    `summary_table`), and the width changes grouped by (before -> after) with a few layer names each."""
+    search = result["size_search"]
+    what = "ratio" if search["target"] is None else f"target {search['kind']}={search['target']:.3f}"
+    lines = [f"size search ({what}): {len(search['candidates'])} candidates, {search['wall_time_s']:.1f}s "
+             f"(graph {search['setup_s']:.1f}s)", f"{'ratio':>10}{'MACs':>10}{'params':>10}{'time':>9}"]
+    lines += [f"{c['ratio']:>10.4f}{c['macs_fraction']:>10.3f}{c['params_fraction']:>10.3f}{c['time_s']:>8.2f}s"
+              for c in search["candidates"]]
+    p, m = result["params"], result["macs"]
+    lines += [f"{'':<8}{'before':>14}{'after':>14}{'after/before':>14}",
+              f"{'params':<8}{p['before'] / 1e6:>13.3f}M{p['after'] / 1e6:>13.3f}M{p['fraction']:>14.3f}",
+              f"{'MACs':<8}{m['before'] / 1e9:>13.4f}G{m['after'] / 1e9:>13.4f}G{m['fraction']:>14.3f}"]
+    changes: dict[tuple[int, int], list[str]] = {}
+    before, after = result["widths"]["before"], result["widths"]["after"]
+    for name, width in before.items():
+        if after.get(name, width) != width:
+            changes.setdefault((width, after[name]), []).append(name)
+    lines.append(f"widths: {sum(len(v) for v in changes.values())} of {len(before)} layers changed"
+                 + (":" if changes else ""))
+    for (old, new), names in sorted(changes.items()):
+        more = f", ... ({len(names) - max_names} more)" if len(names) > max_names else ""
+        lines.append(f"  {old:>6} -> {new:<6} {len(names):>4} layers: {', '.join(names[:max_names])}{more}")
+    lines.append(f"ratio={result['ratio']:.4f} (dry run: no calibration data read, nothing written)")
+    lines += [f"warning: {w}" for w in search["warnings"]]
+    return "\n".join(lines)
 
 
 def _model_id(model: str) -> str:

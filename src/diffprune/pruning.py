@@ -7,8 +7,8 @@ the attention head maps (families/), size targeting, and the fix-ups of static a
 Size semantics: `ratio` is torch-pruning's per-group pruning ratio. Channels coupled through
 GroupNorm(G, C) are pruned in equal numbers per group and torch-pruning keeps floor((C/G)(1-ratio))
 per group, so a nominal ratio removes more than its fraction there. `target_macs`/`target_params`
-(fractions of the original) search the ratio by bisection instead (PAPER.md: always report real
-params and MACs).
+(fractions of the original) search the ratio by bisection instead, before the calibration sweep and
+on a weightless copy (size_search.py; PAPER.md: always report real params and MACs).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch_pruning as tp
@@ -27,8 +28,10 @@ from .errors import DiffpruneError, check_range
 from .families import Family
 from .families.unet2d import reset_parameters
 from .importance import ESTIMATORS, ImportanceResult, tp_importance
-from .metrics.complexity import count_macs_params
 from .structure import record_structure, validate_structure
+
+if TYPE_CHECKING:
+    from .size_search import Candidate
 
 TARGET_TOLERANCE = 0.02  # a target is reached when |achieved - target| <= 2% of the original
 MAX_RATIO = 0.95
@@ -90,33 +93,65 @@ class PruneOutcome:
     params: tuple[int, int]
     widths_before: dict[str, dict]
     widths_after: dict[str, dict]
-    search: list[dict]  # bisection trace: ratio -> macs/params fraction
+    search: list[dict]  # every size candidate evaluated: ratio -> macs/params (size_search.Candidate)
     wall_time_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupFacts:
+    """What the per-layer ratio rules need of one channel group (`ratio_rule_groups`)."""
+
+    layers: tuple[torch.nn.Module, ...]  # its output-channel Conv2d/Linear layers
+    channels: int | None  # the root layer's width
+    norms: tuple[tuple[int, int], ...]  # (num_channels, num_groups) of each GroupNorm in it
+    heads: tuple[int, ...]  # channel groups of its layers from `num_heads` (q/k/v heads, gated halves)
+
+
+def ratio_rule_groups(graph: tp.DependencyGraph, family: Family, model: torch.nn.Module,
+                      num_heads: dict) -> list[GroupFacts]:
+    """The channel groups of `graph` (built on `model`), as `paper_ratios`/`rounded_ratios` read them."""
+    out = []
+    for group in graph.get_all_groups(ignored_layers=family.ignored_layers(model),
+                                      root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
+        root = group[0].dep.target.module
+        channels = graph.get_out_channels(root) if graph.is_out_channel_pruning_fn(group[0].dep.handler) \
+            else graph.get_in_channels(root)
+        out.append(GroupFacts(
+            layers=tuple(dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)
+                         and isinstance(dep.target.module, torch.nn.Conv2d | torch.nn.Linear)),
+            channels=channels,
+            norms=tuple((dep.target.module.num_channels, dep.target.module.num_groups) for dep, _ in group
+                        if isinstance(dep.target.module, torch.nn.GroupNorm)),
+            heads=tuple(num_heads[dep.target.module] for dep, _ in group if dep.target.module in num_heads
+                        and graph.is_out_channel_pruning_fn(dep.handler))))
+    return out
 
 
 def paper_ratio_dict(model: torch.nn.Module, family: Family, ratio: float,
                      example_inputs: dict) -> dict[torch.nn.Module, float]:
     """Per-layer ratios that make torch-pruning 1.6 follow the rule of the paper's code (tp 1.1).
 
-    There, a group of C channels coupled to GroupNorm(G, C) loses (C - int(C(1 - ratio))) // G
+    See `paper_ratios`; this builds the dependency graph of `model` first.
+    """
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    return paper_ratios(ratio_rule_groups(graph, family, model, {}), ratio)
+
+
+def paper_ratios(groups: list[GroupFacts], ratio: float) -> dict[torch.nn.Module, float]:
+    """The paper's rule: a group of C channels coupled to GroupNorm(G, C) loses (C - int(C(1 - ratio))) // G
     channels per GroupNorm group: ratio 0.3 takes 128 -> 96, where torch-pruning 1.6 keeps
     int((C/G)(1 - ratio)) per group (128 -> 64). Groups without GroupNorm are identical in both.
     """
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     out: dict[torch.nn.Module, float] = {}
-    for group in graph.get_all_groups(ignored_layers=family.ignored_layers(model),
-                                      root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
-        norms = [dep.target.module for dep, _ in group if isinstance(dep.target.module, torch.nn.GroupNorm)]
-        if not norms:
+    for facts in groups:
+        if not facts.norms:
             continue
-        channels, groups = norms[0].num_channels, norms[0].num_groups
-        per_group = channels // groups
-        keep = per_group - (channels - int(channels * (1 - ratio))) // groups
+        channels, groups_ = facts.norms[0]
+        per_group = channels // groups_
+        keep = per_group - (channels - int(channels * (1 - ratio))) // groups_
         group_ratio = 1 - (keep + 0.5) / per_group  # int(per_group * (1 - r)) == keep, float-safe
-        for dep, _ in group:
-            if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(
-                    dep.target.module, torch.nn.Conv2d | torch.nn.Linear):
-                out[dep.target.module] = max(group_ratio, 0.0)
+        for layer in facts.layers:
+            out[layer] = max(group_ratio, 0.0)
     return out
 
 
@@ -124,7 +159,15 @@ def rounded_ratio_dict(model: torch.nn.Module, family: Family, ratio: float, exa
                        round_to: int, ratio_rule: str, num_heads: dict) -> dict[torch.nn.Module, float]:
     """Per-layer ratios that give every channel group its `ratio_rule` width rounded to `round_to`.
 
-    torch-pruning 1.6's own `round_to` is wrong for grouped channels (GroupNorm(G, C), multi-head
+    See `rounded_ratios`; this builds the dependency graph of `model` first.
+    """
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    return rounded_ratios(ratio_rule_groups(graph, family, model, num_heads), ratio, round_to, ratio_rule)
+
+
+def rounded_ratios(groups: list[GroupFacts], ratio: float, round_to: int,
+                   ratio_rule: str) -> dict[torch.nn.Module, float]:
+    """torch-pruning 1.6's own `round_to` is wrong for grouped channels (GroupNorm(G, C), multi-head
     attention): it rounds the per-group count of removed channels as if it were the layer's total,
     which asks to remove every channel of each group; its over-pruning check then skips the group,
     so GroupNorm-coupled layers were silently left unpruned (CIFAR UNet, ratio 0.3 paper rule,
@@ -132,32 +175,40 @@ def rounded_ratio_dict(model: torch.nn.Module, family: Family, ratio: float, exa
     `round_to`: k (kept per group of C/G) is rounded down to a multiple of round_to / gcd(G, round_to),
     but never below one such step (a group is never emptied).
     """
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     out: dict[torch.nn.Module, float] = {}
-    for group in graph.get_all_groups(ignored_layers=family.ignored_layers(model),
-                                      root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
-        root = group[0].dep.target.module
-        channels = graph.get_out_channels(root) if graph.is_out_channel_pruning_fn(group[0].dep.handler) \
-            else graph.get_in_channels(root)
-        norms = [dep.target.module for dep, _ in group if isinstance(dep.target.module, torch.nn.GroupNorm)]
-        heads = [num_heads[dep.target.module] for dep, _ in group if dep.target.module in num_heads
-                 and graph.is_out_channel_pruning_fn(dep.handler)]
-        groups = max([n.num_groups for n in norms] + heads + [1])
-        if not channels or channels % groups:
+    for facts in groups:
+        channels = facts.channels
+        groups_ = max([g for _, g in facts.norms] + list(facts.heads) + [1])
+        if not channels or channels % groups_:
             continue
-        per_group, group_ratio = channels // groups, ratio
-        if ratio_rule == "paper" and norms:  # the ratio paper_ratio_dict gives this group
-            c, g = norms[0].num_channels, norms[0].num_groups
+        per_group, group_ratio = channels // groups_, ratio
+        if ratio_rule == "paper" and facts.norms:  # the ratio paper_ratios gives this group
+            c, g = facts.norms[0]
             group_ratio = max(1 - (c // g - (c - int(c * (1 - ratio))) // g + 0.5) / (c // g), 0.0)
         keep = int(per_group * (1 - group_ratio))
-        step = round_to // math.gcd(groups, round_to)
+        step = round_to // math.gcd(groups_, round_to)
         keep = min(per_group, max(keep - keep % step, step))
         group_ratio = max(1 - (keep + 0.5) / per_group, 0.0)  # int(per_group * (1 - r)) == keep
-        for dep, _ in group:
-            if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(
-                    dep.target.module, torch.nn.Conv2d | torch.nn.Linear):
-                out[dep.target.module] = group_ratio
+        for layer in facts.layers:
+            out[layer] = group_ratio
     return out
+
+
+GATED_ACTIVATIONS = ("GEGLU", "SwiGLU")  # diffusers activations that gate one half of `proj` by the other
+
+
+def gated_halves(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
+    """Input projections of gated activations -> 2, as torch-pruning channel groups (`out_channel_groups`).
+
+    diffusers' GEGLU computes a * gelu(b) from the two halves of one projection, so hidden unit j is
+    rows j and j + inner of `proj`. Left ungrouped, torch-pruning ranks the 2*inner rows as one list
+    and removes the union of the units either half names: how many units go then depends on the
+    scores (tiny SD UNet at ratio 0.3: 59, 62 or 64 of 128 kept for three random seeds), so the size
+    of a ratio could not be known before the calibration sweep. As two channel groups both halves
+    lose the same units, ranked by their mean score: `ratio` of the units, whatever the scores.
+    """
+    return {m.proj: 2 for m in model.modules()
+            if type(m).__name__ in GATED_ACTIVATIONS and isinstance(getattr(m, "proj", None), torch.nn.Linear)}
 
 
 def head_ratio_dict(num_heads: dict[torch.nn.Module, int], ratio: float) -> dict[torch.nn.Module, float]:
@@ -200,7 +251,7 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
     per_layer = None
     if round_to is not None and round_to > 1:  # rounding through per-layer ratios; see rounded_ratio_dict
         per_layer = rounded_ratio_dict(pruned, family, ratio, example, round_to, ratio_rule,
-                                       {} if prune_heads else num_heads)
+                                       {**({} if prune_heads else num_heads), **gated_halves(pruned)})
     elif ratio_rule == "paper":
         per_layer = paper_ratio_dict(pruned, family, ratio, example)
     round_to = None  # torch-pruning's own rounding is wrong for grouped channels
@@ -212,7 +263,9 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
         num_heads=num_heads, prune_head_dims=not prune_heads, prune_num_heads=prune_heads,
         head_pruning_ratio=head_ratio if prune_heads else 0.0,
         head_pruning_ratio_dict=head_ratio_dict(num_heads, head_ratio) if prune_heads else None,
-        round_to=round_to)
+        round_to=round_to, in_channel_groups={}, out_channel_groups=gated_halves(pruned))
+    # (fresh dicts: torch-pruning 1.6's defaults are shared, mutable, and would keep every pruned
+    # model's GroupNorm and q/k/v layers alive for the whole process)
     names = {m: n for n, m in pruned.named_modules()}
     with torch.no_grad():
         for group in pruner.step(interactive=True):
@@ -233,70 +286,111 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
 
 
 def prune(model: torch.nn.Module, family: Family, config: PruneConfig,
-          importance: ImportanceResult, progress: bool = True) -> PruneOutcome:
-    """Prune to `config.ratio`, or search the ratio that reaches `target_macs`/`target_params`."""
+          importance: ImportanceResult, progress: bool = True, plan=None) -> PruneOutcome:
+    """Prune to `config.ratio`, or to the ratio that reaches `target_macs`/`target_params`.
+
+    The size comes from `plan` (`size_search.search_sizes`, searched now when not given): widths,
+    params and MACs decided on a weightless copy before any weights are touched. The one real prune
+    then runs at the chosen ratio and must give exactly the planned structure (`SizePlan.check`).
+    """
+    from .size_search import search_sizes  # size_search builds on this module
+
     start = time.perf_counter()
-    device = next(model.parameters()).device
-    example = family.example_inputs(model, device=device)
-    macs0, params0 = count_macs_params(model, example)
-    search: list[dict] = []
-
-    def attempt(ratio: float) -> tuple[torch.nn.Module, int, int]:
-        pruned = prune_with_ratio(model, family, importance, ratio, config.round_to, config.seed,
-                                  config.ratio_rule, config.prune_heads, config.head_pruning_ratio)
-        macs, params = count_macs_params(pruned, example)
-        search.append({"ratio": ratio, "macs_fraction": macs / macs0, "params_fraction": params / params0})
-        return pruned, macs, params
-
-    if config.ratio is not None:
-        pruned, macs, params = attempt(config.ratio)
-        ratio = config.ratio
-    else:
-        kind = "macs" if config.target_macs is not None else "params"
-        target = config.target_macs if kind == "macs" else config.target_params
-        pruned, macs, params, ratio = _search(attempt, kind, target, macs0, params0, progress)
-    return PruneOutcome(pruned, ratio, (macs0, macs), (params0, params), record_structure(model),
-                        record_structure(pruned), search, time.perf_counter() - start)
+    if plan is None:
+        plan = search_sizes(model, family, config, progress=progress)
+    pruned = prune_with_ratio(model, family, importance, plan.ratio, config.round_to, config.seed,
+                              config.ratio_rule, config.prune_heads, config.head_pruning_ratio)
+    plan.check(pruned)
+    return PruneOutcome(pruned, plan.ratio, (plan.macs0, plan.chosen.macs), (plan.params0, plan.chosen.params),
+                        record_structure(model), record_structure(pruned), plan.trace(),
+                        time.perf_counter() - start)
 
 
-def _search(attempt, kind: str, target: float, macs0: int, params0: int, progress: bool):
+# --------------------------------------------------------------------------- ratio search
+
+
+def bisect(evaluate, kind: str, target: float, progress: bool = False) -> tuple[Candidate | None, list[Candidate]]:
     """Bisection on the ratio: the achieved fraction falls (stepwise) as the ratio grows.
 
     torch-pruning leaves a group untouched when its ratio would remove every channel, so very high
-    ratios prune *less*; the upper end is first pulled back until it really prunes.
+    ratios prune *less*; the upper end is first pulled back until it really prunes. Returns the
+    candidate nearest the target if within 2% (else None) and every candidate tried, in order.
     """
     from tqdm.auto import tqdm
 
-    base = macs0 if kind == "macs" else params0
-    frac = lambda m, p: (m if kind == "macs" else p) / base  # noqa: E731
+    tried: list[Candidate] = []
+
+    def run(ratio: float) -> Candidate:
+        tried.append(evaluate(ratio))
+        return tried[-1]
+
     if target >= 1.0 - TARGET_TOLERANCE:
-        model, m, p = attempt(0.0)
-        return model, m, p, 0.0
+        return run(0.0), tried
     lo, hi = 0.0, MAX_RATIO
-    tried = []
+    backoff: list[Candidate] = []
     for _ in range(6):
-        model, m, p = attempt(hi)
-        tried.append((model, m, p, frac(m, p), hi))
-        if len(tried) > 1 and tried[-1][3] >= tried[-2][3]:
+        backoff.append(run(hi))
+        if len(backoff) > 1 and backoff[-1].fraction(kind) >= backoff[-2].fraction(kind):
             break  # backing off stopped helping: the previous hi was the smallest fraction
         hi *= 0.85
-    floor_entry = min(tried, key=lambda e: e[3])
-    hi, best = floor_entry[4], floor_entry
-    if target < floor_entry[3] - TARGET_TOLERANCE:
-        raise DiffpruneError(f"target {kind}={target:.3f} is unreachable: the smallest this model prunes "
-                             f"to is {floor_entry[3]:.3f} of the original; allowed: [{floor_entry[3]:.2f}, 1.0]")
+    best = min(backoff, key=lambda c: c.fraction(kind))
+    hi = best.ratio
+    if target < best.fraction(kind) - TARGET_TOLERANCE:
+        return None, tried
     for _ in tqdm(range(14), desc=f"search ratio for {kind}={target:.3f}", disable=not progress, leave=False):
         mid = (lo + hi) / 2
-        model, m, p = attempt(mid)
-        f = frac(m, p)
-        if abs(f - target) < abs(best[3] - target):
-            best = (model, m, p, f, mid)
-        if abs(f - target) <= TARGET_TOLERANCE * 0.25 or hi - lo < 1e-3:
+        c = run(mid)
+        if abs(c.fraction(kind) - target) < abs(best.fraction(kind) - target):
+            best = c
+        if abs(c.fraction(kind) - target) <= TARGET_TOLERANCE * 0.25 or hi - lo < 1e-3:
             break
-        lo, hi = (mid, hi) if f > target else (lo, mid)
-    model, m, p, f, ratio = best
-    if abs(f - target) > TARGET_TOLERANCE:
-        raise DiffpruneError(f"target {kind}={target:.3f} is unreachable within 2%: channel groups are "
-                             f"coarse here and the nearest achievable is {f:.3f} (ratio {ratio:.3f}); "
-                             "choose a nearby target or another --round-to")
-    return model, m, p, ratio
+        lo, hi = (mid, hi) if c.fraction(kind) > target else (lo, mid)
+    return (best if abs(best.fraction(kind) - target) <= TARGET_TOLERANCE else None), tried
+
+
+def _option(rule: str, round_to: int | None) -> str:
+    return f"--ratio-rule {rule}" + (f" --round-to {round_to}" if round_to else " (no --round-to)")
+
+
+def _nearest(tried: list[Candidate], kind: str, target: float) -> str:
+    """The closest sizes tried below and above the target, e.g. '0.541 (ratio 0.2812) / 0.667 (ratio 0.2695)'."""
+    below = [c for c in tried if c.fraction(kind) < target]
+    above = [c for c in tried if c.fraction(kind) >= target]
+    parts = [f"{c.fraction(kind):.3f} (ratio {c.ratio:.4f})" for c in (
+        max(below, key=lambda c: c.fraction(kind)) if below else None,
+        min(above, key=lambda c: c.fraction(kind)) if above else None) if c is not None]
+    return " / ".join(parts) or "none"
+
+
+def unreachable_message(evaluate, kind: str, target: float, rule: str, round_to: int | None,
+                        tried: list[Candidate]) -> str:
+    """One line: the nearest sizes under the user's option (`tried`) and under each other one tried
+    (`evaluate(ratio, ratio_rule, round_to)` -> Candidate), and which option reaches the target."""
+    reached, missed = [], [f"{_option(rule, round_to)}: nearest {_nearest(tried, kind, target)}"]
+    for other_rule in RATIO_RULES:
+        for other_round in dict.fromkeys([round_to, None]):
+            if (other_rule, other_round) == (rule, round_to):
+                continue
+            best, other = bisect(lambda r: evaluate(r, other_rule, other_round), kind, target)  # noqa: B023
+            if best is not None:
+                reached.append(f"{_option(other_rule, other_round)} reaches {best.fraction(kind):.3f} "
+                               f"at ratio {best.ratio:.4f}")
+            else:
+                missed.append(f"{_option(other_rule, other_round)}: nearest {_nearest(other, kind, target)}")
+    head = f"target {kind}={target:.3f} is unreachable within 2% of the original"
+    if reached:
+        return f"{head} with {missed[0]}; use {'; or '.join(reached)}"
+    return (f"{head} under every option tried ({'; '.join(missed)}); allowed: a target within 2% of "
+            f"one of these sizes")
+
+
+def non_monotone_warning(chosen: Candidate, tried: list[Candidate], kind: str) -> str | None:
+    """A warning when a smaller ratio tried prunes more than the chosen one (a group left whole)."""
+    smaller = [c for c in tried if c.ratio < chosen.ratio and c.fraction(kind) < chosen.fraction(kind) - 1e-9]
+    if not smaller:
+        return None
+    s = min(smaller, key=lambda c: c.fraction(kind))
+    return (f"ratio {chosen.ratio:.4g} keeps {chosen.macs_fraction:.3f} of the MACs and {chosen.params_fraction:.3f} "
+            f"of the params, but the smaller ratio {s.ratio:.4g} keeps only {s.macs_fraction:.3f} of the MACs and "
+            f"{s.params_fraction:.3f} of the params: torch-pruning leaves a channel group whole when a ratio "
+            f"would empty it ({chosen.whole_groups} groups at ratio {chosen.ratio:.4g})")

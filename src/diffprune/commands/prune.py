@@ -56,16 +56,22 @@ def register(subparsers) -> None:
     p.add_argument("--head-pruning-ratio", type=unit_half_open, default=None,
                    help="with --prune-heads: fraction of each attention's heads to remove, in [0, 1) "
                         "(default: the pruning ratio; at least one head always stays)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resulting widths, params and MACs (and the size search) and stop: no "
+                        "calibration data, no importance sweep, no output folder (--output-dir not needed)")
     add_conditioning_options(p, "calibration image")
     add_device_seed(p)
-    add_output_dir(p)
+    add_output_dir(p, required=False)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..prune_job import run_prune, summary_table
+    from ..errors import DiffpruneError
+    from ..prune_job import dry_run, dry_run_table, run_prune, summary_table
 
     resolve_device(args.device)
+    if args.output_dir is None and not args.dry_run:
+        raise DiffpruneError("--output-dir is required (a new folder to write), unless --dry-run")
     ratio = args.ratio
     if ratio is None and args.target_macs is None and args.target_params is None:
         ratio = 0.3
@@ -76,6 +82,9 @@ def run(args: argparse.Namespace) -> None:
                          ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels)
+    if args.dry_run:
+        print(dry_run_table(dry_run(config)))
+        return
     report = run_prune(config, args.output_dir, overwrite=args.overwrite)  # locks the output for the whole run
     print(summary_table(report))
     print(f"wrote pruned pipeline: {report['output_dir']}")
