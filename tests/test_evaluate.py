@@ -243,9 +243,9 @@ def family_pipelines(tmp_path_factory):
     from test_families import FAMILIES, INFO, build_pipeline
 
     from diffprune.families import family_for
+    from diffprune.families.pipeline_parts import denoiser_of
     from diffprune.importance import ImportanceResult
     from diffprune.io import to_pruned
-    from diffprune.prune_job import denoiser_of
     from diffprune.pruning import prune_with_ratio
 
     root = tmp_path_factory.mktemp("family_pipes")
@@ -272,8 +272,8 @@ def test_cli_cost_every_family(kind, family_pipelines, tmp_path, capsys):
     import torch_pruning as tp
 
     from diffprune.families import family_for
+    from diffprune.families.pipeline_parts import denoiser_of
     from diffprune.io import load_pipeline
-    from diffprune.prune_job import denoiser_of
 
     out = tmp_path / "cost.json"
     args = [

@@ -33,10 +33,11 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.attention import attention_modules, fix_attention, qkv_head_map
 from diffprune.families.conditioning import attach_for_sampling, context_for
+from diffprune.families.pipeline_parts import denoiser_of
 from diffprune.importance import METHODS, ImportanceResult
 from diffprune.io import load_pipeline, load_unet, to_pruned
 from diffprune.metrics.complexity import count_macs_params
-from diffprune.prune_job import denoiser_of, run_prune
+from diffprune.prune_job import run_prune
 from diffprune.pruning import PruneConfig, head_ratio_dict, prune_with_ratio
 from diffprune.structure import record_structure, validate_structure
 

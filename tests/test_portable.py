@@ -22,11 +22,11 @@ from test_families import INFO, build_pipeline
 
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
+from diffprune.families.pipeline_parts import denoiser_of
 from diffprune.importance import ImportanceResult
 from diffprune.io import load_pipeline, load_unet, save_pipeline, to_pruned
 from diffprune.portable import PORTABLE_MODULE, make_portable
-from diffprune.prune_job import denoiser_of
-from diffprune.pruning import PruneConfig, prune_with_ratio
+from diffprune.pruning import prune_with_ratio
 
 MAGNITUDE = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
 RESIDUAL = "prune_residual" in inspect.signature(prune_with_ratio).parameters  # issue 16 (DiT hidden width)
@@ -266,14 +266,6 @@ def test_make_portable_on_other_folders(tiny_pipeline_dir, tmp_path):
         make_portable(tmp_path)
 
 
-def _wired() -> bool:
-    from diffprune.train_config import TrainingConfig
-
-    return "portable" in PruneConfig.__dataclass_fields__ and "portable" in TrainingConfig.__dataclass_fields__
-
-
-@pytest.mark.skipif(not _wired(), reason="--portable is not wired into prune / finetune yet "
-                    "(the lead applies notes/h4_portable_wiring.diff)")
 def test_prune_and_finetune_cli_write_portable_folders(tiny_pipeline_dir, tmp_path, capsys):
     from conftest import run_cli
 

@@ -1,6 +1,6 @@
 """The cost half of `evaluate`: params, MACs, latency and sampling throughput of any family's denoiser.
 
-The denoiser is found with the family machinery (`prune_job.denoiser_of`, `families.family_for`), so
+The denoiser is found with the family machinery (`families.pipeline_parts.denoiser_of`, `families.family_for`), so
 UNet2DModel, Stable Diffusion UNets, latent pipelines and DiT transformers are measured alike; MACs
 are torch-pruning's count at batch 1 and the model's resolution.
 """
@@ -46,8 +46,8 @@ def _load_denoiser(path: str, device, seed: int) -> _Denoiser:
     """The denoiser of any supported pipeline (UNet, SD UNet, DiT; pixel or latent), via the families."""
     from .families import family_for
     from .families.conditioning import attach_for_sampling, context_for
+    from .families.pipeline_parts import denoiser_of
     from .io import load_pipeline
-    from .prune_job import denoiser_of
 
     pipe = load_pipeline(path, device="cpu")
     component, model = denoiser_of(pipe)
@@ -70,7 +70,7 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
     """Params, MACs (batch 1) and measured latency of `model` (and `teacher_model`), with ratios.
 
     Every family works (families.family_for): the denoiser is the pipeline's `unet` or `transformer`
-    (prune_job.denoiser_of); for latent pipelines it is counted and timed in latent space, and DDIM
+    (families.pipeline_parts.denoiser_of); for latent pipelines it is counted and timed in latent space, and DDIM
     throughput includes the autoencoder's decode.
     """
     from .metrics.complexity import count_macs_params

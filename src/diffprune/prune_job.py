@@ -16,32 +16,18 @@ import torch
 
 from .data import batch_indices, first_batch, make_dataset
 from .errors import DiffpruneError
-from .families import family_for, supported_names
+from .families import family_for
 from .families.conditioning import attach_dataset, context_for
+from .families.pipeline_parts import denoiser_of
 from .fsutil import atomic_dir, check_output_dir, check_output_location, output_lock, write_json_atomic
 from .importance import PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
-from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, to_pruned
+from .io import FORMAT_NAME, FORMAT_VERSION, library_versions, load_pipeline, save_pipeline, to_pruned
 from .plots import plot_timestep_losses
 from .pruning import PruneConfig, prune
 from .size_search import search_sizes
 from .structure import record_structure, widths
 
 STAGE = PruneConfig.stage
-
-
-def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
-    """(component name, module) of the pipeline's prunable denoiser, or a clear error.
-
-    Latent pipelines (a `vqvae` or `vae` beside the denoiser) are supported: only the denoiser is
-    pruned, in latent space (families/latent.py).
-    """
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            family_for(module)  # raises for unsupported families, naming them
-            return name, module
-    raise DiffpruneError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to prune; "
-                         f"supported denoisers: {supported_names()}")
 
 
 def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
@@ -105,7 +91,8 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                    "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed,
                    "estimator": importance.estimator,
                    "prune_heads": config.prune_heads, "head_pruning_ratio": config.head_pruning_ratio,
-                   "latent": ctx.codec is not None, "residual_pruned": family.residual_prunable},
+                   "latent": ctx.codec is not None,
+                   "residual_pruned": family.configured(config.prune_residual).residual_prunable},
         "kept_timesteps": importance.summary()["kept_timesteps"],
         "versions": library_versions(),
     }
@@ -134,7 +121,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         "versions": library_versions(),
     }
     with atomic_dir(output_dir, overwrite, STAGE) as tmp:
-        pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe.to("cpu"), tmp, portable=config.portable)
         config.save(tmp)
         if importance.losses:
             plot_timestep_losses(report["importance"], tmp / "loss_over_timesteps.png")

@@ -59,9 +59,11 @@ class PruneConfig(StageConfig):
     device: str = "cpu"
     prune_heads: bool = False
     head_pruning_ratio: float | None = None
+    prune_residual: bool = False  # transformers (DiT): also prune the residual width (Family.configured)
     prompt: str | None = None
     captions: str | None = None
     class_labels: str | None = None
+    portable: bool = False  # also write the code plain diffusers needs to load the folder (portable.py)
 
     def __post_init__(self):
         given = [n for n in ("ratio", "target_macs", "target_params") if getattr(self, n) is not None]
@@ -224,7 +226,8 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
                      ratio: float, round_to: int | None = None, seed: int = 0,
                      ratio_rule: str = "torch-pruning", prune_heads: bool = False,
                      head_pruning_ratio: float | None = None,
-                     on_group: Callable[[str, list[int], int], None] | None = None) -> torch.nn.Module:
+                     on_group: Callable[[str, list[int], int], None] | None = None,
+                     prune_residual: bool = False) -> torch.nn.Module:
     """A pruned deep copy of `model` at `ratio` under `ratio_rule` (the original is untouched).
 
     `on_group(root_name, removed_idxs, root_channels)` is called for each group just before it is
@@ -234,7 +237,9 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
     Attention: by default every head keeps its count and loses head dims (`ratio` of them, the
     softmax scale preserved); `prune_heads=True` removes whole heads instead (`head_pruning_ratio`,
     default `ratio`, of each attention's heads) and keeps the head size.
+    `prune_residual`: transformer families also prune their residual (hidden) width (Family.configured).
     """
+    family = family.configured(prune_residual=prune_residual)
     pruned = copy.deepcopy(model)
     pruned.eval()
     if getattr(pruned, "is_gradient_checkpointing", False):
@@ -251,9 +256,11 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
     per_layer = None
     if round_to is not None and round_to > 1:  # rounding through per-layer ratios; see rounded_ratio_dict
         per_layer = rounded_ratio_dict(pruned, family, ratio, example, round_to, ratio_rule,
-                                       {**({} if prune_heads else num_heads), **gated_halves(pruned)})
+                                       {**({} if prune_heads else num_heads), **gated_halves(pruned),
+                                        **family.out_channel_groups(pruned)})
     elif ratio_rule == "paper":
         per_layer = paper_ratio_dict(pruned, family, ratio, example)
+    chunks = {**gated_halves(pruned), **family.out_channel_groups(pruned)}  # outputs = k equal parts
     round_to = None  # torch-pruning's own rounding is wrong for grouped channels
     torch.manual_seed(seed)  # random importance: same scores for every ratio tried
     head_ratio = ratio if head_pruning_ratio is None else head_pruning_ratio
@@ -263,7 +270,7 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
         num_heads=num_heads, prune_head_dims=not prune_heads, prune_num_heads=prune_heads,
         head_pruning_ratio=head_ratio if prune_heads else 0.0,
         head_pruning_ratio_dict=head_ratio_dict(num_heads, head_ratio) if prune_heads else None,
-        round_to=round_to, in_channel_groups={}, out_channel_groups=gated_halves(pruned))
+        round_to=round_to, in_channel_groups={}, out_channel_groups=chunks)
     # (fresh dicts: torch-pruning 1.6's defaults are shared, mutable, and would keep every pruned
     # model's GroupNorm and q/k/v layers alive for the whole process)
     names = {m: n for n, m in pruned.named_modules()}
@@ -275,6 +282,7 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
                 channels = graph.get_out_channels(root) if graph.is_out_channel_pruning_fn(dep.handler) \
                     else graph.get_in_channels(root)
                 on_group(names.get(root, ""), sorted(int(i) for i in group[0].idxs), int(channels or 0))
+            family.before_group_prune(pruned, group)  # tensors torch-pruning does not see (buffers)
             group.prune()
     pruned.zero_grad(set_to_none=True)
     family.fix_after_pruning(pruned, before, prune_heads=prune_heads)
@@ -299,7 +307,8 @@ def prune(model: torch.nn.Module, family: Family, config: PruneConfig,
     if plan is None:
         plan = search_sizes(model, family, config, progress=progress)
     pruned = prune_with_ratio(model, family, importance, plan.ratio, config.round_to, config.seed,
-                              config.ratio_rule, config.prune_heads, config.head_pruning_ratio)
+                              config.ratio_rule, config.prune_heads, config.head_pruning_ratio,
+                              prune_residual=config.prune_residual)
     plan.check(pruned)
     return PruneOutcome(pruned, plan.ratio, (plan.macs0, plan.chosen.macs), (plan.params0, plan.chosen.params),
                         record_structure(model), record_structure(pruned), plan.trace(),

@@ -131,7 +131,8 @@ class SizePlanner:
             self.meta, self.example, importance=tp.importance.RandomImportance(), pruning_ratio=0.5,
             ignored_layers=family.ignored_layers(self.meta), num_heads=dict(self.num_heads),
             prune_head_dims=not prune_heads, prune_num_heads=prune_heads, head_pruning_ratio=0.5 if prune_heads else 0.0,
-            in_channel_groups={}, out_channel_groups=gated_halves(self.meta), root_module_types=[])
+            in_channel_groups={}, out_channel_groups={**gated_halves(self.meta),
+                                                    **family.out_channel_groups(self.meta)}, root_module_types=[])
         pruner.root_module_types = _ROOT_TYPES  # the default; [] above skips the constructor's group count
         self.graph = pruner.DG
         self._names = {m: n for n, m in self.meta.named_modules()}
@@ -199,7 +200,8 @@ class SizePlanner:
             return {}
         if self._rule_groups is None:
             self._rule_groups = ratio_rule_groups(self.graph, self.family, self.meta, {
-                **({} if self.prune_heads else self.num_heads), **gated_halves(self.meta)})
+                **({} if self.prune_heads else self.num_heads), **gated_halves(self.meta),
+                **self.family.out_channel_groups(self.meta)})
         if round_to is not None and round_to > 1:
             return rounded_ratios(self._rule_groups, ratio, round_to, ratio_rule)
         return paper_ratios(self._rule_groups, ratio)
@@ -374,6 +376,7 @@ def search_sizes(model: nn.Module, family: Family, config: PruneConfig, progress
     """
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # whatever the family draws, the sweep's random stream is unchanged
+        family = family.configured(prune_residual=config.prune_residual)  # DiT: --prune-residual
         planner = SizePlanner(model, family, config.prune_heads, config.head_pruning_ratio)
         rule, round_to = config.ratio_rule, config.round_to if (config.round_to or 0) > 1 else None
         if config.ratio is not None:

@@ -41,6 +41,7 @@ class TrainingConfig(StageConfig):
     keep_checkpoints: int = 2
     log_every: int = 10
     num_workers: int = 0
+    portable: bool = False  # also write the code plain diffusers needs to load a pruned folder (portable.py)
 
     def __post_init__(self):
         check_range("steps", self.steps, 1)

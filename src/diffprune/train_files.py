@@ -77,8 +77,10 @@ def _recorded_base_model(model: Path) -> str | None:
     return None
 
 
-def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet") -> None:
-    """Write `pipe` with `unet` as a pipeline folder into run_dir; model_index.json goes in last."""
+def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet", portable: bool = False) -> None:
+    """Write `pipe` with `unet` as a pipeline folder into run_dir; model_index.json goes in last.
+
+    `portable`: a pruned `unet` also gets the code plain diffusers needs (portable.make_portable)."""
     from .io import save_pipeline
 
     pipe = copy.copy(pipe)
@@ -88,7 +90,7 @@ def export_pipeline(pipe, unet, run_dir: Path, component: str = "unet") -> None:
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_pipeline(pipe, tmp)
+        save_pipeline(pipe, tmp, portable=portable)
         (run_dir / "model_index.json").unlink(missing_ok=True)
         for item in sorted(tmp.iterdir()):
             if item.name != "model_index.json":

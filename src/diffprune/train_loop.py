@@ -315,7 +315,8 @@ def _finish(run: _Run) -> None:
     final.load_state_dict({k: v.cpu() for k, v in run.ema.state_for(final).items()}, strict=True)
     final.eval()
     try:
-        export_pipeline(run.pipe, final, run.work, run.ctx.family.component if run.ctx is not None else "unet")
+        export_pipeline(run.pipe, final, run.work, run.ctx.family.component if run.ctx is not None else "unet",
+                        portable=run.config.portable)
         _write_log(run)
         if run.work != run.output_dir:
             replace_dir(run.work, run.output_dir)

@@ -9,6 +9,7 @@ from .common import (
     add_conditioning_options,
     add_device_seed,
     add_output_dir,
+    add_portable_option,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -73,13 +74,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="do not write TensorBoard logs under <output>/logs")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_portable_option(p)
 
 
 def training_kwargs(args: argparse.Namespace) -> dict:
     """The TrainingConfig fields and run options of parsed `add_training_options` arguments."""
     keys = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "max_grad_norm", "ema_decay",
             "ema_warmup", "dropout", "mixed_precision", "seed", "checkpoint_every", "keep_checkpoints",
-            "log_every", "num_workers", "resume", "overwrite", "max_steps_this_run", "progress", "tensorboard")
+            "log_every", "num_workers", "portable", "resume", "overwrite", "max_steps_this_run", "progress", "tensorboard")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["device"] = resolve_device(args.device)
     return kwargs

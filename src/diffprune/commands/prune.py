@@ -10,6 +10,7 @@ from .common import (
     add_conditioning_options,
     add_device_seed,
     add_output_dir,
+    add_portable_option,
     positive_int,
     resolve_device,
     unit_half_open,
@@ -59,9 +60,13 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resulting widths, params and MACs (and the size search) and stop: no "
                         "calibration data, no importance sweep, no output folder (--output-dir not needed)")
+    p.add_argument("--prune-residual", action="store_true",
+                   help="transformers (DiT): also prune the residual (hidden) width, slicing the fixed "
+                        "position buffer with it; UNets always prune every channel")
     add_conditioning_options(p, "calibration image")
     add_device_seed(p)
     add_output_dir(p, required=False)
+    add_portable_option(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +86,9 @@ def run(args: argparse.Namespace) -> None:
                          round_to=args.round_to,
                          ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
-                         prompt=args.prompt, captions=args.captions, class_labels=args.class_labels)
+                         prune_residual=args.prune_residual,
+                         prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
+                         portable=args.portable)
     if args.dry_run:
         print(dry_run_table(dry_run(config)))
         return
@@ -89,5 +96,9 @@ def run(args: argparse.Namespace) -> None:
     print(summary_table(report))
     print(f"wrote pruned pipeline: {report['output_dir']}")
     print(f"      report: {report['output_dir']}/prune_report.json")
+    if args.portable:
+        from ..portable import describe
+
+        print(describe(report["output_dir"]))
     if "loss_plot" in report:
         print(f"      loss curve: {report['output_dir']}/{report['loss_plot']}")
