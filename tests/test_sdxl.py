@@ -142,13 +142,25 @@ def sd2_style():
                                    requires_safety_checker=False)
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "sd2"])
+def sd1_style():
+    """SD 1.x: conv proj_in/proj_out, one head dim, epsilon prediction, "leading" spacing with steps_offset."""
+    from diffusers import StableDiffusionPipeline
+    from test_families import tiny_sd_unet, tiny_text
+
+    tokenizer, text_encoder = tiny_text()
+    scheduler = DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1, set_alpha_to_one=False)
+    return StableDiffusionPipeline(vae=tiny_kl(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_sd_unet(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd2", "sd1"])
 def test_cli_prune_finetune_sample_evaluate_and_the_plain_pipeline(kind, sdxl_inputs, tmp_path, capsys):
     """Every CLI stage with guidance and caption dropout; the pruned and fine-tuned folders are run by
     the plain pipeline class, whose guided output our samples equal (to a uint8 rounding)."""
     root, data = sdxl_inputs, sdxl_inputs / "imgs"
-    if kind == "sd2":
-        sd2_style().save_pretrained(tmp_path / "base", safe_serialization=True)
+    if kind in ("sd1", "sd2"):
+        (sd2_style() if kind == "sd2" else sd1_style()).save_pretrained(tmp_path / "base", safe_serialization=True)
     base = root / "sdxl" if kind == "sdxl" else tmp_path / "base"
     method = ["--method", "diff-pruning", "--estimator", "fast"] if kind == "sdxl" else ["--method", "magnitude"]
     code, err = run_cli(["prune", "--model", base, "--data", data, "--output-dir", tmp_path / "pruned", *method,
@@ -164,7 +176,7 @@ def test_cli_prune_finetune_sample_evaluate_and_the_plain_pipeline(kind, sdxl_in
     assert json.loads((tmp_path / "tuned" / "finetune_config.json").read_text())["cond_drop_prob"] == 0.5
     args = ["sample", "--num-images", "2", "--batch-size", "2", "--steps", "3", "--prompt", "a red cat",
             "--guidance-scale", "5", "--negative-prompt", "blurry", "--guidance-rescale", "0.5", "--no-progress"]
-    pipeline_class = StableDiffusionXLPipeline if kind == "sdxl" else type(sd2_style())
+    pipeline_class = StableDiffusionXLPipeline if kind == "sdxl" else type(sd1_style())
     for name in ("pruned", "tuned"):
         code, err = run_cli([*args, "--model", tmp_path / name, "--output-dir", tmp_path / f"s_{name}"], capsys)
         assert code == 0, err
