@@ -135,10 +135,10 @@ def test_console_script_runs():
 
 @pytest.mark.parametrize("command, target, expected", [
     (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--prompt", "a cat", "--captions", "c.jsonl",
-      "--class-labels", "1,2"], "diffprune.training.finetune",
+      "--class-labels", "1,2"], "diffprune.train.finetune",
      {"prompt": "a cat", "captions": "c.jsonl", "class_labels": "1,2"}),
     (["sample", "--model", "m", "--output-dir", "o", "--prompt", "a dog", "--class-labels", "3"],
-     "diffprune.sampling.sample_to_folder", {"prompt": "a dog", "class_labels": "3"}),
+     "diffprune.sample.loop.sample_to_folder", {"prompt": "a dog", "class_labels": "3"}),
 ])
 def test_conditioning_options_reach_finetune_and_sample(monkeypatch, command, target, expected):
     seen = {}

@@ -18,7 +18,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffprune import cli
 from diffprune.errors import DiffpruneError
-from diffprune.sampling import (
+from diffprune.sample.loop import (
     SampleConfig,
     _randn,
     denoise,
