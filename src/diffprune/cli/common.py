@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
@@ -46,10 +48,12 @@ fraction = _number(float, 0.0, 1.0, low_open=True)  # (0, 1]
 at_least_two_int = _number(int, 2)  # [2, inf): e.g. KID subset size
 
 
-def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_output_dir(parser: argparse.ArgumentParser, required: bool = True, unless: str = "") -> None:
+    """--output-dir (and --overwrite); `unless` names when a non-required one may be left out."""
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=required,
                         help="new folder to write; never an input, a folder holding one, the current or "
-                             "home directory (must not exist unless --overwrite)")
+                             "home directory (must not exist unless --overwrite)"
+                             + ("" if required else f" (default: none; required unless {unless})"))
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output folder that this same subcommand wrote (its "
                              "<stage>_config.json says so), only once the new one is complete")
@@ -77,7 +81,9 @@ def resolve_device(name: str):
 def add_conditioning_options(parser: argparse.ArgumentParser, images: str, captions: bool = True) -> None:
     """--prompt / --captions / --class-labels for Stable Diffusion UNets and DiT; `images` names what they label."""
     group = parser.add_argument_group("conditioning (Stable Diffusion UNets, DiT)")
-    group.add_argument("--prompt", default=None, help=f"one prompt for every {images} (text-conditional UNets)")
+    group.add_argument("--prompt", default=None,
+                       help=f"one prompt for every {images} (text-conditional UNets)"
+                            + (" (default: none, the captions)" if captions else " (default: none)"))
     if captions:
         group.add_argument("--captions", default=None,
                            help="captions.jsonl ({'file_name', 'text'} lines) or captions.txt (file<TAB>caption) "
@@ -95,3 +101,54 @@ def add_portable_option(parser: argparse.ArgumentParser) -> None:
                              "folder loads where diffprune is not installed: DiffusionPipeline.from_pretrained("
                              "FOLDER, trust_remote_code=True) (default: off, a code-free folder; loading it then "
                              "needs diffprune)")
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to every option that has a real default and whose help does not state
+    one already. Flags (off unless given), required options and options whose default is None show
+    none here: an option resolved later says in its own help what it resolves to (e.g. --ratio)."""
+    for action in parser._actions:
+        if (action.option_strings and action.help and action.help is not argparse.SUPPRESS
+                and "default" not in action.help and action.nargs != 0 and not action.required
+                and action.default is not None and action.default is not argparse.SUPPRESS):
+            action.help += " (default: %(default)s)"
+
+
+DIGITS_MODEL = "a 1-channel pixel-space model (the embedded digits teacher or one pruned or trained from it)"
+
+
+def _denoiser_config(model: str) -> dict | None:
+    """The denoiser's config.json of a local model folder (pipeline or bare), None if not readable."""
+    folder = Path(model)
+    for sub in ("unet", "transformer", "."):
+        path = folder / sub / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
+
+
+def is_digits_model(model: str) -> bool:
+    """Whether `model` is a local 1-channel pixel-space model folder, the one kind the built-in digits set fits."""
+    config = _denoiser_config(model)
+    return config is not None and config.get("in_channels") == 1 and not (Path(model) / "vae").exists()
+
+
+def data_or_digits(data: str | None, model: str) -> str:
+    """--data as given; omitted, the built-in digits set for a digits-like model, else one line saying what to pass.
+
+    A --model that is no model folder (missing, a file, no config) gets "digits" back unread: loading
+    the model fails first, with its own message."""
+    from ..errors import DiffpruneError
+
+    if data is not None:
+        return data
+    path = Path(model)
+    hub_id = not path.exists() and "/" in model and not model.startswith((".", "/", "~"))
+    if is_digits_model(model) or (not hub_id and (not path.is_dir() or _denoiser_config(model) is None)):
+        return "digits"
+    raise DiffpruneError(f"--data is required for --model {model}: pass a folder of images (png/jpg/jpeg/webp) "
+                         f"the model was trained on; only {DIGITS_MODEL} defaults to the built-in digits set")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_seed, at_least_two_int, non_negative_int, positive_int, resolve_device
+from .common import (
+    add_device_seed,
+    at_least_two_int,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    show_defaults,
+)
 
 _EPILOG = """examples:
   diffprune evaluate --samples out/student --reference digits --teacher-samples out/teacher
@@ -151,9 +158,10 @@ def register(subparsers) -> None:
         "--overwrite",
         action="store_true",
         help="replace an existing --output JSON or --save-stats file, only one that diffprune evaluate "
-        "wrote (never an input) (default: refuse existing files)",
+        "wrote (never an input) (default: off, existing files are refused)",
     )
     add_device_seed(p)
+    show_defaults(p)
     p.set_defaults(func=run)
 
 

@@ -15,18 +15,11 @@ from .common import (
     non_negative_int,
     positive_int,
     resolve_device,
+    show_defaults,
     unit_half_open,
 )
 
 unit_closed = _number(float, 0.0, 1.0)  # [0, 1]
-
-
-def document_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append "(default: X)" to every option whose help does not state its default yet."""
-    for action in parser._actions:
-        if (action.help and "default" not in action.help and action.nargs != 0 and not action.required
-                and action.default is not argparse.SUPPRESS):
-            action.help += " (default: %(default)s)"
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
@@ -117,7 +110,7 @@ def register(subparsers) -> None:
                                       "classifier-free guidance uses is trained too; distillation gives the teacher "
                                       "the same dropped conditioning (default: 0.1 for text-conditional UNets, "
                                       "0 otherwise)")
-    document_defaults(p)
+    show_defaults(p)
     p.set_defaults(func=run)
 
 

@@ -11,11 +11,15 @@ from .common import (
     add_device_seed,
     add_output_dir,
     add_portable_option,
+    data_or_digits,
     positive_int,
     resolve_device,
+    show_defaults,
     unit_half_open,
     unit_open,
 )
+
+DEFAULT_RATIO = 0.3  # --ratio when no size option is given
 
 
 def register(subparsers) -> None:
@@ -23,19 +27,22 @@ def register(subparsers) -> None:
         "prune", help="prune a pipeline's UNet and write a pruned pipeline folder",
         description="Score channels (Diff-Pruning: Taylor importance summed over the informative "
                     "timesteps; or a baseline) and remove them structurally. Writes a diffusers "
-                    "pipeline folder with pruning.json, prune_report.json and a loss-over-timesteps plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "pipeline folder with pruning.json, prune_report.json and a loss-over-timesteps plot.")
     p.add_argument("--model", required=True, help="diffusers pipeline folder, bare UNet folder, or hub id")
-    p.add_argument("--data", default="digits",
-                   help="calibration images: a folder (png/jpg/jpeg/webp, recursive) or a built-in name (digits)")
+    p.add_argument("--data", default=None,
+                   help="calibration images: a folder (png/jpg/jpeg/webp, recursive) or a built-in name (digits) "
+                        "(default: digits for a 1-channel pixel-space model; required for any other)")
     p.add_argument("--method", choices=METHODS, default="diff-pruning", help="importance criterion")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=unit_open, default=None,
-                      help="per-group pruning ratio in (0, 1) (torch-pruning's meaning, see --ratio-rule)")
+                      help="per-group pruning ratio in (0, 1) (torch-pruning's meaning, see --ratio-rule) "
+                           f"(default: {DEFAULT_RATIO} unless --target-macs or --target-params is given)")
     size.add_argument("--target-macs", type=unit_open, default=None,
-                      help="fraction of the original MACs to reach, in (0, 1); the ratio is searched (within 2%%)")
+                      help="fraction of the original MACs to reach, in (0, 1); the ratio is searched (within 2%%) "
+                           "(default: off, --ratio sets the size)")
     size.add_argument("--target-params", type=unit_open, default=None,
-                      help="fraction of the original params to reach, in (0, 1); the ratio is searched (within 2%%)")
+                      help="fraction of the original params to reach, in (0, 1); the ratio is searched (within 2%%) "
+                           "(default: off, --ratio sets the size)")
     p.add_argument("--ratio-rule", choices=RATIO_RULES, default="torch-pruning",
                    help="how --ratio counts GroupNorm-coupled channels: torch-pruning 1.6 keeps "
                         "floor((C/G)(1-ratio)) per group; 'paper' follows the paper's code (ratio 0.3 -> 128 to 96)")
@@ -51,7 +58,7 @@ def register(subparsers) -> None:
                         "all --batch-size images (use a larger --batch-size, e.g. 512, as the pool); "
                         "--method diff-pruning only")
     p.add_argument("--round-to", type=positive_int, default=None,
-                   help="keep channel counts multiples of this integer >= 1 (faster kernels)")
+                   help="keep channel counts multiples of this integer >= 1 (faster kernels) (default: no rounding)")
     p.add_argument("--prune-heads", action="store_true",
                    help="remove whole attention heads (head size kept) instead of pruning head dims")
     p.add_argument("--head-pruning-ratio", type=unit_half_open, default=None,
@@ -65,8 +72,9 @@ def register(subparsers) -> None:
                         "position buffer with it; UNets always prune every channel")
     add_conditioning_options(p, "calibration image")
     add_device_seed(p)
-    add_output_dir(p, required=False)
+    add_output_dir(p, required=False, unless="--dry-run")
     add_portable_option(p)
+    show_defaults(p)
     p.set_defaults(func=run)
 
 
@@ -79,8 +87,9 @@ def run(args: argparse.Namespace) -> None:
         raise DiffpruneError("--output-dir is required (a new folder to write), unless --dry-run")
     ratio = args.ratio
     if ratio is None and args.target_macs is None and args.target_params is None:
-        ratio = 0.3
-    config = PruneConfig(model=args.model, data=args.data, method=args.method, ratio=ratio,
+        ratio = DEFAULT_RATIO
+    data = args.data if args.dry_run else data_or_digits(args.data, args.model)  # --dry-run reads no data
+    config = PruneConfig(model=args.model, data=data or "digits", method=args.method, ratio=ratio,
                          target_macs=args.target_macs, target_params=args.target_params,
                          threshold=args.threshold, batch_size=args.batch_size, estimator=args.estimator,
                          round_to=args.round_to,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_output_dir, positive_int
+from .common import add_output_dir, positive_int, show_defaults
 
 _EPILOG = """examples:
   diffprune report --prune pruned/ --finetune finetuned/ --evaluation out/student/evaluation.json \\
@@ -16,16 +16,6 @@ Writes report.html (images embedded as data URIs; open it anywhere, offline), re
 beside it, and report_data.json (every value of the metric table with its source file and key)."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilog's layout; adds '(default: ...)' only where the help does not say it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default is argparse.SUPPRESS or action.required:
-            return text
-        return super()._get_help_string(action)
-
-
 def register(subparsers) -> None:
     from ..report import DEFAULT_NUM_PAIRS, DEFAULT_TITLE
 
@@ -34,7 +24,7 @@ def register(subparsers) -> None:
         help="self-contained HTML + Markdown report: metrics, sample pairs, loss curves, widths",
         description="Write one self-contained HTML page (+ Markdown twin) from the other stages' outputs.",
         epilog=_EPILOG,
-        formatter_class=_Formatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("inputs (all optional; each missing one is noted in the report)")
     g.add_argument("--prune", metavar="DIR",
@@ -57,6 +47,7 @@ def register(subparsers) -> None:
     g.add_argument("--num-pairs", "--num_pairs", dest="num_pairs", type=positive_int, default=DEFAULT_NUM_PAIRS,
                    help=f"teacher/student pairs shown, lowest indices first, an integer >= 1 "
                         f"(default: {DEFAULT_NUM_PAIRS})")
+    show_defaults(p)
     p.set_defaults(func=run)
 
 

@@ -11,8 +11,9 @@ from .common import (
     non_negative_float,
     positive_int,
     resolve_device,
+    show_defaults,
 )
-from .finetune import document_defaults, unit_closed
+from .finetune import unit_closed
 
 
 def register(subparsers) -> None:
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
     group.add_argument("--guidance-rescale", "--guidance_rescale", dest="guidance_rescale", type=unit_closed,
                        default=0.0, help="diffusers' guidance_rescale in [0, 1] (Lin et al. 2024, sec. 3.4; "
                                          "0.7 for zero-terminal-SNR v-prediction models)")
-    document_defaults(p)
+    show_defaults(p)
     p.set_defaults(func=run)
 
 

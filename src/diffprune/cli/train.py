@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import MAX_INT, positive_int
-from .finetune import add_training_options, document_defaults, training_kwargs
+from .common import MAX_INT, positive_int, show_defaults
+from .finetune import add_training_options, training_kwargs
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -32,7 +32,8 @@ def register(subparsers) -> None:
                     "from --model-config (a UNet2DModel config.json) or the architecture options below "
                     "(defaults: DDPM CIFAR-10, 35.7M params).")
     p.add_argument("--model-config", dest="model_config", default=None,
-                   help="UNet2DModel config JSON file; overrides the architecture options")
+                   help="UNet2DModel config JSON file; overrides the architecture options "
+                        "(default: none, the architecture options below)")
     p.add_argument("--sample-size", dest="sample_size", type=positive_int, default=32,
                    help="image side in pixels, an integer >= 1 divisible by 2^(levels-1)")
     p.add_argument("--in-channels", dest="in_channels", type=positive_int, default=3,
@@ -55,7 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--prediction-type", dest="prediction_type", choices=PREDICTION_TYPES, default="epsilon",
                    help="what the model predicts")
     add_training_options(p)
-    document_defaults(p)
+    show_defaults(p)
     p.set_defaults(func=run)
 
 
