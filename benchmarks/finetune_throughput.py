@@ -2,7 +2,7 @@
 
 Runs `diffprune.train.run_training` (the loop `diffprune finetune` uses) on a teacher-size UNet and
 its pruned copy (ratio 0.3, paper rule, ~56% MACs), saved as pipeline folders in a temp dir, with
-timing hooks wrapped around the loop's pieces (no change to training.py; on CPU every op is
+timing hooks wrapped around the loop's pieces (no change to train/; on CPU every op is
 synchronous, so wall time per piece is exact):
   data (next batch from the DataLoader), noise (timesteps, noise, x_t), forward (+ loss),
   loss check (the deferred finite check + all-reduce at log/checkpoint steps), backward, clip,
@@ -191,7 +191,7 @@ def ema_update_per_tensor(ema, model, k: int) -> float:
 
 
 def ema_costs(unet, repeats: int) -> dict:
-    """The pre-fix per-tensor EMA update vs EMA.update as in training.py (one foreach lerp)."""
+    """The pre-fix per-tensor EMA update vs EMA.update as in train/parts.py (one foreach lerp)."""
     ema = training.EMA(unet, 0.9999)
     return {"ema_loop_ms": median_ms(lambda: ema_update_per_tensor(ema, unet, 0), repeats),
             "ema_foreach_ms": median_ms(lambda: ema.update(unet, 0), repeats)}

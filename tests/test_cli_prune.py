@@ -123,7 +123,7 @@ def test_unsupported_family_is_named(tmp_path, capsys):
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     unet.save_pretrained(tmp_path / "sd_unet", safe_serialization=True)
-    code, err = run_cli(["prune", "--model", str(tmp_path / "sd_unet"), "--output-dir",
+    code, err = run_cli(["prune", "--model", str(tmp_path / "sd_unet"), "--data", "digits", "--output-dir",
                                     str(tmp_path / "o")], capsys)
     assert code == 2 and "UNet2DConditionModel" in err and "supported" in err
 

@@ -1,4 +1,4 @@
-"""io.py + structure.py: pickle-free save/load, bit-exact reloads, damaged and hostile folders."""
+"""io/pipeline.py + io/structure.py: pickle-free save/load, bit-exact reloads, damaged and hostile folders."""
 
 from __future__ import annotations
 

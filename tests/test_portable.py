@@ -1,4 +1,4 @@
-"""`--portable` folders (portable.py, portable_template.py): pruned DDPM, Stable Diffusion and DiT pipelines
+"""`--portable` folders (io/portable.py, io/portable_template.py): pruned DDPM, Stable Diffusion and DiT pipelines
 load with plain diffusers in a subprocess where `import diffprune` fails, through
 `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` and `AutoModel.from_pretrained(...)`,
 and generate bit-identical images to `diffprune.load_pipeline`; the default stays code-free."""

@@ -1,4 +1,4 @@
-"""pruning.py + importance.py: every method prunes, shrinks, stays valid; the paper's anchor sizes."""
+"""prune/pruning.py + prune/importance.py: every method prunes, shrinks, stays valid; the paper's anchor sizes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""size_search.py: sizes decided before the sweep equal the real prune's; unreachable targets fail
+"""prune/size_search.py: sizes decided before the sweep equal the real prune's; unreachable targets fail
 before any calibration work; non-monotone ratios warn; `--dry-run` writes nothing (issue 14)."""
 
 from __future__ import annotations

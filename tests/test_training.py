@@ -1,4 +1,4 @@
-"""training.py: exact resume, pruned round trip, distillation, fresh training, errors, two processes."""
+"""train/: exact resume, pruned round trip, distillation, fresh training, errors, two processes."""
 
 from __future__ import annotations
 

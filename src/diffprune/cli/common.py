@@ -105,12 +105,16 @@ def add_portable_option(parser: argparse.ArgumentParser) -> None:
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append "(default: X)" to every option that has a real default and whose help does not state
-    one already. Flags (off unless given), required options and options whose default is None show
+    one already, "(default: off)" to flags. Required options and options whose default is None show
     none here: an option resolved later says in its own help what it resolves to (e.g. --ratio)."""
     for action in parser._actions:
-        if (action.option_strings and action.help and action.help is not argparse.SUPPRESS
-                and "default" not in action.help and action.nargs != 0 and not action.required
-                and action.default is not None and action.default is not argparse.SUPPRESS):
+        if (not action.option_strings or not action.help or action.help is argparse.SUPPRESS
+                or "default" in action.help or action.required or action.default in (None, argparse.SUPPRESS)):
+            continue
+        if action.nargs == 0:
+            if action.default is False:  # store_true: off unless given
+                action.help += " (default: off)"
+        else:
             action.help += " (default: %(default)s)"
 
 
@@ -137,18 +141,22 @@ def is_digits_model(model: str) -> bool:
     return config is not None and config.get("in_channels") == 1 and not (Path(model) / "vae").exists()
 
 
-def data_or_digits(data: str | None, model: str) -> str:
-    """--data as given; omitted, the built-in digits set for a digits-like model, else one line saying what to pass.
+def known_not_digits(model: str) -> bool:
+    """True for a local model folder that is not 1-channel pixel-space and for a hub id (not read
+    here); False for a digits-like folder and for a path that is no model folder (missing, a file, no
+    config: loading it fails first, with its own message)."""
+    path = Path(model)
+    if not path.exists():
+        return "/" in model and not model.startswith((".", "/", "~"))  # a hub id, e.g. google/ddpm-cifar10-32
+    return path.is_dir() and _denoiser_config(model) is not None and not is_digits_model(model)
 
-    A --model that is no model folder (missing, a file, no config) gets "digits" back unread: loading
-    the model fails first, with its own message."""
+
+def data_or_digits(data: str | None, model: str) -> str:
+    """--data as given; omitted, the built-in digits set unless `model` is known not to fit it (then one
+    line saying what to pass)."""
     from ..errors import DiffpruneError
 
-    if data is not None:
-        return data
-    path = Path(model)
-    hub_id = not path.exists() and "/" in model and not model.startswith((".", "/", "~"))
-    if is_digits_model(model) or (not hub_id and (not path.is_dir() or _denoiser_config(model) is None)):
-        return "digits"
-    raise DiffpruneError(f"--data is required for --model {model}: pass a folder of images (png/jpg/jpeg/webp) "
-                         f"the model was trained on; only {DIGITS_MODEL} defaults to the built-in digits set")
+    if data is None and known_not_digits(model):
+        raise DiffpruneError(f"--data is required for --model {model}: pass a folder of images (png/jpg/jpeg/webp) "
+                             f"the model was trained on; only {DIGITS_MODEL} defaults to the built-in digits set")
+    return "digits" if data is None else data

@@ -42,11 +42,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..errors import DiffpruneError
-    from .common import is_digits_model, resolve_device
+    from .common import known_not_digits, resolve_device
     from .demo_job import DemoConfig, run_demo, summary_table
 
     resolve_device(args.device)
-    if args.teacher is not None and not is_digits_model(args.teacher):
+    if args.teacher is not None and known_not_digits(args.teacher):
         raise DiffpruneError(f"--teacher {args.teacher}: the demo runs on the built-in digits set, so the teacher "
                              f"must be {DIGITS_MODEL}; for other models run prune/finetune/sample/evaluate with --data")
     config = DemoConfig(teacher=args.teacher, threshold=args.threshold, target_macs=args.target_macs,
