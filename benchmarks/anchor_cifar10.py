@@ -18,9 +18,9 @@ import torch
 from diffusers import UNet2DModel
 
 from diffprune.families import family_for
-from diffprune.importance import ImportanceResult
 from diffprune.io import library_versions
-from diffprune.pruning import PruneConfig, prune
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import PruneConfig, prune
 
 SETTINGS = [
     {"ratio": 0.3, "ratio_rule": "paper"},

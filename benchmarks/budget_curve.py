@@ -38,15 +38,15 @@ from bench_args import add_budget_options, chosen_budget
 from safetensors.torch import load_file
 from table1 import _worker_init, aggregate, machine, teacher_recipe
 
-from diffprune.checkpoints import checkpoint_dirs
-from diffprune.demo import embedded_teacher
-from diffprune.evaluation import EvaluateConfig, evaluate
+from diffprune.cli.demo_job import embedded_teacher
+from diffprune.evaluate import EvaluateConfig, evaluate
 from diffprune.fsutil import write_json_atomic
 from diffprune.io import library_versions
-from diffprune.prune_job import run_prune
-from diffprune.pruning import PruneConfig
-from diffprune.sampling import sample_to_folder
-from diffprune.training import FinetuneConfig, run_training
+from diffprune.prune.pruning import PruneConfig
+from diffprune.prune.stage import run_prune
+from diffprune.sample.loop import sample_to_folder
+from diffprune.train import FinetuneConfig, run_training
+from diffprune.train.checkpoints import checkpoint_dirs
 
 THRESHOLD = 0.05
 FAST_POOL = 512  # as in table1.py

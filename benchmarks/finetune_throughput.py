@@ -1,8 +1,8 @@
 """Post-training throughput on CPU: steps/s of the real loop, teacher-size vs pruned, and where the time goes.
 
-Runs `diffprune.training.run_training` (the loop `diffprune finetune` uses) on a teacher-size UNet and
+Runs `diffprune.train.run_training` (the loop `diffprune finetune` uses) on a teacher-size UNet and
 its pruned copy (ratio 0.3, paper rule, ~56% MACs), saved as pipeline folders in a temp dir, with
-timing hooks wrapped around the loop's pieces (no change to training.py; on CPU every op is
+timing hooks wrapped around the loop's pieces (no change to train/; on CPU every op is
 synchronous, so wall time per piece is exact):
   data (next batch from the DataLoader), noise (timesteps, noise, x_t), forward (+ loss),
   loss check (the deferred finite check + all-reduce at log/checkpoint steps), backward, clip,
@@ -39,11 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import cpu_model  # noqa: E402
 
-from diffprune import train_loop, train_setup, training  # noqa: E402
+import diffprune.train as training  # noqa: E402
 from diffprune.families import family_for  # noqa: E402
-from diffprune.importance import ImportanceResult  # noqa: E402
 from diffprune.io import library_versions, save_pipeline, to_pruned  # noqa: E402
-from diffprune.pruning import PruneConfig, prune  # noqa: E402
+from diffprune.prune.importance import ImportanceResult  # noqa: E402
+from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
+from diffprune.train import loop as train_loop  # noqa: E402
+from diffprune.train import setup as train_setup
 
 ARCHS = {  # UNet2DModel kwargs via training.unet_config
     "small": dict(sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(1,),
@@ -189,7 +191,7 @@ def ema_update_per_tensor(ema, model, k: int) -> float:
 
 
 def ema_costs(unet, repeats: int) -> dict:
-    """The pre-fix per-tensor EMA update vs EMA.update as in training.py (one foreach lerp)."""
+    """The pre-fix per-tensor EMA update vs EMA.update as in train/parts.py (one foreach lerp)."""
     ema = training.EMA(unet, 0.9999)
     return {"ema_loop_ms": median_ms(lambda: ema_update_per_tensor(ema, unet, 0), repeats),
             "ema_foreach_ms": median_ms(lambda: ema.update(unet, 0), repeats)}

@@ -36,9 +36,9 @@ import torch
 from diffusers import UNet2DModel
 
 from diffprune.families import family_for
-from diffprune.importance import ImportanceResult
 from diffprune.io import library_versions
-from diffprune.pruning import PruneConfig, prune
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import PruneConfig, prune
 
 DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 MODELS = {  # name: (UNet2DModel kwargs, batch sizes)

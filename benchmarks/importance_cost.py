@@ -55,16 +55,16 @@ import torch_pruning as tp
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
+from diffprune.cli.demo_job import embedded_teacher
 from diffprune.data import first_batch, make_dataset
-from diffprune.demo import embedded_teacher
 from diffprune.families import family_for
 from diffprune.fsutil import write_json_atomic
-from diffprune.importance import ImportanceResult, estimate, estimate_fast, tp_importance
 from diffprune.io import library_versions, load_pipeline
 from diffprune.metrics.latency import cpu_model
 from diffprune.metrics.ssim import ssim_per_image
-from diffprune.pruning import PruneConfig, prune, prune_with_ratio
-from diffprune.sampling import sample
+from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast, tp_importance
+from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
+from diffprune.sample.loop import sample
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLD = 0.05

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from anchor_cifar10 import cifar10_unet  # noqa: E402
 
 from diffprune.families import family_for  # noqa: E402
-from diffprune.importance import ImportanceResult  # noqa: E402
 from diffprune.io import library_versions  # noqa: E402
 from diffprune.metrics.latency import cpu_model, ddim_sampler, forward_latency, ratio, sampling_throughput  # noqa: E402
-from diffprune.pruning import PruneConfig, prune  # noqa: E402
+from diffprune.prune.importance import ImportanceResult  # noqa: E402
+from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
 
 FULL_SIZES = [{"target_macs": 0.7}, {"target_macs": 0.56}, {"ratio": 0.3, "ratio_rule": "paper"},
               {"ratio": 0.45, "ratio_rule": "paper"}]  # tp's own rule reaches only coarse steps (0.70, 0.56, 0.35)

@@ -67,9 +67,9 @@ def _rss_gb() -> float:
 def child(arch: str, mode: str) -> dict:
     """One measurement in this process; returns the row."""
     from diffprune.families import family_for
-    from diffprune.importance import ImportanceResult
-    from diffprune.pruning import PruneConfig, prune
-    from diffprune.size_search import search_sizes
+    from diffprune.prune.importance import ImportanceResult
+    from diffprune.prune.pruning import PruneConfig, prune
+    from diffprune.prune.size_search import search_sizes
 
     ratio, target = ARCHS[arch]
     start = time.perf_counter()

@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 from bench_args import add_budget_options, chosen_budget
 
-from diffprune.demo import embedded_teacher
-from diffprune.evaluation import EvaluateConfig, evaluate
-from diffprune.importance import estimate_many
+from diffprune.cli.demo_job import embedded_teacher
+from diffprune.evaluate.stage import EvaluateConfig, evaluate
 from diffprune.io import library_versions
 from diffprune.metrics.latency import cpu_model
-from diffprune.prune_job import run_prune
-from diffprune.pruning import PruneConfig
-from diffprune.sampling import sample_to_folder
-from diffprune.training import FinetuneConfig, run_training
+from diffprune.prune.importance import estimate_many
+from diffprune.prune.pruning import PruneConfig
+from diffprune.prune.stage import run_prune
+from diffprune.sample.loop import sample_to_folder
+from diffprune.train import FinetuneConfig, run_training
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.02, 0.05, 0.10)

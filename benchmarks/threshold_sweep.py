@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 from bench_args import add_budget_options, chosen_budget
 
-from diffprune.demo import embedded_teacher
-from diffprune.evaluation import EvaluateConfig, evaluate
+from diffprune.cli.demo_job import embedded_teacher
+from diffprune.evaluate.stage import EvaluateConfig, evaluate
 from diffprune.io import library_versions
 from diffprune.metrics.latency import cpu_model
-from diffprune.prune_job import run_prune
-from diffprune.pruning import PruneConfig
-from diffprune.sampling import sample_to_folder
+from diffprune.prune.pruning import PruneConfig
+from diffprune.prune.stage import run_prune
+from diffprune.sample.loop import sample_to_folder
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.02, 0.05, 0.10)
@@ -82,8 +82,8 @@ def run_seed(seed: int, budget: Budget, work: Path) -> dict:
 
     from diffprune.data import first_batch, make_dataset
     from diffprune.families import family_for
-    from diffprune.importance import estimate_many
     from diffprune.io import load_pipeline
+    from diffprune.prune.importance import estimate_many
 
     torch.set_num_threads(1)
     teacher = embedded_teacher()

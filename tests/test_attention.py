@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from diffprune.families.attention import fix_attention
-from diffprune.structure import record_structure
+from diffprune.io.structure import record_structure
 
 
 def _slice_rows(linear, rows):

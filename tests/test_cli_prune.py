@@ -123,7 +123,7 @@ def test_unsupported_family_is_named(tmp_path, capsys):
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     unet.save_pretrained(tmp_path / "sd_unet", safe_serialization=True)
-    code, err = run_cli(["prune", "--model", str(tmp_path / "sd_unet"), "--output-dir",
+    code, err = run_cli(["prune", "--model", str(tmp_path / "sd_unet"), "--data", "digits", "--output-dir",
                                     str(tmp_path / "o")], capsys)
     assert code == 2 and "UNet2DConditionModel" in err and "supported" in err
 
@@ -135,10 +135,10 @@ def test_console_script_runs():
 
 @pytest.mark.parametrize("command, target, expected", [
     (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--prompt", "a cat", "--captions", "c.jsonl",
-      "--class-labels", "1,2"], "diffprune.training.finetune",
+      "--class-labels", "1,2"], "diffprune.train.finetune",
      {"prompt": "a cat", "captions": "c.jsonl", "class_labels": "1,2"}),
     (["sample", "--model", "m", "--output-dir", "o", "--prompt", "a dog", "--class-labels", "3"],
-     "diffprune.sampling.sample_to_folder", {"prompt": "a dog", "class_labels": "3"}),
+     "diffprune.sample.loop.sample_to_folder", {"prompt": "a dog", "class_labels": "3"}),
 ])
 def test_conditioning_options_reach_finetune_and_sample(monkeypatch, command, target, expected):
     seen = {}

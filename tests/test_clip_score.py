@@ -13,7 +13,7 @@ from conftest import run_cli
 from PIL import Image
 
 from diffprune.errors import DiffpruneError
-from diffprune.evaluation import format_table
+from diffprune.evaluate.stage import format_table
 from diffprune.metrics.clip_score import clip_score, load_clip, per_image_scores, recorded_prompts
 
 PROMPTS = ["a red square", "a small green dog", "an astronaut riding a horse on the moon", "zebra"]

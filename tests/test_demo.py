@@ -7,7 +7,7 @@ import json
 from conftest import save_tiny_pipeline
 
 from diffprune.cli import main
-from diffprune.demo import INCOMPLETE_MARKER
+from diffprune.cli.demo_job import INCOMPLETE_MARKER
 
 
 def test_demo_runs_every_stage_on_a_tiny_teacher(tmp_path, capsys):

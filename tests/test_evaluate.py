@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffprune.cli import build_parser, main
-from diffprune.evaluation import EvaluateConfig, evaluate
+from diffprune.evaluate.stage import EvaluateConfig, evaluate
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:
@@ -244,9 +244,9 @@ def family_pipelines(tmp_path_factory):
 
     from diffprune.families import family_for
     from diffprune.families.pipeline_parts import denoiser_of
-    from diffprune.importance import ImportanceResult
     from diffprune.io import to_pruned
-    from diffprune.pruning import prune_with_ratio
+    from diffprune.prune.importance import ImportanceResult
+    from diffprune.prune.pruning import prune_with_ratio
 
     root = tmp_path_factory.mktemp("family_pipes")
     dirs = {}

@@ -34,12 +34,12 @@ from diffprune.families import family_for
 from diffprune.families.attention import attention_modules, fix_attention, qkv_head_map
 from diffprune.families.conditioning import attach_for_sampling, context_for
 from diffprune.families.pipeline_parts import denoiser_of
-from diffprune.importance import METHODS, ImportanceResult
 from diffprune.io import load_pipeline, load_unet, to_pruned
-from diffprune.metrics.complexity import count_macs_params
-from diffprune.prune_job import run_prune
-from diffprune.pruning import PruneConfig, head_ratio_dict, prune_with_ratio
-from diffprune.structure import record_structure, validate_structure
+from diffprune.io.structure import record_structure, validate_structure
+from diffprune.prune.complexity import count_macs_params
+from diffprune.prune.importance import METHODS, ImportanceResult
+from diffprune.prune.pruning import PruneConfig, head_ratio_dict, prune_with_ratio
+from diffprune.prune.stage import run_prune
 
 FAMILIES = ("ldm", "sd", "dit")
 PRUNED = {"ldm": "PrunedUNet2DModel", "sd": "PrunedUNet2DConditionModel", "dit": "PrunedDiTTransformer2DModel"}
@@ -310,8 +310,8 @@ def test_every_attention_of_a_pruned_sd_unet_is_consistent(prune_heads):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_finetune_step_and_sampling(kind, pipeline_dirs, image_dir, tmp_path):
-    from diffprune.sampling import sample_to_folder
-    from diffprune.training import finetune
+    from diffprune.sample.loop import sample_to_folder
+    from diffprune.train import finetune
 
     pruned = tmp_path / "pruned"
     run_prune(PruneConfig(model=str(pipeline_dirs / kind), data=str(image_dir), method="magnitude", ratio=0.3,

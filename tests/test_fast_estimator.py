@@ -14,8 +14,8 @@ import diffprune
 from diffprune.cli import main
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
-from diffprune.importance import coarse_cut, estimate_fast, stratified_timesteps, threshold_sweep
-from diffprune.pruning import PruneConfig, prune
+from diffprune.prune.importance import coarse_cut, estimate_fast, stratified_timesteps, threshold_sweep
+from diffprune.prune.pruning import PruneConfig, prune
 
 
 def _images(n=12, seed=0):
@@ -84,7 +84,7 @@ def test_fast_estimate_counts_pairs_keeps_the_coarse_prefix_and_has_every_gradie
 
 
 def test_fast_estimate_cuts_on_the_grid_and_samples_only_kept_timesteps(scheduler, monkeypatch):
-    import diffprune.importance as importance
+    import diffprune.prune.importance as importance
 
     def synthetic(model, family, sched, images, seed, cond):  # L_t = exp(-t / 5): below 0.05 * L_0 from t = 15
         return lambda t, grad=True: torch.tensor(math.exp(-t / 5))

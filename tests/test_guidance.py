@@ -19,7 +19,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.conditioning import attach_for_sampling, context_for
 from diffprune.families.guidance import guided_predict, rescale_noise_cfg
-from diffprune.sampling import denoise, image_generators, load_samples, sample_to_folder
+from diffprune.sample.loop import denoise, image_generators, load_samples, sample_to_folder
 
 TOL = 1e-4
 
@@ -204,8 +204,8 @@ FT = dict(steps=2, batch_size=4, progress=False, tensorboard=False, ema_decay=0.
 
 
 def test_cond_drops_at_the_requested_rate_from_their_own_seeded_stream():
-    from diffprune.train_config import FinetuneConfig
-    from diffprune.train_loop import cond_drops
+    from diffprune.train.config import FinetuneConfig
+    from diffprune.train.loop import cond_drops
 
     config = FinetuneConfig(model="m", data="d", cond_drop_prob=0.25, seed=3)
     masks = [cond_drops(config, 10, step, 0, 0) for step in range(400)]
@@ -244,8 +244,8 @@ def _weights(folder, component="unet"):
 def test_zero_drop_probability_trains_exactly_as_without_caption_dropout(tuning_inputs, tmp_path, monkeypatch):
     """P=0 takes no draw; a run whose drop stream is consumed but drops nothing gives the same weights,
     so the drop stream never shifts the data / timestep / noise / dropout draws."""
-    import diffprune.train_loop as loop
-    from diffprune.training import finetune
+    import diffprune.train.loop as loop
+    from diffprune.train import finetune
 
     a = finetune(tuning_inputs / "sd", tuning_inputs / "imgs", tmp_path / "a", cond_drop_prob=0.0, **FT)
     assert json.loads((a / "finetune_config.json").read_text())["cond_drop_prob"] == 0.0
@@ -262,7 +262,7 @@ def test_zero_drop_probability_trains_exactly_as_without_caption_dropout(tuning_
 @pytest.mark.parametrize("distill", ["output", "features"])
 def test_distillation_teacher_sees_the_same_dropped_conditioning(tuning_inputs, tmp_path, monkeypatch, distill):
     from diffprune.families.unet2d_condition import UNet2DConditionFamily
-    from diffprune.training import finetune
+    from diffprune.train import finetune
 
     calls = []
     real = UNet2DConditionFamily.predict
@@ -315,8 +315,8 @@ def test_cli_finetune_records_cond_drop_defaults_and_refuses_it_for_unconditiona
 
 
 def test_version_1_finetune_config_reads_and_resumes_as_no_caption_dropout():
-    from diffprune.checkpoints import check_resumable
-    from diffprune.train_config import FinetuneConfig
+    from diffprune.train.checkpoints import check_resumable
+    from diffprune.train.config import FinetuneConfig
 
     new = FinetuneConfig(model="m", data="d", cond_drop_prob=0.0)
     old = {k: v for k, v in new.to_dict().items() if k != "cond_drop_prob"} | {"version": 1}

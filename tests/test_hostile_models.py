@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from diffprune import cli
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
-from diffprune.importance import ImportanceResult
 from diffprune.io import load_pipeline, to_pruned
-from diffprune.pruning import prune_with_ratio
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import prune_with_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "test", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}
@@ -308,7 +308,7 @@ RELEASED_INDEXES = {
 
 @pytest.mark.parametrize("name", sorted(RELEASED_INDEXES))
 def test_released_model_indexes_are_accepted(name, tmp_path):
-    from diffprune.model_checks import read_model_index
+    from diffprune.io.model_checks import read_model_index
 
     index = RELEASED_INDEXES[name]
     for component, entry in index.items():
@@ -324,7 +324,7 @@ def test_released_model_indexes_are_accepted(name, tmp_path):
 
 def test_a_module_pair_in_an_option_slot_is_still_checked(tmp_path):
     """An entry shaped like [library, class] is checked even where the pipeline expects an option."""
-    from diffprune.model_checks import read_model_index
+    from diffprune.io.model_checks import read_model_index
 
     for component in ("scheduler", "transformer", "vae"):
         (tmp_path / component).mkdir()

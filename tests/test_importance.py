@@ -11,12 +11,12 @@ import torch
 from conftest import save_tiny_pipeline, tiny_unet
 from diffusers import DDPMScheduler
 
-import diffprune.importance as importance
+import diffprune.prune.importance as importance
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
-from diffprune.importance import estimate, estimate_fast, tail_timesteps, threshold_sweep
-from diffprune.prune_job import run_prune
-from diffprune.pruning import PruneConfig
+from diffprune.prune.importance import estimate, estimate_fast, tail_timesteps, threshold_sweep
+from diffprune.prune.pruning import PruneConfig
+from diffprune.prune.stage import run_prune
 
 T = 30
 THR = 0.96  # with x0-prediction L_t falls slowly: this threshold stops the sweep mid-range

@@ -1,4 +1,4 @@
-"""io.py + structure.py: pickle-free save/load, bit-exact reloads, damaged and hostile folders."""
+"""io/pipeline.py + io/structure.py: pickle-free save/load, bit-exact reloads, damaged and hostile folders."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 import diffprune
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
-from diffprune.importance import ImportanceResult
 from diffprune.io import PrunedUNet2DModel, load_pipeline, load_unet, to_pruned
-from diffprune.pruning import prune_with_ratio
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import prune_with_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "test", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}

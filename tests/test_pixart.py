@@ -31,11 +31,11 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.attention import attention_modules
 from diffprune.families.pixart import PixArtFamily, PixArtPromptEncoder
-from diffprune.importance import ImportanceResult
 from diffprune.io import load_pipeline, to_pruned
-from diffprune.metrics.complexity import count_macs_params
-from diffprune.pruning import prune_with_ratio
-from diffprune.structure import record_structure, validate_structure
+from diffprune.io.structure import record_structure, validate_structure
+from diffprune.prune.complexity import count_macs_params
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import prune_with_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id": "test", "revision": None},
         "method": {"name": "magnitude"}, "kept_timesteps": [], "base_class": "PixArtTransformer2DModel"}

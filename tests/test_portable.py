@@ -1,4 +1,4 @@
-"""`--portable` folders (portable.py, portable_template.py): pruned DDPM, Stable Diffusion and DiT pipelines
+"""`--portable` folders (io/portable.py, io/portable_template.py): pruned DDPM, Stable Diffusion and DiT pipelines
 load with plain diffusers in a subprocess where `import diffprune` fails, through
 `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` and `AutoModel.from_pretrained(...)`,
 and generate bit-identical images to `diffprune.load_pipeline`; the default stays code-free."""
@@ -23,10 +23,10 @@ from test_families import INFO, build_pipeline
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.pipeline_parts import denoiser_of
-from diffprune.importance import ImportanceResult
 from diffprune.io import load_pipeline, load_unet, save_pipeline, to_pruned
-from diffprune.portable import PORTABLE_MODULE, make_portable
-from diffprune.pruning import prune_with_ratio
+from diffprune.io.portable import PORTABLE_MODULE, make_portable
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import prune_with_ratio
 
 MAGNITUDE = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
 RESIDUAL = "prune_residual" in inspect.signature(prune_with_ratio).parameters  # issue 16 (DiT hidden width)
@@ -226,8 +226,9 @@ def test_portable_files(folders):
 
 
 def test_template_matches_diffprune():
-    from diffprune import io, portable_template, structure
-    from diffprune.portable import PORTABLE_CLASSES
+    from diffprune import io
+    from diffprune.io import portable_template, structure
+    from diffprune.io.portable import PORTABLE_CLASSES
 
     assert portable_template.SHAPE_ATTRS == structure.SHAPE_ATTRS
     assert (portable_template.PRUNING_FILE, portable_template.WEIGHTS_FILE, portable_template.CONFIG_FILE) == \
@@ -241,7 +242,7 @@ def test_template_reads_a_hub_repository(folders, monkeypatch):
     """A portable folder pushed to the hub: the shipped module fetches its three files by name."""
     import huggingface_hub
 
-    from diffprune import portable_template
+    from diffprune.io import portable_template
 
     portable, plain, component = folders["sd"]
     calls = []

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
-from diffprune.importance import METHODS, estimate, threshold_sweep
 from diffprune.io import load_unet, to_pruned
-from diffprune.pruning import PruneConfig, prune
-from diffprune.structure import validate_structure
+from diffprune.io.structure import validate_structure
+from diffprune.prune.importance import METHODS, estimate, threshold_sweep
+from diffprune.prune.pruning import PruneConfig, prune
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "property-test", "revision": None}, "method": {"name": "any"}, "kept_timesteps": []}

@@ -1,4 +1,4 @@
-"""pruning.py + importance.py: every method prunes, shrinks, stays valid; the paper's anchor sizes."""
+"""prune/pruning.py + prune/importance.py: every method prunes, shrinks, stays valid; the paper's anchor sizes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.unet2d import UNet2DFamily
-from diffprune.importance import METHODS, ImportanceResult, estimate, estimate_many, threshold_sweep
-from diffprune.metrics.complexity import count_macs_params
-from diffprune.pruning import PruneConfig, prune, prune_with_ratio
-from diffprune.structure import validate_structure
+from diffprune.io.structure import validate_structure
+from diffprune.prune.complexity import count_macs_params
+from diffprune.prune.importance import METHODS, ImportanceResult, estimate, estimate_many, threshold_sweep
+from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
 
 
 def _images(n=4, seed=0):

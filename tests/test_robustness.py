@@ -23,10 +23,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffprune import cli
-from diffprune.checkpoints import STATE_FILE, checkpoint_dirs, read_checkpoint
 from diffprune.errors import DiffpruneError
 from diffprune.fsutil import atomic_dir, lock_path, output_lock
-from diffprune.training import finetune
+from diffprune.train import finetune
+from diffprune.train.checkpoints import STATE_FILE, checkpoint_dirs, read_checkpoint
 
 FAST = dict(batch_size=2, tensorboard=False, progress=False, log_every=1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFPRUNE_TEST_THREADS": "1", "TQDM_DISABLE": "1",
@@ -297,7 +297,7 @@ def test_resume_through_the_cli_names_the_damaged_file(run_dir, tmp_path, pipe_d
 
 @pytest.fixture(scope="module")
 def sample_dir(pipe_dir, tmp_path_factory):
-    from diffprune.sampling import sample_to_folder
+    from diffprune.sample.loop import sample_to_folder
 
     out = tmp_path_factory.mktemp("samples") / "s"
     sample_to_folder(pipe_dir, out, 3, batch_size=3, steps=2, progress=False)
@@ -465,7 +465,7 @@ def test_busy_then_killed_sample_refuses_a_second_run_and_resumes_only_missing_i
     assert {p.name: p.stat().st_mtime_ns for p in done} == stamps  # kept, not rewritten
     assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(n)]
     assert not list(out.glob(".*")) and not lock_path(out).exists()
-    from diffprune.sampling import sample_to_folder
+    from diffprune.sample.loop import sample_to_folder
 
     fresh = sample_to_folder(pipe_dir, tmp_path / "fresh", n, batch_size=n, steps=10, progress=False)
     a, b = np.load(out / "samples.npz")["images"], np.load(fresh / "samples.npz")["images"]

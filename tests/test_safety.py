@@ -292,7 +292,7 @@ def test_evaluate_never_writes_over_an_input(project, capsys):
 def test_the_evaluate_api_never_writes_over_an_input_either(project):
     """Scripts calling `diffprune.evaluate` get the same guard as the CLI (overwrite defaults to True)."""
     from diffprune.errors import DiffpruneError
-    from diffprune.evaluation import EvaluateConfig, evaluate
+    from diffprune.evaluate.stage import EvaluateConfig, evaluate
 
     teacher = project / "teacher"
     before = tree_hashes(project)
@@ -475,7 +475,7 @@ def test_full_disk_while_evaluating_or_reporting_leaves_no_temp_file(project, mo
 
 
 def test_full_disk_while_finetuning_exits_1_in_one_line(project, monkeypatch, capsys):
-    from diffprune import checkpoints
+    from diffprune.train import checkpoints
 
     monkeypatch.setattr(checkpoints, "save_file", _no_space)
     out = project.parent / "ft"
@@ -511,7 +511,7 @@ def test_a_forbidden_output_folder_exits_1_in_one_line(project, monkeypatch, cap
     (DiffpruneError("bad value\nsecond line"), 2, "bad value"),
 ])
 def test_the_boundary_turns_every_failure_into_one_line(exc, code, match, monkeypatch, capsys):
-    from diffprune.commands import sample
+    from diffprune.cli import sample
 
     def run(args):
         raise exc
@@ -522,7 +522,7 @@ def test_the_boundary_turns_every_failure_into_one_line(exc, code, match, monkey
 
 
 def test_debug_shows_the_traceback_of_a_bug_and_sigterm_handler_is_restored(monkeypatch, capsys):
-    from diffprune.commands import sample
+    from diffprune.cli import sample
 
     def run(args):
         raise TypeError("boom")

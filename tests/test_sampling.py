@@ -1,4 +1,4 @@
-"""sampling.py: agreement with diffusers' schedulers and the DDIM reference sampler, per-image seeds,
+"""sample/loop.py: agreement with diffusers' schedulers and the DDIM reference sampler, per-image seeds,
 folders, resume, sharding."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffprune import cli
 from diffprune.errors import DiffpruneError
-from diffprune.sampling import (
+from diffprune.sample.loop import (
     SampleConfig,
     _randn,
     denoise,
@@ -144,7 +144,7 @@ def test_ddpm_variance_types_match_diffusers(small, variance_type):
 
 def test_pndm_config_samples_as_ddim_from_its_config_without_clipping(small):
     """Stable Diffusion folders ship a PNDMScheduler (no clip_sample key): its alphas, steps_offset,
-    set_alpha_to_one and spacing are used, x0 is not clipped (documented in sampling.py)."""
+    set_alpha_to_one and spacing are used, x0 is not clipped (documented in sample/loop.py)."""
     pndm = PNDMScheduler(**{k: v for k, v in SD_STYLE.items() if k != "clip_sample"}, skip_prk_steps=True)
     ours, _ = _ours(small, pndm, 5)
     theirs = _diffusers(small, pndm, 5, clip_sample=False)

@@ -20,7 +20,7 @@ from test_families import tiny_kl
 from diffprune.families import family_for
 from diffprune.families.conditioning import attach_dataset, attach_for_sampling, context_for
 from diffprune.io import load_pipeline
-from diffprune.sampling import denoise, image_generators, load_samples
+from diffprune.sample.loop import denoise, image_generators, load_samples
 
 TOL = 1e-4
 TEXT_WIDTH = 16  # each text encoder's hidden size; the UNet's cross_attention_dim is their sum
@@ -218,7 +218,7 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (
 
 def _meta_cost(model, family):
     """(MACs, params) at the SDXL resolution (128x128 latents), counted on a meta-device copy: shapes only."""
-    from diffprune.metrics.complexity import count_macs_params
+    from diffprune.prune.complexity import count_macs_params
 
     meta = model.to("meta")
     meta.register_to_config(sample_size=128)
@@ -235,8 +235,8 @@ def test_full_size_sdxl_unet_structure_numbers():
     import resource
     import time
 
-    from diffprune.importance import ImportanceResult
-    from diffprune.pruning import prune_with_ratio
+    from diffprune.prune.importance import ImportanceResult
+    from diffprune.prune.pruning import prune_with_ratio
 
     start = time.perf_counter()
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""size_search.py: sizes decided before the sweep equal the real prune's; unreachable targets fail
+"""prune/size_search.py: sizes decided before the sweep equal the real prune's; unreachable targets fail
 before any calibration work; non-monotone ratios warn; `--dry-run` writes nothing (issue 14)."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffprune import prune_job
 from diffprune.cli import main
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
-from diffprune.importance import ImportanceResult
-from diffprune.metrics.complexity import count_macs_params
-from diffprune.pruning import PruneConfig, prune, prune_with_ratio
-from diffprune.size_search import SizePlanner, search_sizes
-from diffprune.structure import record_structure
+from diffprune.io.structure import record_structure
+from diffprune.prune import stage as prune_job
+from diffprune.prune.complexity import count_macs_params
+from diffprune.prune.importance import ImportanceResult
+from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
+from diffprune.prune.size_search import SizePlanner, search_sizes
 
 
 def _no_importance(method="random"):
@@ -157,7 +157,7 @@ def test_unreachable_under_every_option_lists_each_one():
 def test_a_ratio_that_prunes_less_than_a_smaller_one_warns(caplog):
     """Tiny UNet: ratio 0.9 would empty GroupNorm groups, which torch-pruning then leaves whole."""
     model = tiny_unet()
-    with caplog.at_level(logging.WARNING, logger="diffprune.size_search"):
+    with caplog.at_level(logging.WARNING, logger="diffprune.prune.size_search"):
         out = prune(model, family_for(model), PruneConfig(model="m", method="magnitude", ratio=0.9),
                     _no_importance("magnitude"), progress=False)
     assert out.macs[1] / out.macs[0] > 0.99  # almost nothing pruned at 0.9
@@ -170,7 +170,7 @@ def test_a_ratio_that_prunes_less_than_a_smaller_one_warns(caplog):
 
 def test_a_monotone_ratio_is_quiet_and_costs_one_candidate(caplog):
     model = tiny_unet()
-    with caplog.at_level(logging.WARNING, logger="diffprune.size_search"):
+    with caplog.at_level(logging.WARNING, logger="diffprune.prune.size_search"):
         plan = search_sizes(model, family_for(model), PruneConfig(model="m", ratio=0.3), progress=False)
     assert len(plan.candidates) == 1 and plan.warnings == [] and not caplog.records
 

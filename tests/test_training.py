@@ -1,4 +1,4 @@
-"""training.py: exact resume, pruned round trip, distillation, fresh training, errors, two processes."""
+"""train/: exact resume, pruned round trip, distillation, fresh training, errors, two processes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from conftest import save_tiny_pipeline, tiny_unet
 from safetensors.torch import load_file
 from test_sampling import launch
 
-from diffprune import checkpoints, cli, diffusion, distillation, training
+import diffprune.train as training
+from diffprune import cli, diffusion
 from diffprune.errors import DiffpruneError
 from diffprune.io import PrunedUNet2DModel, load_pipeline, to_pruned
-from diffprune.training import EMA, StepBatches, finetune, train, unet_config
+from diffprune.train import EMA, StepBatches, checkpoints, distillation, finetune, train, unet_config
 
 FAST = dict(batch_size=2, tensorboard=False, progress=False, log_every=1)
 

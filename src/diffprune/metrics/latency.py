@@ -4,7 +4,7 @@ MACs (PAPER.md: one UNet forward, batch 1, the model's resolution) predict speed
 memory traffic, kernel launch overhead and thread counts matter too. So we time the real thing:
 - forward latency: repeated forward passes on the same input batch after warm-up; median, p10/p90
   and IQR in milliseconds;
-- sampling throughput: full DDIM sampling (`diffprune.sampling.sample`, or any callable), images/s.
+- sampling throughput: full DDIM sampling (`diffprune.sample.loop.sample`, or any callable), images/s.
 Teacher and student runs are interleaved in counterbalanced order (AB BA AB ...), so slow drift of
 the machine (thermal, other load) hits both alike; speed-ups are ratios of medians.
 """
@@ -153,7 +153,7 @@ def ddim_sampler(
 
     `ctx` (families.conditioning.PipelineContext) supplies conditioning and the latent decode.
     """
-    from ..sampling import sample
+    from ..sample.loop import sample
 
     bs = batch_size or num_images
 

@@ -2,10 +2,10 @@
 
 Reads whatever it is given, skipping (with a visible note) whatever it is not:
 
-- a prune folder (`prune_report.json`, `loss_over_timesteps.png`; prune_job.py),
-- a finetune/train folder (`train_log.json`, `finetune_config.json` / `train_config.json`; training.py),
-- the student's evaluation JSON and the teacher's (format "diffprune-evaluation"; evaluation.py),
-- the teacher's and the student's sample folders (`samples.npz`; sampling.py), paired by index.
+- a prune folder (`prune_report.json`, `loss_over_timesteps.png`; prune/stage.py),
+- a finetune/train folder (`train_log.json`, `finetune_config.json` / `train_config.json`; train/),
+- the student's evaluation JSON and the teacher's (format "diffprune-evaluation"; evaluate/stage.py),
+- the teacher's and the student's sample folders (`samples.npz`; sample/loop.py), paired by index.
 
 It writes `report.html` (every image embedded as a base64 PNG data URI, inline CSS, no scripts, no
 external resources), `report.md` (the same content, referencing the PNGs written beside it), the PNGs,
@@ -16,7 +16,8 @@ and JSON key path, e.g. `evaluation › cost.ratios.latency_speedup`); the repor
 metrics itself, it only formats them (params in M, MACs in G or M, latency in ms).
 
 Modules, in the order data flows through them (each imports only those before it, plus the shared
-layers `errors`, `fsutil`, `plots`; nothing here imports torch):
+layers `errors`, `fsutil`, `plots`, `stage_call`; nothing here imports torch). `diffprune.report(...)`
+calls this package: `stage.write_report` (see `stage_call`):
 
 - `inputs`: load and check the input files; `Inputs` / `lookup`, the only way numbers enter,
 - `cells`: `Cell` (text + sources) and the number formats,
@@ -30,6 +31,7 @@ layers `errors`, `fsutil`, `plots`; nothing here imports torch):
 
 from __future__ import annotations
 
+from ..stage_call import make_callable
 from .figures import (
     MAX_LAYER_BARS,
     group_by_block,
@@ -52,6 +54,8 @@ from .inputs import (
 )
 from .stage import DATA_FILE, DEFAULT_NUM_PAIRS, DEFAULT_TITLE, HTML_FILE, MD_FILE, STAGE, write_report
 from .tables import Row, metric_rows
+
+make_callable(__name__, "diffprune.report.stage:write_report")
 
 __all__ = [
     "DATA_FILE", "DEFAULT_NUM_PAIRS", "DEFAULT_TITLE", "EVALUATION_FORMAT", "EVALUATION_VERSION", "HTML_FILE",

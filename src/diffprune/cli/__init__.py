@@ -1,0 +1,162 @@
+"""`diffprune prune|finetune|train|sample|evaluate|report|demo`: one module per subcommand.
+
+Each subcommand module in `diffprune.cli` (`cli/<name>.py`) exposes `register(subparsers)`, which adds its parser and sets
+`func`; `main` imports only the module of the subcommand it runs, so `diffprune --help` and
+`--version` start without torch or diffusers. `main` is the one error boundary around every subcommand: whatever fails, the user gets one
+line on stderr and an exit code, never a traceback:
+
+- 2: bad input (DiffpruneError; also input nested too deeply for Python to read),
+- 1: the environment (EnvironmentFailure, a full disk, a forbidden or read-only path, out of
+  memory) and internal errors (a bug: set DIFFPRUNE_DEBUG=1 to see its traceback),
+- 130: interrupted (Ctrl-C), 143: terminated (SIGTERM). Both unwind normally, so output locks and
+  temporary folders are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Collection, Iterator, Sequence
+
+from ..errors import ENVIRONMENT_ERRNOS, DiffpruneError, environment_failure, os_errno, reason_of
+
+COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo")
+DEBUG_ENV = "DIFFPRUNE_DEBUG"
+
+# The line `diffprune --help` shows per subcommand, known without importing the subcommand (whose
+# options may need torch/diffusers): the same `help=` each commands module registers, which
+# tests/test_layout.py checks. Only the subcommand being run (or asked for help) is imported.
+SUMMARIES = {
+    "prune": "prune a pipeline's UNet and write a pruned pipeline folder",
+    "finetune": "post-train a (pruned) pipeline: Adam, EMA, dropout, grad clip, optional KD",
+    "train": "train a fresh UNet2DModel (e.g. the pruned architecture's 'scratch' baseline)",
+    "sample": "generate images from a (pruned) pipeline folder",
+    "evaluate": "FID/KID, SSIM consistency, params/MACs and latency of samples and models",
+    "report": "self-contained HTML + Markdown report: metrics, sample pairs, loss curves, widths",
+    "demo": "prune, fine-tune, sample, evaluate and report on the embedded digits DDPM",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors also say which subcommand and exit 2 with one line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (locks, temp folders) runs."""
+
+
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `diffprune` parser. `commands` names the subcommands registered in full by their module
+    (default: all); the others get a parser that only carries their one-line summary."""
+    parser = _Parser(prog="diffprune", description=__doc__.splitlines()[0])
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMANDS:
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=SUMMARIES[name], add_help=False)
+            continue
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` runs (its first word that is not an option), if it names one."""
+    first = next((str(a) for a in argv if not str(a).startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = requested_command(argv)
+    args = build_parser({command} if command else ()).parse_args(argv)
+    try:
+        with _sigterm_as_interrupt():
+            args.func(args)
+    except Terminated:
+        print(f"diffprune {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"diffprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one boundary: every failure becomes one line
+        if os.environ.get(DEBUG_ENV) and not isinstance(err, DiffpruneError):
+            raise
+        code, message = failure_line(err, _output_of(args))
+        print(f"diffprune {args.command}: error: {message}", file=sys.stderr)
+        return code
+    return 0
+
+
+def failure_line(err: Exception, output: str | None) -> tuple[int, str]:
+    """(exit code, one-line message) for any exception a subcommand let through."""
+    if isinstance(err, DiffpruneError):
+        return err.exit_code, _first_line(err)
+    code = os_errno(err)
+    if code in ENVIRONMENT_ERRNOS:
+        filename = getattr(err, "filename", None)
+        if filename and code in (errno.EACCES, errno.EPERM):  # may be an input being read
+            return 1, f"{reason_of(code)}: {filename}"
+        return 1, str(environment_failure(err, filename or output or "the output"))
+    if isinstance(err, RecursionError):
+        return 2, ("an input is nested too deeply to read (RecursionError); check the JSON/config files "
+                   "given to this command")
+    if isinstance(err, MemoryError):
+        return 1, "out of memory; use a smaller --batch-size or a machine with more memory"
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return 1, f"{err.strerror or _first_line(err)}{where}"
+    return 1, (f"internal error {type(err).__name__}: {_first_line(err)} (a bug in diffprune; "
+               f"rerun with {DEBUG_ENV}=1 for the traceback and report it)")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _output_of(args: argparse.Namespace) -> str | None:
+    """The path this subcommand writes, to name in an environment error without a file name."""
+    for key in ("output_dir", "output"):
+        value = getattr(args, key, None)
+        if value:
+            return str(value)
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a subcommand runs, SIGTERM raises Terminated (a KeyboardInterrupt) once; a second
+    SIGTERM gets the previous handler's behaviour (by default: stop at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread; leave the default there
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

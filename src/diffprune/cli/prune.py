@@ -1,0 +1,113 @@
+"""`diffprune prune`: structural pruning of a diffusers pipeline's denoiser (Diff-Pruning et al.)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..prune.importance import METHODS
+from ..prune.pruning import RATIO_RULES, PruneConfig
+from .common import (
+    add_conditioning_options,
+    add_device_seed,
+    add_output_dir,
+    add_portable_option,
+    data_or_digits,
+    positive_int,
+    resolve_device,
+    show_defaults,
+    unit_half_open,
+    unit_open,
+)
+
+DEFAULT_RATIO = 0.3  # --ratio when no size option is given
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prune", help="prune a pipeline's UNet and write a pruned pipeline folder",
+        description="Score channels (Diff-Pruning: Taylor importance summed over the informative "
+                    "timesteps; or a baseline) and remove them structurally. Writes a diffusers "
+                    "pipeline folder with pruning.json, prune_report.json and a loss-over-timesteps plot.")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder, bare UNet folder, or hub id")
+    p.add_argument("--data", default=None,
+                   help="calibration images: a folder (png/jpg/jpeg/webp, recursive) or a built-in name (digits) "
+                        "(default: digits for a 1-channel pixel-space model; required for any other)")
+    p.add_argument("--method", choices=METHODS, default="diff-pruning", help="importance criterion")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=unit_open, default=None,
+                      help="per-group pruning ratio in (0, 1) (torch-pruning's meaning, see --ratio-rule) "
+                           f"(default: {DEFAULT_RATIO} unless --target-macs or --target-params is given)")
+    size.add_argument("--target-macs", type=unit_open, default=None,
+                      help="fraction of the original MACs to reach, in (0, 1); the ratio is searched (within 2%%) "
+                           "(default: off, --ratio sets the size)")
+    size.add_argument("--target-params", type=unit_open, default=None,
+                      help="fraction of the original params to reach, in (0, 1); the ratio is searched (within 2%%) "
+                           "(default: off, --ratio sets the size)")
+    p.add_argument("--ratio-rule", choices=RATIO_RULES, default="torch-pruning",
+                   help="how --ratio counts GroupNorm-coupled channels: torch-pruning 1.6 keeps "
+                        "floor((C/G)(1-ratio)) per group; 'paper' follows the paper's code (ratio 0.3 -> 128 to 96)")
+    p.add_argument("--threshold", type=unit_half_open, default=0.05,
+                   help="Diff-Pruning's thr in [0, 1): stop the timestep sweep at the first t with "
+                        "L_t < thr * max L (0 keeps all timesteps)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="calibration images (one batch, one fixed noise tensor), integer >= 1")
+    p.add_argument("--estimator", choices=("exact", "fast"), default="exact",
+                   help="how Diff-Pruning sums gradients over the kept timesteps: 'exact' backpropagates every "
+                        "kept timestep on the whole batch; 'fast' finds the cut on a coarse forward-only grid "
+                        "and backpropagates ~6 sampled (image, timestep) pairs per kept timestep drawn from "
+                        "all --batch-size images (use a larger --batch-size, e.g. 512, as the pool); "
+                        "--method diff-pruning only")
+    p.add_argument("--round-to", type=positive_int, default=None,
+                   help="keep channel counts multiples of this integer >= 1 (faster kernels) (default: no rounding)")
+    p.add_argument("--prune-heads", action="store_true",
+                   help="remove whole attention heads (head size kept) instead of pruning head dims")
+    p.add_argument("--head-pruning-ratio", type=unit_half_open, default=None,
+                   help="with --prune-heads: fraction of each attention's heads to remove, in [0, 1) "
+                        "(default: the pruning ratio; at least one head always stays)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resulting widths, params and MACs (and the size search) and stop: no "
+                        "calibration data, no importance sweep, no output folder (--output-dir not needed)")
+    p.add_argument("--prune-residual", action="store_true",
+                   help="transformers (DiT): also prune the residual (hidden) width, slicing the fixed "
+                        "position buffer with it; UNets always prune every channel")
+    add_conditioning_options(p, "calibration image")
+    add_device_seed(p)
+    add_output_dir(p, required=False, unless="--dry-run")
+    add_portable_option(p)
+    show_defaults(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..errors import DiffpruneError
+    from ..prune.stage import dry_run, dry_run_table, run_prune, summary_table
+
+    resolve_device(args.device)
+    if args.output_dir is None and not args.dry_run:
+        raise DiffpruneError("--output-dir is required (a new folder to write), unless --dry-run")
+    ratio = args.ratio
+    if ratio is None and args.target_macs is None and args.target_params is None:
+        ratio = DEFAULT_RATIO
+    data = args.data if args.dry_run else data_or_digits(args.data, args.model)  # --dry-run reads no data
+    config = PruneConfig(model=args.model, data=data or "digits", method=args.method, ratio=ratio,
+                         target_macs=args.target_macs, target_params=args.target_params,
+                         threshold=args.threshold, batch_size=args.batch_size, estimator=args.estimator,
+                         round_to=args.round_to,
+                         ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
+                         prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
+                         prune_residual=args.prune_residual,
+                         prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
+                         portable=args.portable)
+    if args.dry_run:
+        print(dry_run_table(dry_run(config)))
+        return
+    report = run_prune(config, args.output_dir, overwrite=args.overwrite)  # locks the output for the whole run
+    print(summary_table(report))
+    print(f"wrote pruned pipeline: {report['output_dir']}")
+    print(f"      report: {report['output_dir']}/prune_report.json")
+    if args.portable:
+        from ..io.portable import describe
+
+        print(describe(report["output_dir"]))
+    if "loss_plot" in report:
+        print(f"      loss curve: {report['output_dir']}/{report['loss_plot']}")

@@ -1,0 +1,439 @@
+"""Checks of a model folder made before anything is built from it.
+
+A bad folder gives one DiffpruneError line naming the file, the value and what is allowed, before
+any output is written and before any memory is spent on a model that cannot load:
+
+- `model_index.json`: a JSON object whose `_class_name` is a diffusers pipeline class and whose
+  components are `[library, class]` pairs naming a class diffusers knows how to load (a model,
+  scheduler, tokenizer, ... as in diffusers' `LOADABLE_CLASSES`); never another attribute such as
+  `["diffusers", "os.system"]`, a function or a module.
+- `config.json`: every size is an integer >= 1 (a JSON float such as `1e5` is refused), and
+  `sample_size` is at most MAX_SAMPLE_SIZE pixels/latents per side (larger than any released
+  diffusers checkpoint: pixel UNets go to 1024, latent denoisers to 128). The model is then built on
+  PyTorch's meta device (no memory) with at most MAX_MODULES submodules, and the bytes it will hold
+  plus its weights file are compared with the memory limit: `DIFFPRUNE_MAX_MODEL_BYTES` if set,
+  else the memory the system reports available (psutil, else /proc/meminfo `MemAvailable`).
+- weights (`*.safetensors` only): the floating tensors of one file share one dtype, and every
+  value is finite. A model is loaded in one dtype, `torch_dtype` if given, else the dtype its config
+  builds (float32): a file in another (uniform) float dtype is cast to it, a file that mixes float
+  dtypes is refused rather than silently mixed or rounded.
+- `scheduler_config.json`: readable JSON, `num_train_timesteps` an integer in [1, MAX_TRAIN_TIMESTEPS].
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import reprlib
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..errors import DiffpruneError
+from ..fsutil import read_json
+
+INDEX_FILE = "model_index.json"
+CONFIG_FILE = "config.json"
+SCHEDULER_FILE = "scheduler_config.json"
+MEMORY_ENV = "DIFFPRUNE_MAX_MODEL_BYTES"
+MAX_SAMPLE_SIZE = 4096
+MAX_MODULES = 20_000  # an SDXL UNet has ~2k; a meta-built module costs ~5 KB and ~0.2 ms
+MAX_TRAIN_TIMESTEPS = 100_000  # released schedulers use 1000; each step costs a few floats per table
+MAX_INT = 2**31 - 1
+
+# Config keys that are sizes: an integer >= 1, or a (nested) list of them; None = the class default.
+SIZE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+             "attention_head_dim", "num_attention_heads", "num_layers", "patch_size", "cross_attention_dim",
+             "transformer_layers_per_block", "latent_channels", "num_vq_embeddings", "vq_embed_dim",
+             "num_embeds_ada_norm", "num_class_embeds", "time_embedding_dim", "hidden_size",
+             "intermediate_size", "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+# safetensors dtype codes -> (bytes per element, floating point?)
+_DTYPES = {"F64": (8, True), "F32": (4, True), "F16": (2, True), "BF16": (2, True), "F8_E4M3": (1, True),
+           "F8_E5M2": (1, True), "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
+           "U8": (1, False), "BOOL": (1, False)}
+
+
+# --------------------------------------------------------------------------- model_index.json
+
+
+def read_model_index(folder: Path) -> dict[str, type | None]:
+    """{component: class (None for an absent optional component)} from `folder/model_index.json`.
+
+    Entries that are not components of the pipeline class may be plain options (JSON scalars).
+    """
+    path = folder / INDEX_FILE
+    index = read_json(path, "pipeline index")
+    pipeline = _pipeline_class(index.get("_class_name"), path)
+    classes: dict[str, type | None] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or (name not in _component_names(pipeline) and _is_option(entry)):
+            continue  # a pipeline option such as requires_safety_checker: false or DiT's id2label
+        if not name.isidentifier():
+            raise DiffpruneError(f"{path}: component name {reprlib.repr(name)} is not a plain folder name; allowed: "
+                                 "identifiers such as 'unet' or 'text_encoder'")
+        classes[name] = _component_class(name, entry, path)
+        if classes[name] is not None and not (folder / name).is_dir():
+            raise DiffpruneError(f"{path}: component {name!r} is declared but folder {str(folder / name)!r} "
+                                 "does not exist")
+    return classes
+
+
+def _component_names(pipeline: type) -> set[str]:
+    """The entries diffusers loads as modules: required __init__ arguments plus optional components
+    (`DiffusionPipeline.from_pretrained` passes every other entry to __init__ as a plain option)."""
+    required, optional = pipeline._get_signature_keys(pipeline)
+    return set(required) | (set(optional) & set(getattr(pipeline, "_optional_components", ()) or ()))
+
+
+def _is_option(value) -> bool:
+    """A plain option value: anything but a [library, class] pair of names (a pair names a module)."""
+    is_pair = isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+    return not is_pair
+
+
+def _pipeline_class(class_name, path: Path) -> type:
+    from diffusers import DiffusionPipeline
+
+    cls = _attribute(_import("diffusers"), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise DiffpruneError(f"{path}: _class_name={reprlib.repr(class_name)} is not a diffusers pipeline class; "
+                             "allowed: e.g. 'DDPMPipeline', 'StableDiffusionPipeline'")
+    return cls
+
+
+def _component_class(name: str, entry, path: Path) -> type | None:
+    """The class `entry` = [library, class] names, if it is one diffusers may load; else raise."""
+    allowed = "[library, class] with a loadable class, e.g. ['diffusers', 'UNet2DModel'], or [null, null]"
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise DiffpruneError(f"{path}: component {name!r} is {reprlib.repr(entry)}; allowed: {allowed}")
+    library, class_name = entry
+    if library is None and class_name is None:
+        return None
+    module = _library(library) if isinstance(library, str) else None
+    if library == "transformers" and isinstance(class_name, str):
+        class_name = _remapped_transformers_class(class_name)
+    cls = _attribute(module, class_name) if module is not None else None
+    bases = _loadable_bases(library) if module is not None else ()
+    if not (isinstance(cls, type) and issubclass(cls, bases)):
+        raise DiffpruneError(f"{path}: component {name!r} is {reprlib.repr(entry)}, which names no loadable class; "
+                             f"allowed: {allowed}")
+    return cls
+
+
+def _library(library: str) -> ModuleType | None:
+    """The module a model_index library name refers to, as diffusers resolves it; None if unknown."""
+    if library in ("diffusers", "transformers"):
+        return _import(library)
+    from .portable import PORTABLE_MODULE  # a --portable component: diffprune never runs its shipped module
+
+    if library in ("diffprune.io", PORTABLE_MODULE):
+        from . import pipeline
+
+        return pipeline
+    if not library.isidentifier():
+        return None
+    module = getattr(_import("diffusers").pipelines, library, None)  # e.g. "stable_diffusion"
+    return module if isinstance(module, ModuleType) else None
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DiffpruneError(f"this model needs the {name!r} package; install it with pip") from None
+
+
+def _attribute(module: ModuleType | None, name):
+    if module is None or not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        return getattr(module, name, None)
+    except Exception:  # noqa: BLE001 - lazy modules may fail to import an optional backend
+        return None
+
+
+def _loadable_bases(library: str) -> tuple[type, ...]:
+    """Base classes diffusers can load for `library` (its own table, `LOADABLE_CLASSES`)."""
+    from diffusers import ModelMixin
+    from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+
+    from .portable import PORTABLE_MODULE
+
+    if library in ("diffprune.io", PORTABLE_MODULE):
+        return (ModelMixin,)
+    # A class in a diffusers pipeline module (e.g. ["stable_diffusion", "StableDiffusionSafetyChecker"])
+    # may derive from any library's loadable base, as diffusers' ALL_IMPORTABLE_CLASSES allows.
+    tables = [library] if library in ("diffusers", "transformers") else ["diffusers", "transformers"]
+    bases = []
+    for table in tables:
+        module = _import(table)
+        bases += [b for b in (_attribute(module, n) for n in LOADABLE_CLASSES[table]) if isinstance(b, type)]
+    return tuple(bases)
+
+
+def _remapped_transformers_class(class_name: str) -> str:
+    """The name diffusers loads for a deprecated transformers class (e.g. CLIPFeatureExtractor)."""
+    try:
+        from diffusers.pipelines.pipeline_loading_utils import _maybe_remap_transformers_class
+    except ImportError:  # older diffusers: no remapping
+        return class_name
+    return _maybe_remap_transformers_class(class_name) or class_name
+
+
+def is_model_class(cls: type | None) -> bool:
+    """A torch model (diffusers ModelMixin or transformers PreTrainedModel), not a scheduler or tokenizer."""
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+
+
+def is_scheduler_class(cls: type | None) -> bool:
+    from diffusers import SchedulerMixin
+
+    return isinstance(cls, type) and issubclass(cls, SchedulerMixin)
+
+
+# --------------------------------------------------------------------------- config values
+
+
+def check_config_values(config: dict, path: Path) -> None:
+    """Sizes are integers >= 1 (or lists of them), sample_size in [1, MAX_SAMPLE_SIZE]."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and not _ints_in(value, 1, MAX_INT):
+            raise DiffpruneError(f"{path}: {key}={reprlib.repr(value)} is not allowed; allowed: an integer in [1, {MAX_INT}] "
+                                 "or a list of them")
+    size = config.get("sample_size")
+    if size is not None and not (_ints_in(size, 1, MAX_SAMPLE_SIZE) and (not isinstance(size, list) or
+                                                                        len(size) in (1, 2))):
+        raise DiffpruneError(f"{path}: sample_size={reprlib.repr(size)} is not allowed; allowed: an integer in "
+                             f"[1, {MAX_SAMPLE_SIZE}] or a list of two")
+
+
+def _ints_in(value, low: int, high: int) -> bool:
+    if isinstance(value, list):
+        return len(value) > 0 and all(_ints_in(v, low, high) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_scheduler_folder(folder: Path) -> None:
+    """`folder/scheduler_config.json` is a JSON object with a sane num_train_timesteps."""
+    path = folder / SCHEDULER_FILE
+    config = read_json(path, "scheduler config")
+    steps = config.get("num_train_timesteps")
+    if steps is not None and not _ints_in(steps, 1, MAX_TRAIN_TIMESTEPS):
+        raise DiffpruneError(f"{path}: num_train_timesteps={reprlib.repr(steps)} is not allowed; allowed: an integer "
+                             f"in [1, {MAX_TRAIN_TIMESTEPS}]")
+
+
+# --------------------------------------------------------------------------- building on meta
+
+
+class _TooManyModules(Exception):
+    pass
+
+
+def meta_model(cls: type, config: dict, path: Path) -> torch.nn.Module:
+    """`cls` built from `config` on the meta device: shapes without memory, at most MAX_MODULES modules."""
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    count = 0
+
+    def limit(module, name, submodule):
+        nonlocal count
+        count += 1
+        if count > MAX_MODULES:
+            raise _TooManyModules
+
+    handle = register_module_module_registration_hook(limit)
+    try:
+        with torch.device("meta"):
+            return _from_config(cls, config)
+    except _TooManyModules:
+        depth = {k: config[k] for k in ("layers_per_block", "num_layers", "transformer_layers_per_block",
+                                        "num_hidden_layers") if k in config}
+        raise DiffpruneError(f"{path}: the config describes a model of more than {MAX_MODULES} modules "
+                             f"({reprlib.repr(depth)}); allowed: at most {MAX_MODULES}") from None
+    except DiffpruneError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to build from a user's config is bad input
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise DiffpruneError(f"{path}: does not describe a valid {cls.__name__} "
+                             f"({type(err).__name__}: {first})") from None
+    finally:
+        handle.remove()
+
+
+def _from_config(cls: type, config: dict) -> torch.nn.Module:
+    from diffusers import ModelMixin
+
+    if issubclass(cls, ModelMixin):
+        return cls.from_config(config)
+    return cls(cls.config_class.from_dict(config))  # transformers PreTrainedModel
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """The safetensors files a loader reads: those without a variant infix (x.fp16.safetensors)."""
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if f.name.count(".") == 1]
+    return plain or files
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype code, shape)} from the file header, without reading data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DiffpruneError(f"{path}: unreadable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def check_one_float_dtype(path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse a file whose floating tensors have more than one dtype."""
+    first: dict[str, str] = {}
+    for name, (code, _) in header.items():
+        if _DTYPES.get(code, (0, True))[1]:
+            first.setdefault(code, name)
+    if len(first) > 1:
+        (a, na), (b, nb) = list(first.items())[:2]
+        raise DiffpruneError(f"{path}: tensor {na!r} is {a} but {nb!r} is {b}; allowed: one float dtype per "
+                             "file (diffprune loads a model in one dtype and will not mix or silently round)")
+
+
+def check_finite(path: Path) -> None:
+    """Refuse a file holding NaN or infinite values, naming the first such tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)  # one tensor in memory at a time
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad = (name, tensor)
+                    break
+    except (SafetensorError, OSError) as err:
+        raise DiffpruneError(f"{path}: unreadable safetensors file ({str(err).splitlines()[0]})") from None
+    if bad is not None:
+        name, tensor = bad
+        count = int((~torch.isfinite(tensor)).sum())
+        raise DiffpruneError(f"{path}: tensor {name!r} holds {count} NaN/infinite value(s) of "
+                             f"{tensor.numel()}; allowed: finite weights only")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def model_bytes(model: torch.nn.Module, dtype: torch.dtype | None,
+                file_shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    """Bytes `model` holds once loaded in `dtype` (floating tensors; others keep theirs).
+
+    `file_shapes` (a pruned folder) replaces the base shapes of the tensors the file holds.
+    """
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    persistent = model.state_dict(keep_vars=True)
+    total = 0
+    for key, tensor in state.items():
+        numel = tensor.numel()
+        if file_shapes is not None and key in persistent and key in file_shapes:
+            numel = math.prod(file_shapes[key])
+        total += numel * (dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.itemsize)
+    return total
+
+
+def memory_limit() -> tuple[int | None, str]:
+    """(bytes a model may need, where that number comes from); None when it cannot be known."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise DiffpruneError(f"{MEMORY_ENV}={text!r} is not allowed; allowed: a number of bytes >= 1")
+        return value, f"{MEMORY_ENV}={value}"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available memory"
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available memory (MemAvailable)"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "unknown"
+
+
+def check_memory(needs: dict[Path, int], where: Path) -> None:
+    """Refuse when the model(s) described by the configs in `needs` would not fit in memory."""
+    limit, source = memory_limit()
+    total = sum(needs.values())
+    if limit is None or total <= limit:
+        return
+    largest = max(needs, key=needs.get)
+    parts = ", ".join(f"{p.parent.name or p}: {_size(n)}" for p, n in needs.items())
+    raise DiffpruneError(f"{largest}: loading {where} needs about {_size(total)} ({parts}) but the limit is "
+                         f"{_size(limit)} ({source}); allowed: models that fit (free memory or set {MEMORY_ENV})")
+
+
+def _size(n: int) -> str:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+# --------------------------------------------------------------------------- one model folder
+
+
+def check_model_folder(folder: Path, cls: type, torch_dtype: torch.dtype | None = None,
+                       pruned: bool = False) -> int:
+    """Check config, meta-built size and weights of the model in `folder`; return the bytes it needs.
+
+    `pruned`: the folder's tensors (not the base config's) are what the loaded model holds. Memory is
+    checked by the caller (`check_memory`) over all components before the finite-value scan.
+    """
+    path = folder / CONFIG_FILE
+    config = read_json(path, "model config")
+    config.pop("auto_map", None)  # a --portable folder's pointer to its shipped module, not a setting
+    check_config_values(config, path)
+    meta = meta_model(cls, config, path)
+    files = weights_files(folder)
+    headers = {f: read_header(f) for f in files}
+    for f, header in headers.items():
+        check_one_float_dtype(f, header)
+    shapes = {k: shape for h in headers.values() for k, (_, shape) in h.items()} if pruned else None
+    dtype = torch_dtype or next((p.dtype for p in meta.parameters() if p.is_floating_point()), None)
+    return model_bytes(meta, dtype, shapes) + sum(f.stat().st_size for f in files)
+
+
+def check_models(models: dict[Path, tuple[type, bool]], torch_dtype: torch.dtype | None, where: Path) -> None:
+    """Check every model folder {folder: (class, pruned?)}, then their memory together, then the
+    weights' values (a full read, done last: only for models that will be loaded)."""
+    needs = {folder / CONFIG_FILE: check_model_folder(folder, cls, torch_dtype, pruned)
+             for folder, (cls, pruned) in models.items()}
+    check_memory(needs, where)
+    for folder in models:
+        for f in weights_files(folder):
+            check_finite(f)
+
+
+def check_pipeline_folder(folder: Path, classes: dict[str, type | None], torch_dtype: torch.dtype | None,
+                          pruning_file: str) -> None:
+    """All checks for the components of a pipeline folder (see `read_model_index`) before any is built."""
+    for name, cls in classes.items():
+        if is_scheduler_class(cls):
+            check_scheduler_folder(folder / name)
+    models = {folder / name: (cls, (folder / name / pruning_file).is_file())
+              for name, cls in classes.items() if is_model_class(cls)}
+    check_models(models, torch_dtype, folder)

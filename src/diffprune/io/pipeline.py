@@ -1,0 +1,397 @@
+"""Save and load pruned pipelines without pickles: safetensors for weights, JSON for structure.
+
+A pruned component folder holds the *unchanged* base `config.json`, the pruned tensors in
+`diffusion_pytorch_model.safetensors`, and `pruning.json` (format version, base model, method,
+kept timesteps, per-module widths, library versions). Loading = build the base architecture from
+the config on the meta device (no memory), impose the recorded widths (`structure.apply_structure`),
+strict safetensors load of the stored tensors: the result is bit-identical to the model that was
+saved, and loading never holds the unpruned model.
+
+Every folder is checked before anything is built (`model_checks`): model_index.json entries,
+config values and the memory they need, float dtypes and finite values of the weights.
+
+The classes below are registered under the `diffprune` library name in `model_index.json`, so
+`DiffusionPipeline.from_pretrained(folder)` also works once `import diffprune` has run (diffusers
+0.42 only resolves libraries that are already imported, for safety). A `--portable` folder
+(portable.py) also ships a module for plain diffusers (`trust_remote_code=True`); diffprune never runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ModelMixin,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import DiffpruneError
+from ..fsutil import read_json
+from .model_checks import (
+    check_models,
+    check_one_float_dtype,
+    check_pipeline_folder,
+    check_scheduler_folder,
+    read_header,
+    read_model_index,
+)
+from .structure import apply_structure, record_structure
+
+logger = logging.getLogger(__name__)
+
+PRUNING_FILE = "pruning.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_NAME = "diffprune-pruning"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "base_class", "structure")
+# diffusers finds a component's load method by looking its base classes up in the component's own
+# module (`model_index.json` names `diffprune.io`), so ModelMixin must be reachable from here.
+__all__ = ["ModelMixin", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel",
+           "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline"]
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import torch_pruning
+
+    from .. import __version__
+
+    return {"diffprune": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "torch_pruning": torch_pruning.__version__}
+
+
+class PrunedModelMixin:
+    """Save/load for a pruned diffusers model. Mixed into a subclass of the base model class."""
+
+    base_class: type = None  # the diffusers class this pruned class extends
+    pruning_info: dict[str, Any]
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Write config.json (base config), weights (safetensors) and pruning.json."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in dict(self.config).items() if not k.startswith("_")}
+        import diffusers
+
+        config = {"_class_name": self.base_class.__name__, "_diffusers_version": diffusers.__version__,
+                  **config}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        info = {**self.pruning_info, "structure": record_structure(self)}
+        (folder / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, revision: str | None = None,
+                        **kwargs):
+        """Rebuild from config + pruning.json, then load the safetensors strictly."""
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder, revision)
+        info = read_pruning_info(folder)
+        expected = cls.base_class.__name__
+        if info["base_class"] != expected:
+            raise DiffpruneError(f"{folder / PRUNING_FILE}: base_class={info['base_class']!r}, "
+                                 f"but {cls.__name__} needs {expected!r}")
+        return build_pruned(cls, read_config(folder), info, read_weights(folder), torch_dtype,
+                            where=str(folder / PRUNING_FILE))
+
+
+def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Tensor],
+                 torch_dtype: torch.dtype | None = None, where: str = PRUNING_FILE):
+    """A `cls` instance with the structure in `info` and exactly the tensors in `state`.
+
+    Parameters are built on the meta device and then take the tensors of `state` (`assign=True`),
+    so the unpruned base is never allocated. dtype: floating tensors are cast to `torch_dtype`, else
+    to the dtype the config builds (float32); `read_weights` refuses files that mix float dtypes.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # buffers outside the file (e.g. DiT pos_embed) stay real
+        model = cls.from_config(config)
+    restore_saved_buffers(model, state, where)
+    method = info.get("method")
+    prune_heads = method.get("prune_heads") if isinstance(method, dict) else None
+    apply_structure(model, info["structure"], {k: tuple(v.shape) for k, v in state.items()}, where,
+                    prune_heads if isinstance(prune_heads, bool) else None)
+    dtype = torch_dtype or next(model.parameters()).dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise DiffpruneError(f"{where}: weights do not match the recorded structure: "
+                             f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+    model.pruning_info = {k: v for k, v in info.items() if k != "structure"}
+    model.eval()
+    return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+# ---- restore_saved_buffers: H6 (issue 16, DiT residual width); self-contained, used by build_pruned only
+def restore_saved_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Buffers the architecture builds as non-persistent but the weights file holds load from the file.
+
+    A residual-pruned DiT stores its sliced sin-cos position buffer (`pos_embed.pos_embed`, see
+    families/dit.py): diffusers rebuilds that buffer from the base width at construction, and a fresh
+    sin-cos of the pruned width would be a different function. Only buffers the base model already
+    has are restored, differing from the base's shape in the last (channel) dimension alone, never
+    larger (pruning only slices), and as wide as the owner's `proj` output when it has one (the
+    PatchEmbed adds the buffer to it); anything else in the file is refused by the strict load.
+    """
+    for key, saved in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue
+        base = owner._buffers.get(leaf)
+        if base is None or leaf not in owner._non_persistent_buffers_set:
+            continue
+        proj = state.get(f"{owner_name}.proj.weight" if owner_name else "proj.weight")
+        width = int(proj.shape[0]) if proj is not None and proj.dim() > 0 else None
+        ok = saved.dim() == base.dim() and (saved.dim() == 0 or (
+            saved.shape[:-1] == base.shape[:-1] and 0 < saved.shape[-1] <= base.shape[-1]
+            and width in (None, saved.shape[-1])))
+        if not ok:
+            allowed = f"{tuple(base.shape[:-1]) + (width,)}" if width is not None else \
+                f"{tuple(base.shape)} with a last dimension of at most {base.shape[-1]}"
+            raise DiffpruneError(f"{where}: buffer {key!r} has shape {tuple(saved.shape)}; allowed: {allowed}")
+        owner.register_buffer(leaf, base, persistent=True)
+# ---- end restore_saved_buffers
+
+
+class PrunedUNet2DModel(PrunedModelMixin, UNet2DModel):
+    """A `UNet2DModel` whose layers have pruned widths (see module docstring)."""
+
+    base_class = UNet2DModel
+
+
+class PrunedUNet2DConditionModel(PrunedModelMixin, UNet2DConditionModel):
+    """A `UNet2DConditionModel` (Stable Diffusion) whose layers have pruned widths."""
+
+    base_class = UNet2DConditionModel
+
+
+class PrunedDiTTransformer2DModel(PrunedModelMixin, DiTTransformer2DModel):
+    """A `DiTTransformer2DModel` whose heads / MLP widths are pruned."""
+
+    base_class = DiTTransformer2DModel
+
+
+class PrunedPixArtTransformer2DModel(PrunedModelMixin, PixArtTransformer2DModel):
+    """A `PixArtTransformer2DModel` (PixArt-alpha / sigma) whose heads / MLP / conditioning widths are pruned."""
+
+    base_class = PixArtTransformer2DModel
+
+
+PRUNED_CLASSES: dict[type, type] = {UNet2DModel: PrunedUNet2DModel,
+                                    UNet2DConditionModel: PrunedUNet2DConditionModel,
+                                    DiTTransformer2DModel: PrunedDiTTransformer2DModel,
+                                    PixArtTransformer2DModel: PrunedPixArtTransformer2DModel}
+# model_index.json records a component's library as its class's module: keep it the public
+# `diffprune.io` (which re-exports these classes and ModelMixin), as in folders saved before io/.
+for _cls in PRUNED_CLASSES.values():
+    _cls.__module__ = "diffprune.io"
+del _cls
+
+
+def pruned_class_for(model: torch.nn.Module) -> type:
+    for base, pruned in PRUNED_CLASSES.items():
+        if isinstance(model, base):
+            return pruned
+    raise DiffpruneError(f"model family {type(model).__name__!r} cannot be saved as pruned yet; "
+                         f"supported: {[c.__name__ for c in PRUNED_CLASSES]}")
+
+
+def to_pruned(model: torch.nn.Module, info: dict[str, Any]):
+    """Re-home a pruned model in its Pruned* class via the same path loading uses.
+
+    Building it this way at prune time proves the recorded structure reproduces the model.
+    """
+    cls = pruned_class_for(model)
+    base_config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    full = {**info, "structure": record_structure(model)}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = build_pruned(cls, base_config, full, state, where="pruned model")
+    return out.to(next(model.parameters()).device)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_pruning_info(folder: Path) -> dict[str, Any]:
+    path = folder / PRUNING_FILE
+    if not path.is_file():
+        raise DiffpruneError(f"{path}: missing; this is not a diffprune pruned model folder")
+    info = read_json(path, "pruning file")
+    missing = [k for k in REQUIRED_KEYS if k not in info]
+    if missing:
+        raise DiffpruneError(f"{path}: missing keys {missing}")
+    if info["format"] != FORMAT_NAME or info["format_version"] != FORMAT_VERSION:
+        raise DiffpruneError(f"{path}: format {info['format']!r} version {info['format_version']!r} "
+                             f"is not supported; this diffprune reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    if not isinstance(info["structure"], dict):
+        raise DiffpruneError(f"{path}: 'structure' must be an object of module entries")
+    return info
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The base config; a portable folder's `auto_map` (portable.py) is for diffusers only, not a setting."""
+    config = read_json(folder / CONFIG_FILE, "model config")
+    config.pop("auto_map", None)
+    return config
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s safetensors file; a file mixing float dtypes is refused."""
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise DiffpruneError(f"{path}: missing weights file (only safetensors are read, never pickles)")
+    check_one_float_dtype(path, read_header(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DiffpruneError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+# --------------------------------------------------------------------------- resolving models
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_folder(name_or_path: str | Path, subfolder: str | None = None,
+                   revision: str | None = None) -> Path:
+    """A local folder for a path or a hub id (downloaded when online)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise DiffpruneError(f"model folder {str(folder)!r} does not exist")
+        return folder
+    if path.exists():
+        raise DiffpruneError(f"model {str(name_or_path)!r} is a file; give a diffusers folder or a hub id")
+    if not _HUB_ID.match(str(name_or_path)) or str(name_or_path).startswith((".", "/", "~")):
+        raise DiffpruneError(f"model path {str(name_or_path)!r} does not exist; give a diffusers folder "
+                             "or a hub id such as 'google/ddpm-cifar10-32'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(str(name_or_path), revision=revision,
+                                 allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    except Exception as err:  # noqa: BLE001 - network and hub errors come in many types
+        raise DiffpruneError(f"model {str(name_or_path)!r} is not a local folder and could not be "
+                             f"fetched from the hub ({type(err).__name__}); check the id or go online") from None
+    return Path(root) / subfolder if subfolder else Path(root)
+
+
+def load_unet(name_or_path: str | Path, subfolder: str | None = None,
+              torch_dtype: torch.dtype | None = None, revision: str | None = None) -> torch.nn.Module:
+    """Load a denoiser folder: pruned (pruning.json present) or a plain diffusers model.
+
+    The folder is checked first (`model_checks.check_models`): config values, memory, weights.
+    """
+    folder = resolve_folder(name_or_path, subfolder, revision)
+    config = read_config(folder)
+    class_name = config.get("_class_name")
+    base = next((b for b in PRUNED_CLASSES if b.__name__ == class_name), None)
+    if base is None:
+        supported = [b.__name__ for b in PRUNED_CLASSES]
+        raise DiffpruneError(f"model family {class_name!r} in {folder / CONFIG_FILE} is not supported yet; "
+                             f"supported: {supported}")
+    pruned = (folder / PRUNING_FILE).exists()
+    if pruned or (folder / WEIGHTS_FILE).exists():
+        check_models({folder: (base, pruned)}, torch_dtype, folder)
+    if pruned:
+        return PRUNED_CLASSES[base].from_pretrained(folder, torch_dtype=torch_dtype)
+    if not (folder / WEIGHTS_FILE).exists():
+        raise DiffpruneError(f"{folder}: no {WEIGHTS_FILE}; diffprune reads safetensors weights only")
+    try:
+        return base.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DiffpruneError(f"{folder}: could not load {class_name} ({str(err).splitlines()[0]})") from None
+
+
+def load_pipeline(name_or_path: str | Path, device: str | torch.device = "cpu",
+                  torch_dtype: torch.dtype | None = None, revision: str | None = None) -> DiffusionPipeline:
+    """A pipeline from a pipeline folder, a bare model folder, or a hub id.
+
+    A bare UNet folder gets its `scheduler_config.json` if present (beside it or in ../scheduler),
+    else diffusers' default DDPMScheduler (1000 linear steps), with a warning.
+    """
+    folder = resolve_folder(name_or_path, revision=revision)
+    if (folder / "model_index.json").is_file():
+        pipe = _from_pipeline_folder(folder, torch_dtype)
+    elif (folder / CONFIG_FILE).is_file():
+        unet = load_unet(folder, torch_dtype=torch_dtype)
+        pipe = DDPMPipeline(unet=unet, scheduler=_scheduler_near(folder))
+    else:
+        raise DiffpruneError(f"{str(folder)!r} holds neither model_index.json (a pipeline) nor "
+                             "config.json (a model); give a diffusers folder or hub id")
+    return pipe.to(device)
+
+
+def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
+    classes = read_model_index(folder)
+    has_safetensors = any(folder.glob("*/*.safetensors"))
+    if not has_safetensors:
+        raise DiffpruneError(f"{folder}: no safetensors weights found; diffprune never loads pickled "
+                             "(.bin/.pt) checkpoints. Convert with save_pretrained(safe_serialization=True)")
+    for component, cls in classes.items():
+        if cls is not None and (folder / component / PRUNING_FILE).exists() and not issubclass(cls, PrunedModelMixin):
+            raise DiffpruneError(f"{folder / 'model_index.json'}: {component} has pruning.json but is "
+                                 f"declared as {cls.__name__}; expected ['diffprune.io' or "
+                                 "'diffprune_pruned_model' (--portable), 'Pruned...']")
+    check_pipeline_folder(folder, classes, torch_dtype, PRUNING_FILE)
+    from diffusers.utils import logging as diffusers_logging
+
+    from .portable import portable_loading
+
+    bars_were_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a per-component bar is noise in our commands' output
+    try:  # a portable folder's shipped code is never run: its pruned components load with our classes
+        with portable_loading(folder, classes, torch_dtype) as passed:
+            return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, **passed)
+    except DiffpruneError:
+        raise
+    except (OSError, ValueError, RuntimeError, AttributeError) as err:
+        raise DiffpruneError(f"{folder}: could not load pipeline ({str(err).splitlines()[0]})") from None
+    finally:
+        if bars_were_on:
+            diffusers_logging.enable_progress_bar()
+
+
+def _scheduler_near(folder: Path):
+    for cand in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            check_scheduler_folder(cand.parent)
+            return DDPMScheduler.from_pretrained(cand.parent, subfolder=None)
+    logger.warning("no scheduler config next to %s; using DDPMScheduler defaults (1000 linear steps)", folder)
+    return DDPMScheduler()
+
+
+def save_pipeline(pipe: DiffusionPipeline, folder: str | Path, portable: bool = False) -> Path:
+    """Write `pipe` as a diffusers pipeline folder (safetensors only) into an existing folder.
+
+    `portable`: pruned components also get the code plain diffusers needs (portable.make_portable),
+    so the folder loads with `trust_remote_code=True` where diffprune is not installed.
+    """
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if portable:
+        from .portable import make_portable
+
+        make_portable(folder)
+    return folder

@@ -1,0 +1,414 @@
+"""Which channels matter: Diff-Pruning's timestep-thresholded Taylor importance and the baselines.
+
+Diff-Pruning (Fang et al. 2023, Eq. 7-8; PAPER.md "The idea"):
+
+    I(theta) = | theta * sum_t alpha_t dL_t/dtheta |,  alpha_t in {0, 1}
+
+with L_t the noise-prediction loss at timestep t on one calibration batch and one fixed noise tensor.
+Sweeping t = 0, 1, 2, ... we backpropagate L_t, update a running maximum L_max (L_t included) and
+stop after the first t with L_t < thr * L_max. As in the paper's code (ddpm_prune.py backpropagates
+before it tests the threshold) the step that stops the sweep is summed too: alpha_t = 1 for
+t = 0..cut inclusive, the informative low-noise steps. Scores are the
+per-element |w * g| summed over each layer's slice and reduced over the dependency group
+(torch-pruning's TaylorImportance, multivariable=False). `taylor` is the classic baseline: all
+timesteps, |sum w * g| (multivariable=True). `magnitude` = L2 norm, `random` = random scores,
+`reinit` = random structure with fresh weights (the paper's "scratch" architecture).
+
+`estimate_fast` approximates Diff-Pruning's sum at a fraction of the cost: the cut from a coarse
+forward-only loss curve, then a few backward passes on (image, t) pairs sampled from a larger
+image pool with t stratified over the kept prefix [0, cut] (benchmarks/importance_cost.py measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch_pruning as tp
+from tqdm.auto import tqdm
+
+from ..diffusion import noisy_and_target, num_train_timesteps
+from ..errors import DiffpruneError, check_range
+
+METHODS = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
+GRADIENT_METHODS = ("diff-pruning", "taylor")
+ESTIMATORS = ("exact", "fast")  # how Diff-Pruning's sum is computed: estimate / estimate_fast
+# Forward-only losses past the cut that `diffprune prune` adds to its loss plot: enough to show the
+# dropped tail's shape (L_t is smooth in t) for 10 forward passes, ~1% of the digits sweep at thr 0.05.
+PLOT_TAIL_POINTS = 10
+
+
+@dataclasses.dataclass
+class ImportanceResult:
+    """What the calibration sweep found: the loss curve, the kept timesteps and the gradients."""
+
+    method: str
+    threshold: float
+    kept_timesteps: list[int]  # [0, cut] (or every timestep when cut is None)
+    losses: list[tuple[int, float]]  # (t, L_t) for every t evaluated: exact = the kept ones; fast = its coarse grid
+    tail_losses: list[tuple[int, float]]  # forward-only (t, L_t) past the cut, for the plot (optional)
+    grads: dict[str, torch.Tensor] | None  # parameter name -> sum_t alpha_t dL_t/dtheta
+    sample_gradient_evals: int  # images x timesteps that went through backward
+    wall_time_s: float
+    estimator: str = "exact"  # "exact": the per-timestep sweep; "fast": estimate_fast (coarse cut, sampled pairs)
+    # The timestep at which the threshold rule stopped the sweep: the last kept one (kept = [0, cut],
+    # as in the paper's loop). None when every timestep was kept (no cut, threshold 0, or not a sweep).
+    cut: int | None = None
+
+    def summary(self) -> dict:
+        return {"method": self.method, "threshold": self.threshold,
+                "kept_timesteps": _ranges(self.kept_timesteps), "num_kept_timesteps": len(self.kept_timesteps),
+                "cut_timestep": self.cut, "losses": self.losses, "tail_losses": self.tail_losses,
+                "sample_gradient_evals": self.sample_gradient_evals, "wall_time_s": self.wall_time_s,
+                "estimator": self.estimator}
+
+
+def _ranges(ts: list[int]) -> list[list[int]]:
+    """[0,1,2,5,6] -> [[0,3],[5,7]] (half-open), so a 1000-step list stays one line in JSON."""
+    out: list[list[int]] = []
+    for t in ts:
+        if out and out[-1][1] == t:
+            out[-1][1] = t + 1
+        else:
+            out.append([t, t + 1])
+    return out
+
+
+def stops(loss: torch.Tensor, l_max: torch.Tensor | float, threshold: float) -> bool:
+    """The paper's stopping test `loss < loss_max * thr` (ddpm_prune.py), in the loss's dtype as there.
+
+    threshold = 0 never stops (L_t >= 0): every timestep is kept.
+    """
+    return threshold > 0 and bool(loss < l_max * threshold)
+
+
+def running_max(l_max: torch.Tensor | float, loss: torch.Tensor) -> torch.Tensor | float:
+    """ddpm_prune.py's `if loss > loss_max: loss_max = loss` (from 0), applied before `stops` tests L_t."""
+    return loss if bool(loss > l_max) else l_max
+
+
+def threshold_sweep(loss_at: Callable[[int], torch.Tensor], num_timesteps: int | Sequence[int], threshold: float,
+                    on_keep: Callable[[int, torch.Tensor], None] | None = None,
+                    progress: bool = False) -> tuple[list[tuple[int, float]], int | None]:
+    """Diff-Pruning's timestep selection in the order of the paper's loop (ddpm_prune.py).
+
+    For t = 0, 1, ...: evaluate L_t, hand it to `on_keep` (the caller backpropagates it), update the
+    running maximum L_max with L_t, and stop if L_t < threshold * L_max. The step that stops the
+    sweep was backpropagated first, so every evaluated t is kept: the kept timesteps are [0, cut].
+    `num_timesteps` may also be an increasing sequence of timesteps (a coarse grid).
+    Returns every (t, L_t) evaluated and the cut: the t at which the rule stopped the sweep, or None
+    when it never did (threshold = 0 keeps all). A non-finite L_t is refused, naming t, before `on_keep`.
+    """
+    losses: list[tuple[int, float]] = []
+    l_max: torch.Tensor | float = 0.0
+    steps = range(num_timesteps) if isinstance(num_timesteps, int) else num_timesteps
+    bar = tqdm(steps, desc="importance (t sweep)", disable=not progress, leave=False)
+    for t in bar:
+        loss = loss_at(t)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DiffpruneError(f"calibration loss is {value} at timestep t={t}; check the calibration "
+                                 "images and the model weights")
+        losses.append((t, value))
+        if on_keep is not None:
+            on_keep(t, loss)
+        l_max = running_max(l_max, loss.detach())
+        if stops(loss.detach(), l_max, threshold):
+            return losses, t
+        if progress:
+            bar.set_postfix(loss=f"{value:.4f}", ratio=f"{value / max(float(l_max), 1e-30):.3f}")
+    return losses, None
+
+
+def _cut_or_none(cut: int | None, num_timesteps: int) -> int | None:
+    """ImportanceResult.cut: None when the kept range [0, cut] is every timestep."""
+    return None if cut is None or cut >= num_timesteps - 1 else cut
+
+
+def tail_timesteps(cut: int | None, num_timesteps: int, points: int) -> list[int]:
+    """Up to `points` timesteps spread evenly over the dropped tail [cut + 1, num_timesteps - 1].
+
+    They get forward-only losses for the plot; none when nothing was cut or points = 0.
+    """
+    if points < 0:
+        raise DiffpruneError(f"tail_points={points} must be an integer >= 0")
+    if cut is None or points == 0:
+        return []
+    first, last = cut + 1, num_timesteps - 1
+    return sorted({round(first + i * (last - first) / max(points - 1, 1)) for i in range(points)})
+
+
+def _calibration_loss(model: torch.nn.Module, family, scheduler, images: torch.Tensor, seed: int,
+                      cond: dict | None) -> Callable[..., torch.Tensor]:
+    """L_t on one fixed batch and one fixed noise tensor (seeded): `loss_at(t, grad=True)`."""
+    device = next(model.parameters()).device
+    images = images.to(device)
+    cond = {k: v.to(device) for k, v in cond.items()} if cond else cond
+    if not torch.isfinite(images).all():
+        raise DiffpruneError("calibration images contain NaN or inf values")
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def loss_at(t: int, grad: bool = True) -> torch.Tensor:
+        ts = torch.full((images.shape[0],), t, device=device, dtype=torch.long)
+        x_t, target = noisy_and_target(scheduler, images, noise, ts)
+        with torch.set_grad_enabled(grad):
+            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts, cond), target)
+
+    return loss_at
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _non_finite_gradient(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter whose gradient holds NaN or inf, or None."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
+
+
+def _refuse_non_finite(model: torch.nn.Module, loss_at: Callable[..., torch.Tensor], timesteps: list[int],
+                       progress: bool) -> None:
+    """Refuse a sweep whose summed gradients are not finite, naming the first timestep responsible.
+
+    Every L_t was checked as the sweep computed it; the gradients are checked once here, which sees
+    any step's overflow because NaN and inf persist through the sum. Only on that error path are the
+    kept timesteps replayed one at a time, to name the first whose own gradient is not finite.
+    """
+    name = _non_finite_gradient(model)
+    if name is None:
+        return
+    for t in tqdm(timesteps, desc="locating the non-finite gradient", disable=not progress, leave=False):
+        model.zero_grad(set_to_none=True)
+        loss = loss_at(t)
+        loss.backward()
+        bad = _non_finite_gradient(model)
+        if bad is not None:
+            raise DiffpruneError(f"gradient of {bad!r} is not finite at timestep t={t} (loss "
+                                 f"{float(loss.detach()):.4g}, finite); check the model weights and the "
+                                 "calibration images")
+    raise DiffpruneError(f"the gradient of {name!r} summed over the kept timesteps is not finite although every "
+                         "loss and every single timestep's gradient was; check the model weights")
+
+
+def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, method: str,
+             threshold: float = 0.0, seed: int = 0, progress: bool = True,
+             tail_points: int = 0, cond: dict | None = None) -> ImportanceResult:
+    """Run the calibration sweep for `method` on `images` (N, C, H, W in the model's range).
+
+    For latent families `images` are the scaled latents; `cond` holds the family's conditioning
+    tensors (text embeddings, class labels) aligned with `images`.
+    Gradients are summed over the kept timesteps [0, cut] (the paper's loop: the step that stops the
+    sweep is included) and returned by parameter name; the model's own `.grad` fields are cleared
+    again. `tail_points` > 0 adds that many forward-only losses past the cut for the plot, at the cost
+    of as many forward passes; 0 (default) costs what the paper's loop does. Non-gradient methods
+    return no gradients and no curve.
+    """
+    if method not in METHODS:
+        raise DiffpruneError(f"method={method!r} is not one of {METHODS}")
+    start = time.perf_counter()
+    if method not in GRADIENT_METHODS:
+        return ImportanceResult(method, threshold, [], [], [], None, 0, 0.0)
+    loss_at = _calibration_loss(model, family, scheduler, images, seed, cond)
+    was_training = model.training
+    model.eval()  # no dropout: the sweep must be deterministic
+    model.zero_grad(set_to_none=True)
+    total = num_train_timesteps(scheduler)
+    thr = threshold if method == "diff-pruning" else 0.0
+    try:
+        losses, cut = threshold_sweep(loss_at, total, thr, on_keep=lambda t, loss: loss.backward(),
+                                     progress=progress)
+        kept = [t for t, _ in losses]
+        _refuse_non_finite(model, loss_at, kept, progress)
+        grads = _grads(model)
+        cut = _cut_or_none(cut, total)
+        tail = [(t, float(loss_at(t, grad=False).detach())) for t in tail_timesteps(cut, total, tail_points)]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return ImportanceResult(method, thr, kept, losses, tail, grads, len(kept) * images.shape[0],
+                            time.perf_counter() - start, cut=cut)
+
+
+def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tensor,
+                  thresholds: tuple[float, ...], seed: int = 0, progress: bool = True,
+                  tail_points: int = 0, cond: dict | None = None,
+                  prefixes: Sequence[int] = ()) -> dict[tuple[str, float], ImportanceResult]:
+    """One all-timestep sweep that serves Diff-Pruning at every threshold and Taylor (all steps).
+
+    The threshold rule only looks back (running max), so each threshold's cut is known when the
+    sweep reaches it; its gradients are snapshotted there, after that step's backward (kept = [0, cut]).
+    Each result equals a separate `estimate(...)` with the same images, seed and tail_points (whose
+    forward-only tail losses this sweep has already computed); its wall time is the sweep's time up to
+    its cut. Keys: ("diff-pruning", thr) for each threshold and ("taylor", 0.0); with `prefixes`, also
+    ("prefix", k): the gradients summed over the first k timesteps [0, k - 1] (the paper's ablation of
+    the kept range, Sec. 4.3), reported like a cut at k - 1.
+    """
+    for thr in thresholds:
+        check_range("threshold", thr, 0.0, 1.0, high_open=True)
+    start = time.perf_counter()
+    loss_at = _calibration_loss(model, family, scheduler, images, seed, cond)
+    total, n = num_train_timesteps(scheduler), images.shape[0]
+    for k in prefixes:
+        check_range("prefix", k, 1, total)
+    tail_timesteps(None, total, tail_points)  # refuse a bad tail_points before the sweep
+    fixed = {k: None for k in prefixes if k < total}  # k -> (grads, wall) once the sweep has summed t = k - 1
+    pending = sorted(set(thresholds), reverse=True)  # the highest threshold cuts first
+    cuts: dict[float, tuple[int, dict, float]] = {}
+    l_max: torch.Tensor | float = 0.0
+
+    def on_keep(t: int, loss: torch.Tensor) -> None:
+        nonlocal l_max
+        loss.backward()
+        wall = time.perf_counter() - start
+        l_max = running_max(l_max, loss.detach())
+        while pending and stops(loss.detach(), l_max, pending[0]):
+            cuts[pending.pop(0)] = (t, _grads(model), wall)
+        if t + 1 in fixed:
+            fixed[t + 1] = (_grads(model), wall)
+
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        losses, _ = threshold_sweep(loss_at, total, 0.0, on_keep=on_keep, progress=progress)
+        # The sums only grow, and NaN/inf persist in them: finite at the end means finite at every snapshot.
+        _refuse_non_finite(model, loss_at, list(range(total)), progress)
+        full = (None, _grads(model), time.perf_counter() - start)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+    def result(k: int, cut: int | None, threshold: float, grads: dict, wall: float) -> ImportanceResult:
+        tail = [losses[t] for t in tail_timesteps(cut, total, tail_points)]
+        return ImportanceResult("diff-pruning", threshold, list(range(k)), losses[:k], tail, grads, k * n, wall,
+                                cut=cut)
+
+    out = {}
+    for thr in thresholds:
+        stop, grads, wall = cuts.get(thr, full)
+        cut = _cut_or_none(stop, total)
+        out[("diff-pruning", thr)] = result(total if cut is None else cut + 1, cut, thr, grads, wall)
+    out[("taylor", 0.0)] = ImportanceResult("taylor", 0.0, list(range(total)), losses, [], full[1], total * n, full[2])
+    for k in prefixes:
+        grads, wall = fixed[k] if k < total else full[1:]
+        out[("prefix", k)] = result(k, _cut_or_none(k - 1, total), 0.0, grads, wall)
+    return out
+
+
+def coarse_cut(loss_at: Callable[[int], torch.Tensor], num_timesteps: int, threshold: float,
+               stride: int) -> tuple[int | None, list[tuple[int, float]]]:
+    """The threshold rule on the grid t = 0, stride, 2*stride, ...: (cut, every (t, L_t) evaluated).
+
+    cut = the first grid t with L_t < threshold * (running max of the grid losses, L_t included); the
+    kept timesteps are [0, cut], as in the exact sweep. None when every timestep is kept: no grid
+    point falls below, threshold = 0, or the rule stops only at t = num_timesteps - 1.
+    """
+    if stride < 1:
+        raise DiffpruneError(f"grid_stride={stride} must be an integer >= 1")
+    losses, cut = threshold_sweep(loss_at, range(0, num_timesteps, stride), threshold)
+    return _cut_or_none(cut, num_timesteps), losses
+
+
+def stratified_timesteps(num_kept: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps in [0, num_kept - 1], one uniformly drawn from each of n equal strata (n may exceed num_kept)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    t = ((torch.arange(n, dtype=torch.float64) + u) * num_kept / n).floor().long()
+    return t.clamp_(0, num_kept - 1)[torch.randperm(n, generator=generator)]
+
+
+def default_passes(num_kept: int, pairs_per_pass: int) -> int:
+    """~6 (image, t) pairs per kept timestep: under 10% of an exact sweep with a 64-image batch."""
+    return max(1, math.ceil(6 * num_kept / pairs_per_pass))
+
+
+def estimate_fast(model: torch.nn.Module, family, scheduler, images: torch.Tensor, threshold: float,
+                  seed: int = 0, grid_stride: int = 10, cut_batch: int = 8, pairs_per_pass: int = 64,
+                  passes: int | None = None, progress: bool = True, cond: dict | None = None) -> ImportanceResult:
+    """Diff-Pruning's importance at a fraction of the exact sweep's cost.
+
+    1. The cut: the threshold rule on a forward-only loss curve over the coarse grid
+       t = 0, grid_stride, ... with the first `cut_batch` images and one fixed noise tensor
+       (`coarse_cut`: kept = [0, cut], the grid point that stops the rule included as in the exact sweep).
+    2. sum_{t <= cut} dL_t/dtheta, up to scale: `passes` backward passes, each on the mean loss of
+       `pairs_per_pass` (image, t) pairs, images drawn from all of `images` (without replacement
+       until the pool is used up), timesteps stratified over [0, cut], fresh noise per pair.
+       Default passes: `default_passes(cut + 1, pairs_per_pass)`. The scale is irrelevant: pruning
+       ranks channels within each group.
+    Deterministic for a given seed. `sample_gradient_evals` = passes * pairs_per_pass.
+    """
+    check_range("threshold", threshold, 0.0, 1.0, high_open=True)
+    for name, value in (("cut_batch", cut_batch), ("pairs_per_pass", pairs_per_pass)):
+        if value < 1:
+            raise DiffpruneError(f"{name}={value} must be an integer >= 1")
+    if passes is not None and passes < 1:
+        raise DiffpruneError(f"passes={passes} must be an integer >= 1")
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if not torch.isfinite(images).all():
+        raise DiffpruneError("calibration images contain NaN or inf values")
+    n = images.shape[0]
+    head = list(range(min(cut_batch, n)))
+    cond_head = _select(cond, head, n)
+    total = num_train_timesteps(scheduler)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        loss_at = _calibration_loss(model, family, scheduler, images[head], seed, cond_head)
+        cut, losses = coarse_cut(lambda t: loss_at(t, grad=False), total, threshold, grid_stride)
+        num_kept = total if cut is None else cut + 1
+        passes = default_passes(num_kept, pairs_per_pass) if passes is None else passes
+        g = torch.Generator().manual_seed(seed + 1)
+        order: list[int] = []
+        for i in tqdm(range(passes), desc=f"importance (fast, cut={cut})", disable=not progress, leave=False):
+            while len(order) < pairs_per_pass:
+                order += torch.randperm(n, generator=g).tolist()
+            idx, order = order[:pairs_per_pass], order[pairs_per_pass:]
+            ts = stratified_timesteps(num_kept, pairs_per_pass, g).to(device)
+            noise = torch.randn((pairs_per_pass, *images.shape[1:]), generator=g).to(device)
+            x0 = images[idx]
+            x_t, target = noisy_and_target(scheduler, x0, noise, ts)
+            loss = torch.nn.functional.mse_loss(family.predict(model, x_t, ts, _select(cond, idx, n)), target)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DiffpruneError(f"calibration loss is {value} in sampled pass {i} of {passes}; check the "
+                                     "calibration images and the model weights")
+            loss.backward()
+        bad = _non_finite_gradient(model)
+        if bad is not None:
+            raise DiffpruneError(f"gradient of {bad!r} summed over {passes} sampled passes is not finite although "
+                                 "every loss was; check the model weights and the calibration images")
+        grads = _grads(model)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return ImportanceResult("diff-pruning", threshold, list(range(num_kept)), losses, [], grads,
+                            passes * pairs_per_pass, time.perf_counter() - start, estimator="fast", cut=cut)
+
+
+def _select(cond: dict | None, idx: list[int], n: int) -> dict | None:
+    """The conditioning rows of images `idx` (tensors with a leading dimension of n; others as is)."""
+    if not cond:
+        return cond
+    return {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in cond.items()}
+
+
+def tp_importance(method: str) -> tp.importance.Importance:
+    """torch-pruning scorer for `method`; Taylor variants read the gradients put in `.grad`."""
+    if method == "diff-pruning":
+        return tp.importance.TaylorImportance(multivariable=False)
+    if method == "taylor":
+        return tp.importance.TaylorImportance(multivariable=True)
+    if method == "magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    if method in ("random", "reinit"):
+        return tp.importance.RandomImportance()
+    raise DiffpruneError(f"method={method!r} is not one of {METHODS}")

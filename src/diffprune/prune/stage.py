@@ -1,0 +1,204 @@
+"""The prune stage as a job: pipeline folder or hub id in, pruned pipeline folder out.
+
+Reads the model, decides the size first (size_search.py: seconds, no weights touched, so an
+unreachable target fails before any calibration work), then reads the calibration images, runs the
+importance sweep (importance.py), prunes once (pruning.py), and writes atomically: the pruned
+pipeline (diffusers layout + pruning.json + safetensors), `prune_config.json`, `prune_report.json`
+and `loss_over_timesteps.png`. `dry_run` stops after the size: nothing read but the model, nothing written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import batch_indices, first_batch, make_dataset
+from ..errors import DiffpruneError
+from ..families import family_for
+from ..families.conditioning import attach_dataset, context_for
+from ..families.pipeline_parts import denoiser_of
+from ..fsutil import atomic_dir, check_output_dir, check_output_location, output_lock, write_json_atomic
+from ..io.pipeline import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    library_versions,
+    load_pipeline,
+    save_pipeline,
+    to_pruned,
+)
+from ..io.structure import record_structure, widths
+from ..plots import plot_timestep_losses
+from .importance import PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
+from .pruning import PruneConfig, prune
+from .size_search import search_sizes
+
+STAGE = PruneConfig.stage
+
+
+def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
+              progress: bool = True, importance: ImportanceResult | None = None) -> dict:
+    """Run the whole prune stage; returns the report dict (also written as prune_report.json).
+
+    `importance` may carry a sweep already made for this config (e.g. one of
+    `importance.estimate_many`'s results); it must name the same method and threshold.
+    """
+    output_dir = check_output_location(output_dir, prune_inputs(config))
+    with output_lock(output_dir):  # held for the whole run, not only while writing
+        check_output_dir(output_dir, overwrite, STAGE)
+        return _run_prune(config, output_dir, overwrite, progress, importance)
+
+
+def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
+    """Every path the prune stage reads, by option name (fsutil.check_output_location)."""
+    return {"--model": config.model, "--data": config.data, "--captions": config.captions}
+
+
+def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, progress: bool,
+               importance: ImportanceResult | None) -> dict:
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    pipe = load_pipeline(config.model, device=device)
+    component, model = denoiser_of(pipe)
+    family = family_for(model)
+    plan = search_sizes(model, family, config, progress=progress)  # before any calibration work
+    model.requires_grad_(True)
+    ctx = context_for(pipe, family, model)
+    if not family.conditional and (config.prompt or config.captions or config.class_labels):
+        raise DiffpruneError(f"--prompt/--captions/--class-labels apply to conditional models; "
+                             f"{type(model).__name__} is unconditional")
+    size, channels = ctx.data_size()
+    dataset = make_dataset(config.data, size, channels)
+    attach_dataset(ctx, dataset, str(config.data), prompt=config.prompt, captions=config.captions,
+                   class_labels=config.class_labels, seed=config.seed)
+    images = first_batch(dataset, config.batch_size, config.seed)
+    idx = batch_indices(len(dataset), config.batch_size, config.seed)
+    cond = ctx.cond_for(idx, device)
+    samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
+
+    precomputed = importance is not None
+    if importance is None and config.estimator == "fast":
+        importance = estimate_fast(model, family, pipe.scheduler, samples, config.threshold, config.seed,
+                                   progress=progress, cond=cond)
+    elif importance is None:
+        importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
+                              config.seed, progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond)
+    elif importance.method != config.method or (
+            config.method == "diff-pruning" and importance.threshold != config.threshold):
+        raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
+                             f"threshold={importance.threshold}, not for {config.method!r} {config.threshold}")
+    outcome = prune(model, family, config, importance, progress=progress, plan=plan)
+    info = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
+        "base_model": {"id": _model_id(config.model), "revision": None},
+        "method": {"name": config.method, "threshold": importance.threshold, "ratio": outcome.ratio,
+                   "ratio_rule": config.ratio_rule, "target_macs": config.target_macs,
+                   "target_params": config.target_params, "round_to": config.round_to,
+                   "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed,
+                   "estimator": importance.estimator,
+                   "prune_heads": config.prune_heads, "head_pruning_ratio": config.head_pruning_ratio,
+                   "latent": ctx.codec is not None,
+                   "residual_pruned": family.configured(config.prune_residual).residual_prunable},
+        "kept_timesteps": importance.summary()["kept_timesteps"],
+        "versions": library_versions(),
+    }
+    pruned = to_pruned(outcome.model, info)
+    setattr(pipe, component, pruned)
+    pipe.register_modules(**{component: pruned})
+
+    report = {
+        "config": config.to_dict(),
+        "output_dir": str(Path(output_dir).absolute()),
+        "family": family.name,
+        "calibration": {"images": int(images.shape[0]), "skipped_files": getattr(dataset, "skipped", 0)},
+        "ratio": outcome.ratio,
+        "params": {"before": outcome.params[0], "after": outcome.params[1],
+                   "fraction": outcome.params[1] / outcome.params[0]},
+        "macs": {"before": outcome.macs[0], "after": outcome.macs[1],
+                 "fraction": outcome.macs[1] / outcome.macs[0]},
+        "importance": importance.summary(),
+        "widths": {"before": widths(outcome.widths_before), "after": widths(outcome.widths_after)},
+        "ratio_search": outcome.search,
+        "size_search": plan.report(),
+        # A precomputed sweep's time counts as if this run had made it (it is this run's work).
+        "wall_time_s": {"importance": importance.wall_time_s, "prune": outcome.wall_time_s,
+                        "total": time.perf_counter() - start + (importance.wall_time_s if precomputed else 0.0),
+                        "importance_precomputed": precomputed},
+        "versions": library_versions(),
+    }
+    with atomic_dir(output_dir, overwrite, STAGE) as tmp:
+        save_pipeline(pipe.to("cpu"), tmp, portable=config.portable)
+        config.save(tmp)
+        if importance.losses:
+            plot_timestep_losses(report["importance"], tmp / "loss_over_timesteps.png")
+            report["loss_plot"] = "loss_over_timesteps.png"
+        write_json_atomic(tmp / "prune_report.json", report)
+    return report
+
+
+def dry_run(config: PruneConfig, progress: bool = True) -> dict:
+    """The size `config` gives (widths, params, MACs and the search), without calibration data,
+    importance sweep or output: only the model is read."""
+    start = time.perf_counter()
+    pipe = load_pipeline(config.model, device=torch.device(config.device))
+    _, model = denoiser_of(pipe)
+    family = family_for(model)
+    plan = search_sizes(model, family, config, progress=progress)
+    return {"config": config.to_dict(), "family": family.name, "ratio": plan.ratio,
+            "params": _before_after(plan.params0, plan.chosen.params),
+            "macs": _before_after(plan.macs0, plan.chosen.macs),
+            "widths": {"before": widths(record_structure(model)), "after": widths(plan.chosen.structure)},
+            "size_search": plan.report(), "wall_time_s": {"total": time.perf_counter() - start}}
+
+
+def _before_after(before: int, after: int) -> dict:
+    return {"before": before, "after": after, "fraction": after / before}
+
+
+def dry_run_table(result: dict, max_names: int = 3) -> str:
+    """What a dry run found: every size candidate tried, params/MACs before and after (as
+    `summary_table`), and the width changes grouped by (before -> after) with a few layer names each."""
+    search = result["size_search"]
+    what = "ratio" if search["target"] is None else f"target {search['kind']}={search['target']:.3f}"
+    lines = [f"size search ({what}): {len(search['candidates'])} candidates, {search['wall_time_s']:.1f}s "
+             f"(graph {search['setup_s']:.1f}s)", f"{'ratio':>10}{'MACs':>10}{'params':>10}{'time':>9}"]
+    lines += [f"{c['ratio']:>10.4f}{c['macs_fraction']:>10.3f}{c['params_fraction']:>10.3f}{c['time_s']:>8.2f}s"
+              for c in search["candidates"]]
+    p, m = result["params"], result["macs"]
+    lines += [f"{'':<8}{'before':>14}{'after':>14}{'after/before':>14}",
+              f"{'params':<8}{p['before'] / 1e6:>13.3f}M{p['after'] / 1e6:>13.3f}M{p['fraction']:>14.3f}",
+              f"{'MACs':<8}{m['before'] / 1e9:>13.4f}G{m['after'] / 1e9:>13.4f}G{m['fraction']:>14.3f}"]
+    changes: dict[tuple[int, int], list[str]] = {}
+    before, after = result["widths"]["before"], result["widths"]["after"]
+    for name, width in before.items():
+        if after.get(name, width) != width:
+            changes.setdefault((width, after[name]), []).append(name)
+    lines.append(f"widths: {sum(len(v) for v in changes.values())} of {len(before)} layers changed"
+                 + (":" if changes else ""))
+    for (old, new), names in sorted(changes.items()):
+        more = f", ... ({len(names) - max_names} more)" if len(names) > max_names else ""
+        lines.append(f"  {old:>6} -> {new:<6} {len(names):>4} layers: {', '.join(names[:max_names])}{more}")
+    lines.append(f"ratio={result['ratio']:.4f} (dry run: no calibration data read, nothing written)")
+    lines += [f"warning: {w}" for w in search["warnings"]]
+    return "\n".join(lines)
+
+
+def _model_id(model: str) -> str:
+    path = Path(model)
+    return str(path.absolute()) if path.exists() else model
+
+
+def summary_table(report: dict) -> str:
+    """A short fixed-width table of what pruning changed."""
+    p, m, imp = report["params"], report["macs"], report["importance"]
+    kept = imp["num_kept_timesteps"] if imp["losses"] else "-"
+    rows = [
+        ("", "before", "after", "after/before"),
+        ("params", f"{p['before'] / 1e6:.3f}M", f"{p['after'] / 1e6:.3f}M", f"{p['fraction']:.3f}"),
+        ("MACs", f"{m['before'] / 1e9:.4f}G", f"{m['after'] / 1e9:.4f}G", f"{m['fraction']:.3f}"),
+    ]
+    lines = [f"{a:<8}{b:>14}{c:>14}{d:>14}" for a, b, c, d in rows]
+    lines.append(f"method={report['config']['method']} ratio={report['ratio']:.4f} "
+                 f"kept timesteps={kept} wall time={report['wall_time_s']['total']:.1f}s")
+    return "\n".join(lines)
