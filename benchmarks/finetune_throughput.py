@@ -310,7 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", choices=("png", "digits"), default="png",
                    help="png: a folder of PNG files (decoded each step, as with a user's --data folder); "
                         "digits: the built-in in-memory set")
-    p.add_argument("--profile", action="store_true", help="torch.profiler table for 3 steps of the pruned model (an extra run)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler table for 3 steps of the pruned model (an extra run)")
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--micro-repeats", type=int, default=None, help="repeats of the micro-benchmarks (default 20)")
     p.add_argument("--quick", action="store_true", help="smoke run: small arch, 8 steps")

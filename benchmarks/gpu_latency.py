@@ -10,7 +10,8 @@ and round_to None/8/16/32 (identical architectures are measured once). Per confi
 fp16/bf16 x channels_last off/on x eager/compiled) teacher and student run interleaved (AB BA ...)
 after warm-up; each call is timed with CUDA events after a device sync; medians in ms. Speed-up =
 teacher / student median; efficiency = speed-up / MACs speed-up. Compiled configurations (first dtype,
-round_to None students) run last and only while the time budget lasts; any failure (e.g. a compile error) is recorded and skipped.
+round_to None students) run last and only while the time budget lasts; any failure (e.g. a compile
+error) is recorded and skipped.
 
     python benchmarks/gpu_latency.py                 # on the GPU machine
     python benchmarks/gpu_latency.py --device cpu --quick   # smoke test of the code path
@@ -176,7 +177,8 @@ def run_all(args, device, log) -> tuple[list[dict], dict]:
 
 
 def _row_line(r: dict) -> str:
-    cfg = f"{r['model']:<10}{str(r['round_to']):>5}{r['batch']:>5} {r['dtype']:<5}{'CL' if r['channels_last'] else '--':>3}" \
+    layout = "CL" if r["channels_last"] else "--"
+    cfg = f"{r['model']:<10}{str(r['round_to']):>5}{r['batch']:>5} {r['dtype']:<5}{layout:>3}" \
           f"{'comp' if r['compiled'] else 'eager':>6}{r['macs_speedup']:>7.2f}"
     if "error" in r:
         return cfg + f"  {r['error'][:80]}"

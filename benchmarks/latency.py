@@ -101,8 +101,10 @@ def measure(teacher, row: dict, args, scheduler) -> dict:
         res = forward_latency({"teacher": teacher, "student": student}, inputs, repeats=args.repeats,
                               warmup=args.warmup)
         speedup = ratio(res["teacher"]["median_ms"], res["student"]["median_ms"])
-        out["forward"][str(bs)] = {"teacher_ms": res["teacher"]["median_ms"], "student_ms": res["student"]["median_ms"],
-                                   "teacher_iqr_ms": res["teacher"]["iqr_ms"], "student_iqr_ms": res["student"]["iqr_ms"],
+        out["forward"][str(bs)] = {"teacher_ms": res["teacher"]["median_ms"],
+                                   "student_ms": res["student"]["median_ms"],
+                                   "teacher_iqr_ms": res["teacher"]["iqr_ms"],
+                                   "student_iqr_ms": res["student"]["iqr_ms"],
                                    "speedup": speedup, "efficiency": speedup / row["macs_speedup"]}
     if args.sample_images > 0:
         samplers = {name: ddim_sampler(m, scheduler, args.sample_images, steps=args.sample_steps,
@@ -177,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sample_images = (2 if quick else 16) if args.sample_images is None else args.sample_images
     args.sample_steps = 2 if quick and args.sample_steps == 10 else args.sample_steps
     args.sample_repeats = 1 if quick and args.sample_repeats == 3 else args.sample_repeats
-    args.sizes = [parse_size(p, token) for token in args.sizes] if args.sizes else (QUICK_SIZES if quick else FULL_SIZES)
+    default_sizes = QUICK_SIZES if quick else FULL_SIZES
+    args.sizes = [parse_size(p, token) for token in args.sizes] if args.sizes else default_sizes
     return args
 
 

@@ -149,7 +149,8 @@ def main() -> None:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     result = {"rows": rows, "goals": goals(rows), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": platform.platform(), "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "machine": platform.platform(), "cpus": os.cpu_count(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "load_average_at_start": load, "load_average_at_end": os.getloadavg(), "python": sys.version.split()[0],
               "versions": library_versions()}
     path = RESULTS / ("size_search_slow.json" if args.slow else "size_search.json")

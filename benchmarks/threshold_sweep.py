@@ -121,7 +121,8 @@ def summarize(runs: list[dict], budget: Budget) -> dict:
                                             for r in runs]),
                             **{m: stat([r["threshold"][thr][m] for r in runs]) for m in ("ssim", "fid")}}
                       for thr in THRESHOLDS},
-        **{method: {m: stat([r[method][m] for r in runs]) for m in ("ssim", "fid")} for method in ("magnitude", "random")},
+        **{method: {m: stat([r[method][m] for r in runs]) for m in ("ssim", "fid")}
+           for method in ("magnitude", "random")},
     }
 
 

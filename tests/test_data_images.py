@@ -231,14 +231,16 @@ def test_every_pixel_mode_maps_to_its_range_or_is_refused(tmp_path):
                 ds = data.ImageFolderDataset(path.parent, 16, channels)
                 x = _hw_or_hwc(ds[0].permute(1, 2, 0).double().numpy())
                 ok = unit is not None and np.allclose(x, unit * 2 - 1, atol=tol, rtol=0)
-                why = "" if ok else f"data: got {x.reshape(-1)[:4]}, want {None if unit is None else unit.reshape(-1)[:4]}"
+                want = None if unit is None else unit.reshape(-1)[:4]
+                why = "" if ok else f"data: got {x.reshape(-1)[:4]}, want {want}"
             except DiffpruneError as err:
                 ok, why = unit is None and needle in str(err) and "\n" not in str(err), f"data: {err}"
             if ok:
                 try:
                     got = _hw_or_hwc(load_image_set(path.parent).images[0])
                     ok = uint8 is not None and np.abs(got.astype(int) - uint8).max() <= (2 if tol > 1e-6 else 0)
-                    why = "" if ok else f"set: got {got.reshape(-1)[:4]}, want {None if uint8 is None else uint8.reshape(-1)[:4]}"
+                    want = None if uint8 is None else uint8.reshape(-1)[:4]
+                    why = "" if ok else f"set: got {got.reshape(-1)[:4]}, want {want}"
                 except DiffpruneError as err:
                     ok = uint8 is None and needle in str(err) and str(path) in str(err) and "\n" not in str(err)
                     why = f"set: {err}"

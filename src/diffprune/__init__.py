@@ -35,6 +35,7 @@ def finetune(*args, **kwargs):
     return _finetune(*args, **kwargs)
 
 
-__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
+__all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel",
+           "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
            "evaluate", "finetune", "load_pipeline", "load_unet", "prune", "report", "sample", "save_pipeline",
            "train", "__version__"]

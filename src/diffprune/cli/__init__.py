@@ -1,8 +1,9 @@
 """`diffprune prune|finetune|train|sample|evaluate|report|demo`: one module per subcommand.
 
-Each subcommand module in `diffprune.cli` (`cli/<name>.py`) exposes `register(subparsers)`, which adds its parser and sets
-`func`; `main` imports only the module of the subcommand it runs, so `diffprune --help` and
-`--version` start without torch or diffusers. `main` is the one error boundary around every subcommand: whatever fails, the user gets one
+Each subcommand module in `diffprune.cli` (`cli/<name>.py`) exposes `register(subparsers)`, which
+adds its parser and sets `func`; `main` imports only the module of the subcommand it runs, so
+`diffprune --help` and `--version` start without torch or diffusers. `main` is the one error
+boundary around every subcommand: whatever fails, the user gets one
 line on stderr and an exit code, never a traceback:
 
 - 2: bad input (DiffpruneError; also input nested too deeply for Python to read),

@@ -145,7 +145,8 @@ def _summary(results: dict, out: Path, times: dict) -> dict:
     rows = {}
     for name, res in results.items():
         rows[name] = {"fid": res["fid"]["value"], "kid": res["kid"]["mean"],
-                      "ssim": res.get("consistency", {}).get("ssim", {}).get("mean", 1.0 if name == "teacher" else None)}
+                      "ssim": res.get("consistency", {}).get("ssim", {}).get(
+                          "mean", 1.0 if name == "teacher" else None)}
     cost = student["cost"]
     return {"rows": rows, "feature_extractor": student["fid"]["feature_extractor"],
             "params": {"teacher": cost["teacher"]["params"], "student": cost["student"]["params"]},

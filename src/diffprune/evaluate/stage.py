@@ -4,8 +4,8 @@ PAPER.md ("Evaluation protocol"): FID of the samples against reference statistic
 2017), KID (Binkowski et al. 2018), SSIM consistency between teacher and student samples drawn from
 the same noise (Wang et al. 2004), MACs and params of one forward pass at batch 1. We add measured
 forward latency and DDIM sampling throughput next to the MAC ratio, and for text-to-image samples the
-CLIP score against the prompts they were generated from (metrics/clip_score.py, torchmetrics' CLIPScore). Every number carries the name
-of the feature extractor it came from and the sample counts behind it.
+CLIP score against the prompts they were generated from (metrics/clip_score.py, torchmetrics'
+CLIPScore). Every number carries the name of the feature extractor it came from and the sample counts behind it.
 
 `evaluate(EvaluateConfig(...))` is the API; `diffprune evaluate` maps its flags one to one.
 """

@@ -123,6 +123,17 @@ def _component_class(name: str, entry, path: Path) -> type | None:
     return cls
 
 
+# The classes model_index.json may name under library `diffprune.io` (io/pipeline.py registers its
+# Pruned* classes and ModelMixin at import; `diffprune.io` imports pipeline, so they are always here).
+_PRUNED_LIBRARY = ModuleType("diffprune.io")
+
+
+def register_pruned_classes(classes: dict[str, type]) -> None:
+    """Make `classes` loadable under the `diffprune.io` library name (called by io/pipeline.py)."""
+    for name, cls in classes.items():
+        setattr(_PRUNED_LIBRARY, name, cls)
+
+
 def _library(library: str) -> ModuleType | None:
     """The module a model_index library name refers to, as diffusers resolves it; None if unknown."""
     if library in ("diffusers", "transformers"):
@@ -130,9 +141,7 @@ def _library(library: str) -> ModuleType | None:
     from .portable import PORTABLE_MODULE  # a --portable component: diffprune never runs its shipped module
 
     if library in ("diffprune.io", PORTABLE_MODULE):
-        from . import pipeline
-
-        return pipeline
+        return _PRUNED_LIBRARY
     if not library.isidentifier():
         return None
     module = getattr(_import("diffusers").pipelines, library, None)  # e.g. "stable_diffusion"

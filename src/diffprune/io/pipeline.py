@@ -47,6 +47,7 @@ from .model_checks import (
     check_scheduler_folder,
     read_header,
     read_model_index,
+    register_pruned_classes,
 )
 from .structure import apply_structure, record_structure
 
@@ -206,6 +207,7 @@ PRUNED_CLASSES: dict[type, type] = {UNet2DModel: PrunedUNet2DModel,
 for _cls in PRUNED_CLASSES.values():
     _cls.__module__ = "diffprune.io"
 del _cls
+register_pruned_classes({"ModelMixin": ModelMixin, **{c.__name__: c for c in PRUNED_CLASSES.values()}})
 
 
 def pruned_class_for(model: torch.nn.Module) -> type:

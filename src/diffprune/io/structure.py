@@ -9,6 +9,7 @@ sizes, never behaviour beyond them, and never runs code.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import reprlib
 
@@ -215,3 +216,13 @@ def _expect_shape(where: str, name: str, tensor: torch.Tensor, expect: tuple) ->
     if tuple(tensor.shape) != tuple(expect):
         raise DiffpruneError(f"{where}: {name!r} weight has shape {tuple(tensor.shape)} but its "
                              f"attributes say {tuple(expect)}")
+
+
+def model_fingerprint(unet) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the weights a folder came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..fsutil import (
     replace_dir,
     write_json_atomic,
 )
+from ..io.structure import model_fingerprint  # noqa: F401  (public here too)
 from ..plots import image_grid
 from .files import (  # noqa: F401  (public here too)
     GRID_FILE,
@@ -263,16 +263,6 @@ def upgrade_v2(data: dict) -> dict:
     if data.get("stage", SampleConfig.stage) == SampleConfig.stage and data.get("version") == 2:
         data.update(version=SampleConfig.version, **{k: data.get(k, v) for k, v in GUIDANCE_OFF.items()})
     return data
-
-
-def model_fingerprint(unet) -> str:
-    """sha256 over parameter names, shapes and bytes: identifies the weights a folder came from."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def _check_resume(folder: Path, config: SampleConfig) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import DiffpruneError
 from ..fsutil import output_lock, write_json_atomic
+from ..io.structure import model_fingerprint
 from .checkpoints import (
     _first_line,
     check_resumable,
@@ -126,8 +127,6 @@ def _load_teacher(config: FinetuneConfig, unet, device):
 
 
 def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: contextlib.ExitStack) -> _Run:
-    from ..sample.loop import model_fingerprint
-
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if single:  # lock before planning, so a second run names the lock, not the half-written folder
         locks.enter_context(output_lock(output_dir))
