@@ -65,3 +65,136 @@ def save_tiny_pipeline(folder, unet=None, **scheduler_kwargs):
 def tiny_pipeline_dir(tmp_path):
     """Path of a freshly saved tiny pipeline folder."""
     return save_tiny_pipeline(tmp_path / "tiny_pipeline")
+
+
+# --------------------------------------------------------------------------- tiny text encoders (offline)
+
+
+def byte_tokenizer(max_length: int = 12):
+    """A byte-level CLIPTokenizer (every byte a token, no merges): needs no downloaded vocabulary."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in bytes_to_unicode().values():
+            vocab[c + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_clip(projection: bool = False, width: int = 16, length: int = 12, seed: int = 5):
+    """A 2-layer CLIP text encoder (`CLIPTextModelWithProjection` when `projection`) for byte_tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(byte_tokenizer().get_vocab()), hidden_size=width, intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=length,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=width)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def tiny_t5(d_model: int = 32, seed: int = 5):
+    """A 1-layer T5 encoder over byte_tokenizer's vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(byte_tokenizer().get_vocab()), d_model=d_model, d_kv=8, d_ff=64,
+                                   num_layers=1, num_heads=2)).eval()
+
+
+def unwrapped_warnings(model, family) -> list[str]:
+    """torch-pruning's "Unwrapped parameters detected" warnings for `model` traced with
+    `family.unwrapped_parameters(model)` passed, as the pruner passes them."""
+    import warnings
+
+    import torch_pruning as tp
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp.DependencyGraph().build_dependency(model, example_inputs=family.example_inputs(model),
+                                              unwrapped_parameters=family.unwrapped_parameters(model))
+    return [str(w.message) for w in caught if "Unwrapped parameters" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- tiny latent pipelines
+
+
+def ae_kwargs() -> dict:
+    """A 2-level autoencoder on 16x16 RGB images (8x8 latents)."""
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                norm_num_groups=8, sample_size=16)
+
+
+def tiny_kl(latent_channels: int = 4, **overrides):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(2)
+    return AutoencoderKL(**{**ae_kwargs(), "latent_channels": latent_channels, **overrides}).eval()
+
+
+def tiny_sd_unet(**kw):
+    """A Stable Diffusion UNet on 8x8x4 latents with 16-wide text cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(3)
+    args = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return UNet2DConditionModel(**{**args, **kw}).eval()
+
+
+def sd_pipeline(scheduler=None, **unet_kw):
+    """A tiny StableDiffusionPipeline (default scheduler: DDIM over 20 steps, steps_offset 1)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if scheduler is None:
+        scheduler = DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=tiny_kl(), text_encoder=tiny_clip(), tokenizer=byte_tokenizer(),
+                                   unet=tiny_sd_unet(**unet_kw), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def guided_latents(pipe, model, indices, steps: int, **sampling):
+    """(noise, final latents, context) of our sampler on `pipe`'s denoiser with `sampling` (prompt,
+    class_labels, guidance_scale, ...), from the per-image noise `diffprune sample` draws (8x8x4)."""
+    from diffprune.families import family_for
+    from diffprune.families.conditioning import attach_for_sampling, context_for
+    from diffprune.sample.loop import denoise, image_generators
+
+    ctx = attach_for_sampling(context_for(pipe, family_for(model), model), **sampling)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in image_generators(0, indices)])
+    with torch.no_grad():
+        x = denoise(model, pipe.scheduler, noise, image_generators(0, indices), steps=steps, family=ctx.family,
+                    cond=ctx.cond_for(indices, "cpu"), uncond=ctx.uncond_for(indices, "cpu"),
+                    guidance_scale=ctx.guidance_scale, guidance_rescale=ctx.guidance_rescale)
+    return noise, x, ctx
+
+
+@torch.no_grad()
+def zeroed_channels(model, removed, table: dict):
+    """A copy of `model` with the channels each pruning group removed set to zero, to compare with the
+    pruned model (a pure channel removal computes the same). `removed`: (root name, indices) per group, as
+    `prune_with_ratio(on_group=...)` reports them; `table[root suffix]` = (writers, readers), names relative
+    to the root's prefix: rows (and bias) of the writers and columns of the readers are zeroed (a name
+    missing from the model is skipped, e.g. the last SD3 block's to_add_out)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    for root, idxs in removed:
+        suffix = next(s for s in table if root.endswith(s))
+        prefix, idx = root[: len(root) - len(suffix)], torch.tensor(idxs)
+        writers, readers = table[suffix]
+        for name, rows in [(n, True) for n in writers] + [(n, False) for n in readers]:
+            try:
+                layer = ref.get_submodule(prefix + name)
+            except AttributeError:
+                continue
+            if rows:
+                layer.weight[idx] = 0
+                if layer.bias is not None:
+                    layer.bias[idx] = 0
+            else:
+                layer.weight[:, idx] = 0
+    return ref

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import ae_kwargs, byte_tokenizer, tiny_clip, tiny_kl, tiny_sd_unet  # noqa: F401
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     DiTPipeline,
@@ -50,29 +50,9 @@ INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id":
 # --------------------------------------------------------------------------- tiny models
 
 
-def _ae_kwargs():
-    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                norm_num_groups=8, sample_size=16)
-
-
 def tiny_vq():
     torch.manual_seed(1)
-    return VQModel(**_ae_kwargs(), latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3).eval()
-
-
-def tiny_kl():
-    torch.manual_seed(2)
-    return AutoencoderKL(**_ae_kwargs(), latent_channels=4).eval()
-
-
-def tiny_sd_unet(**kw):
-    torch.manual_seed(3)
-    args = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    return UNet2DConditionModel(**{**args, **kw}).eval()
+    return VQModel(**ae_kwargs(), latent_channels=3, num_vq_embeddings=16, vq_embed_dim=3).eval()
 
 
 def tiny_dit():
@@ -83,19 +63,7 @@ def tiny_dit():
 
 def tiny_text():
     """A byte-level CLIP tokenizer (no merges) and a 2-layer CLIPTextModel with 16-dim output."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in bytes_to_unicode().values():
-            vocab[c + suffix] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=12)
-    torch.manual_seed(5)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    return tokenizer, CLIPTextModel(config).eval()
+    return byte_tokenizer(), tiny_clip()
 
 
 def build_pipeline(kind: str):

@@ -11,25 +11,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, StableDiffusionPipeline
-from test_families import tiny_kl, tiny_sd_unet, tiny_text
+from conftest import guided_latents, sd_pipeline, tiny_kl
+from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from diffprune import cli
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.conditioning import attach_for_sampling, context_for
 from diffprune.families.guidance import guided_predict, rescale_noise_cfg
-from diffprune.sample.loop import denoise, image_generators, load_samples, sample_to_folder
+from diffprune.sample.loop import image_generators, load_samples, sample_to_folder
 
 TOL = 1e-4
-
-
-def sd_pipeline(**unet_kw):
-    tokenizer, text_encoder = tiny_text()
-    scheduler = DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=tiny_kl(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=tiny_sd_unet(**unet_kw), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def dit_pipeline():
@@ -41,15 +33,7 @@ def dit_pipeline():
                        scheduler=DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1))
 
 
-def ours(pipe, model, indices, steps, **sampling):
-    ctx = attach_for_sampling(context_for(pipe, family_for(model), model), **sampling)
-    gens = image_generators(0, indices)
-    noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in image_generators(0, indices)])
-    with torch.no_grad():
-        x = denoise(model, pipe.scheduler, noise, gens, steps=steps, family=ctx.family,
-                    cond=ctx.cond_for(indices, "cpu"), uncond=ctx.uncond_for(indices, "cpu"),
-                    guidance_scale=ctx.guidance_scale, guidance_rescale=ctx.guidance_rescale)
-    return noise, x, ctx
+ours = guided_latents  # (noise, latents, context) of our sampler (conftest)
 
 
 @pytest.mark.parametrize("scale,negative,rescale", [(7.5, None, 0.0), (3.0, "blurry", 0.7), (1.0, None, 0.0),

@@ -10,15 +10,13 @@ folder reloads bit-exactly, plain diffusers generates from it, and prompts are e
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import byte_tokenizer, run_cli, tiny_kl, tiny_t5, unwrapped_warnings, zeroed_channels
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     PixArtAlphaPipeline,
@@ -51,22 +49,9 @@ def tiny_pixart(micro=False):
 
 
 def tiny_pipeline():
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in bytes_to_unicode().values():
-            vocab[c + suffix] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_LENGTH)  # no sentencepiece needed
-    torch.manual_seed(5)
-    text = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                   num_heads=2)).eval()
-    torch.manual_seed(2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        norm_num_groups=8, sample_size=16, latent_channels=4).eval()
-    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae, transformer=tiny_pixart(),
+    """Byte-level tokenizer (no sentencepiece needed), 1-layer T5, tiny KL autoencoder, DDIM."""
+    return PixArtAlphaPipeline(tokenizer=byte_tokenizer(TEXT_LENGTH), text_encoder=tiny_t5(), vae=tiny_kl(),
+                               transformer=tiny_pixart(),
                                scheduler=DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1))
 
 
@@ -94,23 +79,6 @@ ZERO = {"attn1.to_out.0": (("attn1.to_q", "attn1.to_k", "attn1.to_v"), ("attn1.t
         "linear_1": (("linear_1",), ("linear_2",))}
 
 
-@torch.no_grad()
-def zeroed(model, removed):
-    """`model` with every removed hidden channel zeroed: rows of its writers, columns of its readers."""
-    ref = copy.deepcopy(model)
-    for root, idxs in removed:
-        suffix = next(s for s in ZERO if root.endswith(s))
-        prefix, idx = root[: len(root) - len(suffix)], torch.tensor(idxs)
-        writers, readers = ZERO[suffix]
-        for name in writers:
-            layer = ref.get_submodule(prefix + name)
-            layer.weight[idx] = 0
-            layer.bias[idx] = 0
-        for name in readers:
-            ref.get_submodule(prefix + name).weight[:, idx] = 0
-    return ref
-
-
 @pytest.mark.parametrize("micro", [False, True], ids=["alpha-512", "micro-conditions"])
 @pytest.mark.parametrize("prune_heads", [False, True], ids=["head-dims", "whole-heads"])
 def test_pruned_pixart_equals_the_zeroed_model(prune_heads, micro):
@@ -126,15 +94,23 @@ def test_pruned_pixart_equals_the_zeroed_model(prune_heads, micro):
         assert attn.to_q.out_features == 12 and attn.to_k.in_features == 24  # text width stays
         assert attn.heads == (2 if prune_heads else 4)
     assert blk.ff.net[2].in_features == 48
-    assert pruned.caption_projection.linear_1.out_features == 12 and pruned.caption_projection.linear_2.out_features == 24
+    caption = pruned.caption_projection
+    assert caption.linear_1.out_features == 12 and caption.linear_2.out_features == 24
     assert pruned.adaln_single.emb.timestep_embedder.linear_1.out_features == 12
     assert pruned.pos_embed.proj.out_channels == 24 and pruned.adaln_single.linear.out_features == 144
     if micro:
         assert pruned.adaln_single.emb.resolution_embedder.linear_1.out_features == 4
     assert len(removed) == 2 * 3 + 2 + (2 if micro else 0)  # 3 groups a block, caption, timestep (+ sizes)
-    expected = _predict(zeroed(model, removed))
+    expected = _predict(zeroed_channels(model, removed, ZERO))
     assert (_predict(pruned) - expected).abs().max() <= 1e-5
     assert (_predict(pruned) - _predict(model)).abs().max() > 1e-3  # the removed channels did matter
+
+
+def test_scale_shift_tables_are_given_to_torch_pruning_with_their_channel_dim():
+    model = tiny_pixart()
+    dims = {tuple(p.shape): d for p, d in PixArtFamily().unwrapped_parameters(model)}
+    assert dims == {(6, 24): 1, (2, 24): 1}  # per block and at the output: the residual channels are the last dim
+    assert len(PixArtFamily().unwrapped_parameters(model)) == 3 and unwrapped_warnings(model, PixArtFamily()) == []
 
 
 def test_residual_pruning_is_refused_with_one_line():

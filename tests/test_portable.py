@@ -34,13 +34,15 @@ try:
     from test_sdxl import tiny_sdxl  # issue 15 part 2: the tiny SDXL pipeline built in that test
 except ImportError:
     tiny_sdxl = None
-KINDS = ("ddpm", "sd", "dit") + (("dit_residual",) if RESIDUAL else ()) + (("sdxl",) if tiny_sdxl else ())
+from test_sd3 import tiny_pipeline as tiny_sd3_pipeline  # noqa: E402 - issue 16: SD3 (flow matching, MMDiT)
+
+KINDS = ("ddpm", "sd", "dit") + (("dit_residual",) if RESIDUAL else ()) + (("sdxl",) if tiny_sdxl else ()) + ("sd3",)
 # How each kind generates: the same call in the subprocess (plain diffusers) and here (diffprune).
 CALLS = {"ddpm": "dict(batch_size=2, num_inference_steps=3)",
          "sd": "dict(prompt=['a red cat', 'a dog'], negative_prompt=['blurry', ''], guidance_scale=3.0, "
                "num_inference_steps=3)",
          "dit": "dict(class_labels=[1, 7], guidance_scale=1.0, num_inference_steps=3)"}
-CALLS["dit_residual"], CALLS["sdxl"] = CALLS["dit"], CALLS["sd"]
+CALLS["dit_residual"], CALLS["sdxl"], CALLS["sd3"] = CALLS["dit"], CALLS["sd"], CALLS["sd"]
 
 
 def _pruned_pipeline(kind: str):
@@ -48,6 +50,8 @@ def _pruned_pipeline(kind: str):
         pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
     elif kind == "sdxl":
         pipe = tiny_sdxl()
+    elif kind == "sd3":
+        pipe = tiny_sd3_pipeline()
     else:
         pipe = build_pipeline("dit" if kind.startswith("dit") else kind)
     component, model = denoiser_of(pipe)

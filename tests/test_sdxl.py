@@ -12,15 +12,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import byte_tokenizer, guided_latents, run_cli, sd_pipeline, tiny_clip, tiny_kl
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
-from test_families import tiny_kl
 
 from diffprune.families import family_for
-from diffprune.families.conditioning import attach_dataset, attach_for_sampling, context_for
+from diffprune.families.conditioning import attach_dataset, context_for
 from diffprune.io import load_pipeline
-from diffprune.sample.loop import denoise, image_generators, load_samples
+from diffprune.sample.loop import image_generators, load_samples
 
 TOL = 1e-4
 TEXT_WIDTH = 16  # each text encoder's hidden size; the UNet's cross_attention_dim is their sum
@@ -40,21 +39,7 @@ def tiny_sdxl_unet(seed: int = 3, **kw):
 
 def tiny_text_encoders():
     """Byte-level CLIP tokenizers (no merges), a CLIPTextModel and a CLIPTextModelWithProjection."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in bytes_to_unicode().values():
-            vocab[c + suffix] = len(vocab)
-    config = dict(vocab_size=len(vocab), hidden_size=TEXT_WIDTH, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                  projection_dim=TEXT_WIDTH)
-    torch.manual_seed(5)
-    one = CLIPTextModel(CLIPTextConfig(**config)).eval()
-    two = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
-    return (CLIPTokenizer(vocab=vocab, merges=[], model_max_length=12), one,
-            CLIPTokenizer(vocab=vocab, merges=[], model_max_length=12), two)
+    return byte_tokenizer(), tiny_clip(width=TEXT_WIDTH), byte_tokenizer(), tiny_clip(True, TEXT_WIDTH, seed=6)
 
 
 def tiny_sdxl(unet=None, **scheduler_kw) -> StableDiffusionXLPipeline:
@@ -81,24 +66,12 @@ def sdxl_inputs(tmp_path_factory):
     return root
 
 
-def guided_latents(pipe, indices, steps, **sampling):
-    unet = pipe.unet
-    ctx = attach_for_sampling(context_for(pipe, family_for(unet), unet), **sampling)
-    gens = image_generators(0, indices)
-    noise = torch.stack([torch.randn(4, 8, 8, generator=g) for g in image_generators(0, indices)])
-    with torch.no_grad():
-        x = denoise(unet, pipe.scheduler, noise, gens, steps=steps, family=ctx.family,
-                    cond=ctx.cond_for(indices, "cpu"), uncond=ctx.uncond_for(indices, "cpu"),
-                    guidance_scale=ctx.guidance_scale, guidance_rescale=ctx.guidance_rescale)
-    return noise, x
-
-
 @pytest.mark.parametrize("scale,negative,rescale,zeros", [(5.0, None, 0.0, True), (5.0, None, 0.0, False),
                                                           (3.0, "blurry", 0.7, True), (1.0, None, 0.0, True)])
 def test_sdxl_guidance_equals_the_pipeline(scale, negative, rescale, zeros):
     pipe = tiny_sdxl()
     pipe.register_to_config(force_zeros_for_empty_prompt=zeros)
-    noise, x = guided_latents(pipe, [0, 1], 4, prompt="a red cat", guidance_scale=scale,
+    noise, x, _ = guided_latents(pipe, pipe.unet, [0, 1], 4, prompt="a red cat", guidance_scale=scale,
                               negative_prompt=negative, guidance_rescale=rescale)
     with torch.no_grad():
         ref = pipe(prompt=["a red cat"] * 2, negative_prompt=None if negative is None else [negative] * 2,
@@ -106,7 +79,7 @@ def test_sdxl_guidance_equals_the_pipeline(scale, negative, rescale, zeros):
                    output_type="latent").images
     assert (x - ref).abs().max() <= TOL
     if scale > 1:
-        _, plain = guided_latents(pipe, [0, 1], 4, prompt="a red cat")
+        _, plain, _ = guided_latents(pipe, pipe.unet, [0, 1], 4, prompt="a red cat")
         assert (plain - ref).abs().max() > 100 * TOL
 
 
@@ -130,28 +103,14 @@ def test_training_time_ids_are_the_sizes_and_center_crop_of_each_image(sdxl_inpu
 
 def sd2_style():
     """SD 2.x: linear proj_in/proj_out, upcast attention, per-level head dims, v-prediction, "trailing"."""
-    from diffusers import StableDiffusionPipeline
-    from test_families import tiny_sd_unet, tiny_text
-
-    tokenizer, text_encoder = tiny_text()
-    unet = tiny_sd_unet(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4))
-    scheduler = DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1,
-                              prediction_type="v_prediction", timestep_spacing="trailing")
-    return StableDiffusionPipeline(vae=tiny_kl(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return sd_pipeline(DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1,
+                                     prediction_type="v_prediction", timestep_spacing="trailing"),
+                       use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4))
 
 
 def sd1_style():
     """SD 1.x: conv proj_in/proj_out, one head dim, epsilon prediction, "leading" spacing with steps_offset."""
-    from diffusers import StableDiffusionPipeline
-    from test_families import tiny_sd_unet, tiny_text
-
-    tokenizer, text_encoder = tiny_text()
-    scheduler = DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1, set_alpha_to_one=False)
-    return StableDiffusionPipeline(vae=tiny_kl(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_sd_unet(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return sd_pipeline(DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1, set_alpha_to_one=False))
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd2", "sd1"])

@@ -6,8 +6,8 @@ from .errors import DiffpruneError  # noqa: E402
 
 # Loaded on first use (PEP 562), so `import diffprune` (and `diffprune --help` / `--version`) does
 # not import torch and diffusers.
-_FROM_IO = ("PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel", "PrunedUNet2DConditionModel",
-            "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline")
+_FROM_IO = ("PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel", "PrunedSD3Transformer2DModel",
+            "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline")
 
 
 # The stage verbs are the stage packages themselves, callable (stage_call.py), imported on first use:
@@ -36,6 +36,6 @@ def finetune(*args, **kwargs):
 
 
 __all__ = ["DiffpruneError", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel",
-           "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
+           "PrunedSD3Transformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel",
            "evaluate", "finetune", "load_pipeline", "load_unet", "prune", "report", "sample", "save_pipeline",
            "train", "__version__"]

@@ -79,10 +79,10 @@ def resolve_device(name: str):
 
 
 def add_conditioning_options(parser: argparse.ArgumentParser, images: str, captions: bool = True) -> None:
-    """--prompt / --captions / --class-labels for Stable Diffusion UNets and DiT; `images` names what they label."""
-    group = parser.add_argument_group("conditioning (Stable Diffusion UNets, DiT)")
+    """--prompt / --captions / --class-labels for text models and DiT; `images` names what they label."""
+    group = parser.add_argument_group("conditioning (Stable Diffusion 1/2/XL/3, PixArt, DiT)")
     group.add_argument("--prompt", default=None,
-                       help=f"one prompt for every {images} (text-conditional UNets)"
+                       help=f"one prompt for every {images} (text-conditional models)"
                             + (" (default: none, the captions)" if captions else " (default: none)"))
     if captions:
         group.add_argument("--captions", default=None,

@@ -36,7 +36,9 @@ def register(subparsers) -> None:
                    help="sampling steps (model calls), an integer in [1, num_train_timesteps]")
     p.add_argument("--eta", type=non_negative_float, default=0.0,
                    help="DDIM eta, a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help=f"update rule, one of {SAMPLERS}")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help=f"update rule, one of {SAMPLERS}; flow-matching pipelines (SD3) always run their scheduler's "
+                        "Euler ODE (ddim with eta 0, uniform spacing; other settings are refused)")
     p.add_argument("--spacing", choices=SPACINGS, default="uniform",
                    help="timestep spacing: uniform (the scheduler config's timestep_spacing, steps_offset and "
                         "set_alpha_to_one, as diffusers' DDIMScheduler/DDPMScheduler) or quad "
@@ -51,10 +53,12 @@ def register(subparsers) -> None:
                         "model/seed/steps/eta/sampler/spacing/clip-sample/prompt/guidance (--num-images may grow)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_conditioning_options(p, "image", captions=False)
-    group = p.add_argument_group("classifier-free guidance (Stable Diffusion UNets, DiT; as diffusers' pipelines)")
+    group = p.add_argument_group("classifier-free guidance (Stable Diffusion, PixArt, SD3, DiT; as diffusers' "
+                                 "pipelines)")
     group.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=non_negative_float,
-                       default=1.0, help="CFG scale s, a number >= 0: uncond + s * (cond - uncond), on when s > 1 (diffusers' "
-                                         "pipelines use 7.5 for SD, 5.0 for SDXL, 4.0 for DiT); 1 = unguided")
+                       default=1.0, help="CFG scale s, a number >= 0: uncond + s * (cond - uncond), on when s > 1 "
+                                         "(diffusers' pipelines use 7.5 for SD, 5.0 for SDXL, 4.0 for DiT, 7.0 for "
+                                         "SD3); 1 = unguided")
     group.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
                        help="prompt of the unconditional branch (text models; default: the empty prompt, or "
                             "zeros for SDXL pipelines with force_zeros_for_empty_prompt)")

@@ -2,7 +2,8 @@
 
 `family_for(model)` picks the adapter; each adapter is one small module:
 unet2d.py (DDPM/DDIM and latent-diffusion UNet2DModel), unet2d_condition.py (Stable Diffusion
-UNets), dit.py (DiT), pixart.py (PixArt-alpha/sigma). Latent pipelines add their autoencoder through latent.py.
+UNets), dit.py (DiT), pixart.py (PixArt-alpha/sigma),
+sd3.py (Stable Diffusion 3 / 3.5). Latent pipelines add their autoencoder through latent.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from ..errors import DiffpruneError
 from .base import Family
 from .dit import DiTFamily
 from .pixart import PixArtFamily
+from .sd3 import SD3Family
 from .unet2d import UNet2DFamily
 from .unet2d_condition import UNet2DConditionFamily
 
-FAMILIES: tuple[Family, ...] = (UNet2DFamily(), UNet2DConditionFamily(), DiTFamily(), PixArtFamily())
+FAMILIES: tuple[Family, ...] = (UNet2DFamily(), UNet2DConditionFamily(), DiTFamily(), PixArtFamily(), SD3Family())
 
 
 def supported_names() -> str:

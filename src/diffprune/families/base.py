@@ -59,6 +59,11 @@ class Family:
         that always prune every channel (UNets, as the paper does) return themselves."""
         return self
 
+    def unwrapped_parameters(self, model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
+        """Parameters held outside a layer torch-pruning knows (e.g. PixArt's `scale_shift_table`), each
+        with the dimension that is indexed by channels (torch-pruning's `unwrapped_parameters`). Default: none."""
+        return []
+
     def out_channel_groups(self, model: torch.nn.Module) -> dict[torch.nn.Module, int]:
         """Layers whose outputs are k equal chunks of one pruned width (torch-pruning's
         `out_channel_groups`), when such a layer can be a group's root. Default: none."""

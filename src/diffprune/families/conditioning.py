@@ -7,6 +7,9 @@ classifier-free-guidance settings, so every stage calls the denoiser the same wa
 `guidance.guided_predict(..., cond, ctx.uncond_for(indices, device), scale, rescale)`.
 `cond_for(..., drop=mask)` replaces the conditioning of the masked images by the empty prompt /
 DiT's null class (caption dropout for fine-tuning, so the unconditional branch is trained).
+Text encoders: SD 1/2 (unet2d_condition.py), SDXL (sdxl.py), PixArt's T5 (pixart.py), SD3's CLIP-L +
+CLIP-G + T5 (sd3.py; a pipeline saved without text_encoder_3 gets zero T5 tokens, as its own __call__).
+Prompts are always encoded by the pipeline's encoders; precomputed `prompt_embeds` are not read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .dit import DiTFamily, labels_for_dataset, parse_class_labels
 from .guidance import check_guidance, guidance_on
 from .latent import LatentCodec, codec_of
 from .pipeline_parts import image_seed
+from .sd3 import SD3Family, SD3PromptEncoder
 from .unet2d_condition import PromptEncoder, UNet2DConditionFamily, is_text_time, prompts_for_dataset
 
 
@@ -30,7 +34,7 @@ class PipelineContext:
     family: Family
     model: torch.nn.Module
     codec: LatentCodec | None = None
-    encoder: object | None = None  # PromptEncoder or sdxl.SDXLPromptEncoder
+    encoder: object | None = None  # PromptEncoder, sdxl.SDXLPromptEncoder, PixArtPromptEncoder, SD3PromptEncoder
     prompts: list[str] | None = None  # one per dataset image (or cycled by sample index)
     labels: list[int] | None = None
     label_seed: int | None = None
@@ -66,7 +70,8 @@ class PipelineContext:
             return torch.tensor([default_time_ids(side, side)] * len(idx), dtype=torch.float32)
         return torch.tensor([self.time_ids[i % len(self.time_ids)] for i in idx], dtype=torch.float32)
 
-    def cond_for(self, indices: Sequence[int] | torch.Tensor, device, drop: Sequence[bool] | None = None) -> dict | None:
+    def cond_for(self, indices: Sequence[int] | torch.Tensor, device,
+                 drop: Sequence[bool] | None = None) -> dict | None:
         """Conditioning for dataset (or sample) indices; lists are cycled by index. `drop[b]` True:
         image b gets the empty prompt (text) or the null class (DiT) instead."""
         idx = [int(i) for i in indices]
@@ -124,6 +129,8 @@ def context_for(pipe, family: Family, model: torch.nn.Module) -> PipelineContext
             ctx.encoder = SDXLPromptEncoder(pipe, model)
         else:
             ctx.encoder = PromptEncoder(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))
+    elif isinstance(family, SD3Family):
+        ctx.encoder = SD3PromptEncoder(pipe, model)
     elif is_text_family(family):
         from .pixart import PixArtPromptEncoder
 

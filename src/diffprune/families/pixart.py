@@ -92,6 +92,10 @@ class PixArtFamily(Family):
     def num_heads(self, model):
         return qkv_head_map(model)
 
+    def unwrapped_parameters(self, model):
+        # the adaLN-single offsets: (6, width) per block and (2, width) at the output, indexed by residual channels
+        return [(p, p.dim() - 1) for name, p in model.named_parameters() if name.endswith("scale_shift_table")]
+
     def fix_after_pruning(self, model, before, prune_heads=False):
         for name, attn in attention_modules(model):
             fix_attention(name, attn, before[name], prune_heads=prune_heads)

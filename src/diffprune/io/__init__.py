@@ -20,6 +20,7 @@ from .pipeline import (  # noqa: F401
     PrunedDiTTransformer2DModel,
     PrunedModelMixin,
     PrunedPixArtTransformer2DModel,
+    PrunedSD3Transformer2DModel,
     PrunedUNet2DConditionModel,
     PrunedUNet2DModel,
     library_versions,
@@ -31,5 +32,6 @@ from .pipeline import (  # noqa: F401
 
 __all__ = ["CONFIG_FILE", "FORMAT_NAME", "FORMAT_VERSION", "PRUNED_CLASSES", "PRUNING_FILE", "WEIGHTS_FILE",
            "ModelMixin", "PrunedDiTTransformer2DModel", "PrunedModelMixin", "PrunedPixArtTransformer2DModel",
+           "PrunedSD3Transformer2DModel",
            "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "library_versions", "load_pipeline", "load_unet",
            "save_pipeline", "to_pruned"]

@@ -211,8 +211,8 @@ def check_config_values(config: dict, path: Path) -> None:
     for key in SIZE_KEYS:
         value = config.get(key)
         if value is not None and not _ints_in(value, 1, MAX_INT):
-            raise DiffpruneError(f"{path}: {key}={reprlib.repr(value)} is not allowed; allowed: an integer in [1, {MAX_INT}] "
-                                 "or a list of them")
+            raise DiffpruneError(f"{path}: {key}={reprlib.repr(value)} is not allowed; "
+                                 f"allowed: an integer in [1, {MAX_INT}] or a list of them")
     size = config.get("sample_size")
     if size is not None and not (_ints_in(size, 1, MAX_SAMPLE_SIZE) and (not isinstance(size, list) or
                                                                         len(size) in (1, 2))):

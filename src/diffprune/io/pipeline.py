@@ -32,6 +32,7 @@ from diffusers import (
     DiTTransformer2DModel,
     ModelMixin,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -62,7 +63,8 @@ REQUIRED_KEYS = ("format", "format_version", "base_class", "structure")
 # diffusers finds a component's load method by looking its base classes up in the component's own
 # module (`model_index.json` names `diffprune.io`), so ModelMixin must be reachable from here.
 __all__ = ["ModelMixin", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel",
-           "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline", "load_unet", "save_pipeline"]
+           "PrunedSD3Transformer2DModel", "PrunedUNet2DConditionModel", "PrunedUNet2DModel", "load_pipeline",
+           "load_unet", "save_pipeline"]
 
 
 def library_versions() -> dict[str, str]:
@@ -198,10 +200,17 @@ class PrunedPixArtTransformer2DModel(PrunedModelMixin, PixArtTransformer2DModel)
     base_class = PixArtTransformer2DModel
 
 
+class PrunedSD3Transformer2DModel(PrunedModelMixin, SD3Transformer2DModel):
+    """An `SD3Transformer2DModel` (Stable Diffusion 3 / 3.5) whose heads / MLP / conditioning widths are pruned."""
+
+    base_class = SD3Transformer2DModel
+
+
 PRUNED_CLASSES: dict[type, type] = {UNet2DModel: PrunedUNet2DModel,
                                     UNet2DConditionModel: PrunedUNet2DConditionModel,
                                     DiTTransformer2DModel: PrunedDiTTransformer2DModel,
-                                    PixArtTransformer2DModel: PrunedPixArtTransformer2DModel}
+                                    PixArtTransformer2DModel: PrunedPixArtTransformer2DModel,
+                                    SD3Transformer2DModel: PrunedSD3Transformer2DModel}
 # model_index.json records a component's library as its class's module: keep it the public
 # `diffprune.io` (which re-exports these classes and ModelMixin), as in folders saved before io/.
 for _cls in PRUNED_CLASSES.values():
@@ -365,7 +374,11 @@ def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
     diffusers_logging.disable_progress_bar()  # a per-component bar is noise in our commands' output
     try:  # a portable folder's shipped code is never run: its pruned components load with our classes
         with portable_loading(folder, classes, torch_dtype) as passed:
-            return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, **passed)
+            # a component saved as null (SD3 without its T5 encoder) is passed as None: diffusers requires
+            # every non-optional component by name, even one the pipeline runs without
+            absent = {name: None for name, cls in classes.items() if cls is None and name not in passed}
+            return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True,
+                                                     **absent, **passed)
     except DiffpruneError:
         raise
     except (OSError, ValueError, RuntimeError, AttributeError) as err:

@@ -34,7 +34,7 @@ PORTABLE_MODULE = "diffprune_pruned_model"  # the module file (without .py) and 
 TEMPLATE = Path(__file__).with_name("portable_template.py")
 # The classes portable_template.py defines (tests: the same as io.pipeline.PRUNED_CLASSES).
 PORTABLE_CLASSES = ("PrunedUNet2DModel", "PrunedUNet2DConditionModel", "PrunedDiTTransformer2DModel",
-                    "PrunedPixArtTransformer2DModel")
+                    "PrunedPixArtTransformer2DModel", "PrunedSD3Transformer2DModel")
 _DIFFPRUNE_LIBRARY = "diffprune.io"
 _PRUNING_FILE = "pruning.json"  # io.PRUNING_FILE (not imported: io and model_checks import this module)
 _CONFIG_FILE = "config.json"

@@ -25,7 +25,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from safetensors.torch import load_file, save_file
 
 PRUNING_FILE = "pruning.json"
@@ -195,6 +201,11 @@ class PrunedPixArtTransformer2DModel(PortablePrunedMixin, PixArtTransformer2DMod
     base_class = PixArtTransformer2DModel
 
 
+class PrunedSD3Transformer2DModel(PortablePrunedMixin, SD3Transformer2DModel):
+    base_class = SD3Transformer2DModel
+
+
 # A pipeline saved with these classes names this file's module in model_index.json, as it was loaded.
-for _cls in (PrunedUNet2DModel, PrunedUNet2DConditionModel, PrunedDiTTransformer2DModel, PrunedPixArtTransformer2DModel):
+for _cls in (PrunedUNet2DModel, PrunedUNet2DConditionModel, PrunedDiTTransformer2DModel, PrunedPixArtTransformer2DModel,
+             PrunedSD3Transformer2DModel):
     _cls.__module__ = __name__.rpartition(".")[2]

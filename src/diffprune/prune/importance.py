@@ -17,6 +17,11 @@ timesteps, |sum w * g| (multivariable=True). `magnitude` = L2 norm, `random` = r
 `estimate_fast` approximates Diff-Pruning's sum at a fraction of the cost: the cut from a coarse
 forward-only loss curve, then a few backward passes on (image, t) pairs sampled from a larger
 image pool with t stratified over the kept prefix [0, cut] (benchmarks/importance_cost.py measures it).
+
+Flow-matching schedulers (Stable Diffusion 3): "timestep t" is the index into the scheduler's own
+training sigmas sorted from the least noisy (diffusion.py): the sweep runs t = 0, 1, ... over that
+order, L_t is the flow-matching loss || (eps - x0) - model(x_t, sigma_t N) ||^2 at
+x_t = (1 - sigma_t) x0 + sigma_t eps, and the result records the sigma at the cut (`cut_sigma`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import torch_pruning as tp
 from tqdm.auto import tqdm
 
-from ..diffusion import noisy_and_target, num_train_timesteps
+from ..diffusion import is_flow, model_timesteps, noisy_and_target, num_train_timesteps, sigma_at
 from ..errors import DiffpruneError, check_range
 
 METHODS = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
@@ -57,9 +62,13 @@ class ImportanceResult:
     # The timestep at which the threshold rule stopped the sweep: the last kept one (kept = [0, cut],
     # as in the paper's loop). None when every timestep was kept (no cut, threshold 0, or not a sweep).
     cut: int | None = None
+    # "ddpm": t is the integer timestep; "flow-sigma-index": t indexes the flow sigmas, least noisy first
+    timestep_kind: str = "ddpm"
+    cut_sigma: float | None = None  # flow schedulers: the sigma of the cut timestep
 
     def summary(self) -> dict:
-        return {"method": self.method, "threshold": self.threshold,
+        return {"timestep_kind": self.timestep_kind, "cut_sigma": self.cut_sigma,
+                "method": self.method, "threshold": self.threshold,
                 "kept_timesteps": _ranges(self.kept_timesteps), "num_kept_timesteps": len(self.kept_timesteps),
                 "cut_timestep": self.cut, "losses": self.losses, "tail_losses": self.tail_losses,
                 "sample_gradient_evals": self.sample_gradient_evals, "wall_time_s": self.wall_time_s,
@@ -155,7 +164,8 @@ def _calibration_loss(model: torch.nn.Module, family, scheduler, images: torch.T
         ts = torch.full((images.shape[0],), t, device=device, dtype=torch.long)
         x_t, target = noisy_and_target(scheduler, images, noise, ts)
         with torch.set_grad_enabled(grad):
-            return torch.nn.functional.mse_loss(family.predict(model, x_t, ts, cond), target)
+            pred = family.predict(model, x_t, model_timesteps(scheduler, ts), cond)
+            return torch.nn.functional.mse_loss(pred, target)
 
     return loss_at
 
@@ -231,8 +241,8 @@ def estimate(model: torch.nn.Module, family, scheduler, images: torch.Tensor, me
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return ImportanceResult(method, thr, kept, losses, tail, grads, len(kept) * images.shape[0],
-                            time.perf_counter() - start, cut=cut)
+    return _on_schedule(ImportanceResult(method, thr, kept, losses, tail, grads, len(kept) * images.shape[0],
+                                         time.perf_counter() - start, cut=cut), scheduler)
 
 
 def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tensor,
@@ -286,15 +296,16 @@ def estimate_many(model: torch.nn.Module, family, scheduler, images: torch.Tenso
 
     def result(k: int, cut: int | None, threshold: float, grads: dict, wall: float) -> ImportanceResult:
         tail = [losses[t] for t in tail_timesteps(cut, total, tail_points)]
-        return ImportanceResult("diff-pruning", threshold, list(range(k)), losses[:k], tail, grads, k * n, wall,
-                                cut=cut)
+        return _on_schedule(ImportanceResult("diff-pruning", threshold, list(range(k)), losses[:k], tail, grads,
+                                             k * n, wall, cut=cut), scheduler)
 
     out = {}
     for thr in thresholds:
         stop, grads, wall = cuts.get(thr, full)
         cut = _cut_or_none(stop, total)
         out[("diff-pruning", thr)] = result(total if cut is None else cut + 1, cut, thr, grads, wall)
-    out[("taylor", 0.0)] = ImportanceResult("taylor", 0.0, list(range(total)), losses, [], full[1], total * n, full[2])
+    out[("taylor", 0.0)] = _on_schedule(ImportanceResult("taylor", 0.0, list(range(total)), losses, [], full[1],
+                                                         total * n, full[2]), scheduler)
     for k in prefixes:
         grads, wall = fixed[k] if k < total else full[1:]
         out[("prefix", k)] = result(k, _cut_or_none(k - 1, total), 0.0, grads, wall)
@@ -375,7 +386,8 @@ def estimate_fast(model: torch.nn.Module, family, scheduler, images: torch.Tenso
             noise = torch.randn((pairs_per_pass, *images.shape[1:]), generator=g).to(device)
             x0 = images[idx]
             x_t, target = noisy_and_target(scheduler, x0, noise, ts)
-            loss = torch.nn.functional.mse_loss(family.predict(model, x_t, ts, _select(cond, idx, n)), target)
+            pred = family.predict(model, x_t, model_timesteps(scheduler, ts), _select(cond, idx, n))
+            loss = torch.nn.functional.mse_loss(pred, target)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise DiffpruneError(f"calibration loss is {value} in sampled pass {i} of {passes}; check the "
@@ -389,8 +401,16 @@ def estimate_fast(model: torch.nn.Module, family, scheduler, images: torch.Tenso
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return ImportanceResult("diff-pruning", threshold, list(range(num_kept)), losses, [], grads,
-                            passes * pairs_per_pass, time.perf_counter() - start, estimator="fast", cut=cut)
+    return _on_schedule(ImportanceResult("diff-pruning", threshold, list(range(num_kept)), losses, [], grads,
+                                         passes * pairs_per_pass, time.perf_counter() - start, estimator="fast",
+                                         cut=cut), scheduler)
+
+
+def _on_schedule(result: ImportanceResult, scheduler) -> ImportanceResult:
+    """Record what t means for this scheduler and, for flow schedulers, the sigma at the cut."""
+    if is_flow(scheduler):
+        result.timestep_kind, result.cut_sigma = "flow-sigma-index", sigma_at(scheduler, result.cut)
+    return result
 
 
 def _select(cond: dict | None, idx: list[int], n: int) -> dict | None:

@@ -35,7 +35,8 @@ def read_png(path: Path, channels: int, size: tuple[int, int] | None = None) -> 
         with Image.open(path) as im:
             a = np.array(im)
     except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise DiffpruneError(f"{path}: not a readable PNG ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DiffpruneError(f"{path}: not a readable PNG ({why}); "
                              "delete it and rerun with --resume to regenerate it") from None
     a = a[..., None] if a.ndim == 2 else a
     if a.ndim != 3 or a.dtype != np.uint8:

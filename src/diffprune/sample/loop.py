@@ -9,6 +9,7 @@ noise for image i is drawn from that same generator, so image i is the same what
 or number of processes, and a teacher folder and a student folder pair up by index.
 
 Folder layout written by `sample_to_folder`: see files.py. Guidance: families/guidance.py.
+Flow-matching schedulers (Stable Diffusion 3) run the FlowMatch Euler chain instead (flow.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
+from ..diffusion import is_flow
 from ..errors import DiffpruneError, check_range
 from ..families.guidance import check_guidance, guided_predict
 from ..families.pipeline_parts import denoiser_of, image_seed  # noqa: F401  (image_seed: public here too)
@@ -47,6 +49,7 @@ from .files import (  # noqa: F401  (public here too)
     write_npz_atomic,
     write_png_atomic,
 )
+from .flow import check_flow_args, flow_denoise
 from .schedules import (  # noqa: F401  (SAMPLERS, SPACINGS, CLIP_MODES, timestep_sequence: public here too)
     CLIP_MODES,
     SAMPLERS,
@@ -102,6 +105,8 @@ def _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sa
     config = unet.config
     if getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
         raise DiffpruneError("class-conditional UNets are not supported by `sample` yet")
+    if is_flow(scheduler):
+        return check_flow_args(scheduler, sampler, eta, spacing, clip_sample)
     rule = chain_rule(scheduler.config, clip_sample)
     reverse_chain(T, steps, sampler, spacing, rule)  # refuses steps that run past the last timestep
     if sampler == "ddpm" and rule.variance_type not in VARIANCE_TYPES:
@@ -129,6 +134,9 @@ def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generat
     `uncond` and guidance_scale > 1, classifier-free guidance as diffusers' pipelines compute it
     (families/guidance.py), applied to the model output before the update.
     """
+    if is_flow(scheduler):  # SD3: the FlowMatch Euler chain (flow.py)
+        return flow_denoise(unet, scheduler, noise, steps=steps, family=family, cond=cond, uncond=uncond,
+                            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     config = scheduler.config
     rule = chain_rule(config, clip_sample)
     abar = scheduler.alphas_cumprod.to(device=noise.device, dtype=torch.float32)

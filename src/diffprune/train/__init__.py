@@ -5,7 +5,8 @@ One loop serves both (loop.py); defaults follow the paper's post-training recipe
 "Post-training recipe"). The pieces: config.py (configs), fresh_model.py (a new UNet2DModel),
 parts.py (seeds, batch order, Adam, EMA), files.py (run folders, export), setup.py (building a
 run), loop.py (the loop, losses, caption dropout, checkpoints), checkpoints.py (checkpoint I/O),
-distillation.py (feature taps and adapters). `diffprune.train(...)` calls this package: `train` below (see `stage_call`).
+distillation.py (feature taps and adapters). `diffprune.train(...)` calls this package: `train` below
+(see `stage_call`).
 """
 
 from __future__ import annotations

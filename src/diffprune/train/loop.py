@@ -1,7 +1,9 @@
 """The training loop shared by `finetune` (post-training a pruned model) and `train` (a fresh UNet2DModel).
 
 Loss: the DDPM noise-prediction loss L_t = ||target - model(x_t, t)||^2 with t ~ U{0, ..., T-1}
-(`diffusion.noisy_and_target`; the target follows the scheduler's prediction type), plus optional
+(`diffusion.noisy_and_target`; the target follows the scheduler's prediction type; flow-matching
+schedulers (SD3): t indexes the training sigmas, x_t = (1 - sigma) x0 + sigma eps, target eps - x0, the
+model called at sigma * N, see diffusion.py), plus optional
 knowledge distillation from the unpruned teacher (not in the paper's main results):
 - "output": + distill_weight * ||student(x_t, t) - teacher(x_t, t)||^2 on the same x_t.
 - "features": + feature_weight * mean over the outputs of down_blocks[i], mid_block, up_blocks[i] of
@@ -143,7 +145,7 @@ def _micro_batch(run: _Run, batches, step: int, micro: int):
     torch.manual_seed(derive_seed(config.seed, step, micro, acc.process_index, 1))  # dropout
     t, noise = t.to(acc.device), noise.to(acc.device)
     x_t, target = diffusion.noisy_and_target(run.scheduler, x0, noise, t)
-    return x_t, t, target, cond
+    return x_t, diffusion.model_timesteps(run.scheduler, t), target, cond
 
 
 def cond_drops(config, n: int, step: int, micro: int, rank: int) -> list[bool] | None:
