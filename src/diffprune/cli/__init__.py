@@ -28,7 +28,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 from ..errors import ENVIRONMENT_ERRNOS, DiffpruneError, environment_failure, os_errno, reason_of
 
-COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo")
+COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo", "encode-prompts")
 DEBUG_ENV = "DIFFPRUNE_DEBUG"
 
 # The line `diffprune --help` shows per subcommand, known without importing the subcommand (whose
@@ -42,6 +42,7 @@ SUMMARIES = {
     "evaluate": "FID/KID, SSIM consistency, params/MACs and latency of samples and models",
     "report": "self-contained HTML + Markdown report: metrics, sample pairs, loss curves, widths",
     "demo": "prune, fine-tune, sample, evaluate and report on the embedded digits DDPM",
+    "encode-prompts": "encode prompts with a pipeline's text encoders into a file for --prompt-embeds",
 }
 
 
@@ -68,10 +69,11 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
         if commands is not None and name not in commands:
             sub.add_parser(name, help=SUMMARIES[name], add_help=False)
             continue
+        module_name = name.replace("-", "_")  # encode-prompts: cli/encode_prompts.py
         try:
-            module = importlib.import_module(f".{name}", __package__)
+            module = importlib.import_module(f".{module_name}", __package__)
         except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{name}":
+            if err.name != f"{__package__}.{module_name}":
                 raise
             continue
         module.register(sub)

@@ -93,6 +93,18 @@ def add_conditioning_options(parser: argparse.ArgumentParser, images: str, capti
                             "(default: integer class-folder names, else random labels)")
 
 
+def add_prompt_embeds_option(parser: argparse.ArgumentParser) -> None:
+    """--prompt-embeds for the stages that condition on prompts (prune, finetune, sample), in the
+    conditioning group when `add_conditioning_options` made one."""
+    group = next((g for g in parser._action_groups if (g.title or "").startswith("conditioning")), parser)
+    group.add_argument("--prompt-embeds", "--prompt_embeds", dest="prompt_embeds", default=None,
+                        help="text-conditional models: a prompt-embeddings file (safetensors, made by `diffprune "
+                             "encode-prompts` or diffprune.families.prompt_embeds.write_prompt_embeds) holding "
+                             "every prompt the run uses and the empty prompt; the pipeline's text encoders are "
+                             "then not loaded (a folder without them works) (default: none, encode with the "
+                             "pipeline's text encoders)")
+
+
 def add_portable_option(parser: argparse.ArgumentParser) -> None:
     """--portable for the stages that write a pipeline folder (prune, finetune, train); see portable.py."""
     parser.add_argument("--portable", action="store_true",

@@ -10,6 +10,7 @@ from .common import (
     add_device_seed,
     add_output_dir,
     add_portable_option,
+    add_prompt_embeds_option,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -74,7 +75,8 @@ def training_kwargs(args: argparse.Namespace) -> dict:
     """The TrainingConfig fields and run options of parsed `add_training_options` arguments."""
     keys = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "max_grad_norm", "ema_decay",
             "ema_warmup", "dropout", "mixed_precision", "seed", "checkpoint_every", "keep_checkpoints",
-            "log_every", "num_workers", "portable", "resume", "overwrite", "max_steps_this_run", "progress", "tensorboard")
+            "log_every", "num_workers", "portable", "resume", "overwrite", "max_steps_this_run", "progress",
+            "tensorboard")
     kwargs = {k: getattr(args, k) for k in keys}
     kwargs["device"] = resolve_device(args.device)
     return kwargs
@@ -104,6 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("--reinit", action="store_true",
                    help="re-initialise all weights first (train the pruned architecture from scratch)")
     add_conditioning_options(p, "training image")
+    add_prompt_embeds_option(p)
     p.add_argument("--cond-drop-prob", "--proportion_empty_prompts", dest="cond_drop_prob", type=unit_closed,
                    default=None, help="probability in [0, 1] of replacing an image's caption by the empty prompt "
                                       "(DiT: its label by the null class), so the unconditional branch that "
@@ -120,4 +123,4 @@ def run(args: argparse.Namespace) -> None:
     finetune(args.model, args.data, args.output_dir, teacher=args.teacher, distill=args.distill,
              distill_weight=args.distill_weight, feature_weight=args.feature_weight, reinit=args.reinit,
              prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
-             cond_drop_prob=args.cond_drop_prob, **training_kwargs(args))
+             cond_drop_prob=args.cond_drop_prob, prompt_embeds=args.prompt_embeds, **training_kwargs(args))

@@ -8,6 +8,7 @@ from .common import (
     add_conditioning_options,
     add_device_seed,
     add_output_dir,
+    add_prompt_embeds_option,
     non_negative_float,
     positive_int,
     resolve_device,
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
                         "model/seed/steps/eta/sampler/spacing/clip-sample/prompt/guidance (--num-images may grow)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_conditioning_options(p, "image", captions=False)
+    add_prompt_embeds_option(p)
     group = p.add_argument_group("classifier-free guidance (Stable Diffusion, PixArt, SD3, DiT; as diffusers' "
                                  "pipelines)")
     group.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=non_negative_float,
@@ -78,4 +80,5 @@ def run(args: argparse.Namespace) -> None:
                      seed=args.seed, device=device, resume=args.resume, overwrite=args.overwrite,
                      progress=args.progress, prompt=args.prompt, class_labels=args.class_labels,
                      clip_sample=args.clip_sample, guidance_scale=args.guidance_scale,
-                     negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale)
+                     negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale,
+                     prompt_embeds=args.prompt_embeds)

@@ -9,13 +9,16 @@ classifier-free-guidance settings, so every stage calls the denoiser the same wa
 DiT's null class (caption dropout for fine-tuning, so the unconditional branch is trained).
 Text encoders: SD 1/2 (unet2d_condition.py), SDXL (sdxl.py), PixArt's T5 (pixart.py), SD3's CLIP-L +
 CLIP-G + T5 (sd3.py; a pipeline saved without text_encoder_3 gets zero T5 tokens, as its own __call__).
-Prompts are always encoded by the pipeline's encoders; precomputed `prompt_embeds` are not read.
+Or, with `embeds` (a prompt-embeddings file, prompt_embeds.py: `--prompt-embeds`), the conditioning
+comes from precomputed `prompt_embeds` and the pipeline's text encoders are not used (nor loaded:
+io.pipeline.load_pipeline(text_encoders=False)); `encode_prompts_file` writes such a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -25,6 +28,7 @@ from .dit import DiTFamily, labels_for_dataset, parse_class_labels
 from .guidance import check_guidance, guidance_on
 from .latent import LatentCodec, codec_of
 from .pipeline_parts import image_seed
+from .prompt_embeds import EMPTY, PromptEmbeds, read_prompt_embeds, write_prompt_embeds
 from .sd3 import SD3Family, SD3PromptEncoder
 from .unet2d_condition import PromptEncoder, UNet2DConditionFamily, is_text_time, prompts_for_dataset
 
@@ -116,27 +120,65 @@ def is_text_family(family: Family) -> bool:
     return isinstance(family, UNet2DConditionFamily) or bool(getattr(family, "text_conditional", False))
 
 
-def context_for(pipe, family: Family, model: torch.nn.Module) -> PipelineContext:
-    """Codec and text encoder(s) of `pipe` (conditioning data is attached by `attach_*`)."""
+def context_for(pipe, family: Family, model: torch.nn.Module,
+                embeds: PromptEmbeds | None = None) -> PipelineContext:
+    """Codec and text encoder(s) of `pipe`, or the prompt embeddings `embeds` (checked against the
+    denoiser's config) instead of the encoders (conditioning data is attached by `attach_*`)."""
     ctx = PipelineContext(family, model, codec_of(pipe))
     if ctx.codec is not None and ctx.codec.latent_channels != family.in_channels(model):
         raise DiffpruneError(f"{type(pipe).__name__}: the autoencoder has {ctx.codec.latent_channels} latent "
                              f"channels, the {family.name} denoiser takes {family.in_channels(model)}")
+    if embeds is not None and not is_text_family(family):
+        raise DiffpruneError(f"prompt embeddings {embeds.path!r} apply to text-conditional models; "
+                             f"{type(model).__name__} takes no prompts")
     if isinstance(family, UNet2DConditionFamily):
         if is_text_time(model):
             from .sdxl import SDXLPromptEncoder
 
-            ctx.encoder = SDXLPromptEncoder(pipe, model)
+            ctx.encoder = SDXLPromptEncoder(pipe, model, embeds)
         else:
-            ctx.encoder = PromptEncoder(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))
+            ctx.encoder = PromptEncoder(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None),
+                                        embeds, model)
     elif isinstance(family, SD3Family):
-        ctx.encoder = SD3PromptEncoder(pipe, model)
+        ctx.encoder = SD3PromptEncoder(pipe, model, embeds=embeds)
     elif is_text_family(family):
         from .pixart import PixArtPromptEncoder
 
         side = float(ctx.data_size()[0])  # micro-conditions: the image size in pixels (PixArt-alpha 1024px)
-        ctx.encoder = PixArtPromptEncoder(pipe, micro=(side, side) if model.use_additional_conditions else None)
+        ctx.encoder = PixArtPromptEncoder(pipe, micro=(side, side) if model.use_additional_conditions else None,
+                                          embeds=embeds, model=model)
     return ctx
+
+
+def load_prompt_embeds(path: str | None) -> PromptEmbeds | None:
+    """The checked prompt-embeddings file at `path` (prompt_embeds.py), None for None."""
+    return None if path is None else read_prompt_embeds(path)
+
+
+def _require(ctx: PipelineContext, prompts) -> None:
+    """Prompts the run will use must be in the embeddings file, if conditioning comes from one."""
+    embeds = getattr(ctx.encoder, "embeds", None)
+    if embeds is not None:
+        embeds.require(prompts)
+
+
+def encode_prompts_file(pipe, path, prompts) -> Path:
+    """Encode the distinct `prompts` (and the empty prompt) with `pipe`'s own text encoder(s), as each
+    family's encoder does, and write them as a prompt-embeddings file (prompt_embeds.py) at `path`."""
+    from . import family_for
+    from .pipeline_parts import denoiser_of
+
+    _, model = denoiser_of(pipe)
+    family = family_for(model)
+    if not is_text_family(family):
+        raise DiffpruneError(f"{type(model).__name__} takes no prompts; prompt embeddings are for text-conditional "
+                             "pipelines (Stable Diffusion 1/2/XL/3, PixArt)")
+    encoder = context_for(pipe, family, model).encoder
+    distinct = list(dict.fromkeys([EMPTY, *prompts]))
+    source = {"pipeline": type(pipe).__name__, "denoiser": type(model).__name__,
+              "encoders": {k: type(v).__name__ for k, v in pipe.components.items()
+                           if k.startswith("text_encoder") and v is not None}}
+    return write_prompt_embeds(path, encoder.layout, distinct, encoder.embeddings(distinct), source)
 
 
 def attach_dataset(ctx: PipelineContext, dataset, data: str, *, prompt: str | None = None,
@@ -145,6 +187,7 @@ def attach_dataset(ctx: PipelineContext, dataset, data: str, *, prompt: str | No
     """Per-image prompts / labels (SDXL: and time_ids) for `dataset` (unet2d_condition.py, dit.py, sdxl.py)."""
     if ctx.text:
         ctx.prompts = prompts_for_dataset(dataset, data, prompt, captions)
+        _require(ctx, ctx.prompts)
         paths = getattr(dataset, "paths", None)
         if is_text_time(ctx.model) and paths:
             from .sdxl import training_time_ids
@@ -166,6 +209,7 @@ def attach_for_sampling(ctx: PipelineContext, *, prompt: str | list[str] | None 
         if not prompt:
             raise DiffpruneError(f"sampling a text-conditional model ({type(ctx.model).__name__}) needs a prompt")
         ctx.prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        _require(ctx, [*ctx.prompts, negative_prompt])
     elif isinstance(ctx.family, DiTFamily):
         n = ctx.family.num_classes(ctx.model)
         labels = parse_class_labels(class_labels, n)

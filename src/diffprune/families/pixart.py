@@ -27,6 +27,7 @@ from diffusers import PixArtTransformer2DModel
 from ..errors import DiffpruneError
 from .attention import attention_modules, fix_attention, qkv_head_map
 from .base import Family
+from .prompt_embeds import CachedPrompts, PromptEmbeds
 
 TEXT_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length; MACs are counted at it
 SIGMA_TEXT_LENGTH = 300  # PixArtSigmaPipeline's
@@ -108,24 +109,34 @@ def micro_conditions(batch_size: int, height: float, width: float, device="cpu")
             "aspect_ratio": torch.tensor([[height / width]] * batch_size, device=device)}
 
 
-class PixArtPromptEncoder:
+class PixArtPromptEncoder(CachedPrompts):
     """Prompts -> T5 `encoder_hidden_states` + `encoder_attention_mask`, as `encode_prompt` of
-    PixArtAlphaPipeline / PixArtSigmaPipeline (no guidance; the negative prompt is encoded the same way)."""
+    PixArtAlphaPipeline / PixArtSigmaPipeline (no guidance; the negative prompt is encoded the same way),
+    or from a prompt-embeddings file (`embeds`, prompt_embeds.py; then no encoder is needed)."""
 
-    def __init__(self, pipe, max_length: int | None = None, micro: tuple[float, float] | None = None):
+    layout = "pixart"
+
+    def __init__(self, pipe, max_length: int | None = None, micro: tuple[float, float] | None = None,
+                 embeds: PromptEmbeds | None = None, model=None):
+        self.micro, self._cache = micro, {}
+        self.tokenizer = self.text_encoder = None
+        if embeds is not None:
+            self.use_file(embeds, {"prompt_embeds": ("caption_channels", int(model.config.caption_channels))})
+            self.max_length = int(embeds.tensors["prompt_embeds"].shape[1])
+            return
         tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
         if tokenizer is None or encoder is None:
-            raise DiffpruneError("PixArt needs the pipeline's tokenizer and text_encoder to encode prompts; "
-                                 "give a PixArtAlphaPipeline / PixArtSigmaPipeline folder")
+            raise DiffpruneError("PixArt needs the pipeline's tokenizer and text_encoder to encode prompts (or "
+                                 "--prompt-embeds); give a PixArtAlphaPipeline / PixArtSigmaPipeline folder")
         self.tokenizer, self.text_encoder = tokenizer, encoder.eval().requires_grad_(False)
         self.preprocess = getattr(pipe, "_text_preprocessing", None)  # the pipeline's caption cleaning
         if max_length is None:  # the pipeline's own default max_sequence_length
             max_length = SIGMA_TEXT_LENGTH if type(pipe).__name__ == "PixArtSigmaPipeline" else TEXT_LENGTH
-        self.max_length, self.micro = int(max_length), micro
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.max_length = int(max_length)
 
     def to(self, device) -> PixArtPromptEncoder:
-        self.text_encoder.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
         return self
 
     def _preprocess(self, prompts: list[str]) -> list[str]:
@@ -138,19 +149,19 @@ class PixArtPromptEncoder:
         return [p.lower().strip() for p in prompts]
 
     @torch.no_grad()
+    def _encode_missing(self, missing: list[str]) -> None:
+        texts = self._preprocess(missing)
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        enc = self.text_encoder
+        mask = tok.attention_mask.to(enc.device)
+        out = enc(tok.input_ids.to(enc.device), attention_mask=mask)[0]
+        for p, e, m in zip(missing, out, mask, strict=True):
+            self._cache[p] = (e.detach().cpu(), m.detach().cpu())
+
     def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            texts = self._preprocess(missing)
-            tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
-                                 add_special_tokens=True, return_tensors="pt")
-            enc = self.text_encoder
-            mask = tok.attention_mask.to(enc.device)
-            out = enc(tok.input_ids.to(enc.device), attention_mask=mask)[0]
-            for p, e, m in zip(missing, out, mask, strict=True):
-                self._cache[p] = (e.detach().cpu(), m.detach().cpu())
-        hidden = torch.stack([self._cache[p][0] for p in prompts]).to(device)
-        return hidden, torch.stack([self._cache[p][1] for p in prompts]).to(device)
+        hidden, mask = self.rows(prompts, device)
+        return hidden, mask
 
     def cond(self, prompts: list[str], device, time_ids=None) -> dict:
         hidden, mask = self.encode(prompts, device)

@@ -35,6 +35,7 @@ from diffusers import SD3Transformer2DModel
 from ..errors import DiffpruneError
 from .attention import attention_modules, fix_attention
 from .base import Family
+from .prompt_embeds import CachedPrompts, PromptEmbeds
 
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length in released SD3 pipelines
 T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -128,15 +129,25 @@ def fold_scale(layer: torch.nn.Linear, factor: float) -> None:
         layer.bias.mul_(factor)
 
 
-class SD3PromptEncoder:
+class SD3PromptEncoder(CachedPrompts):
     """Prompts -> {encoder_hidden_states, pooled_projections}, as `StableDiffusion3Pipeline.encode_prompt`
-    (no clip_skip, the same prompt for all three encoders; the negative prompt is encoded the same way)."""
+    (no clip_skip, the same prompt for all three encoders; the negative prompt is encoded the same way),
+    or from a prompt-embeddings file (`embeds`, prompt_embeds.py; then no encoder is needed)."""
 
-    def __init__(self, pipe, model, max_sequence_length: int = T5_LENGTH):
+    layout = "sd3"
+
+    def __init__(self, pipe, model, max_sequence_length: int = T5_LENGTH, embeds: PromptEmbeds | None = None):
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.clip, self.t5, self.t5_tokenizer = [], None, None
+        self.max_length, self.width = int(max_sequence_length), int(model.config.joint_attention_dim)
+        if embeds is not None:
+            self.use_file(embeds, {"prompt_embeds": ("joint_attention_dim", self.width), "pooled_prompt_embeds": (
+                "pooled_projection_dim", int(model.config.pooled_projection_dim))})
+            return
         pairs = [(getattr(pipe, f"tokenizer{s}", None), getattr(pipe, f"text_encoder{s}", None)) for s in ("", "_2")]
         if any(t is None or e is None for t, e in pairs):
             raise DiffpruneError("SD3 needs the pipeline's tokenizer, text_encoder, tokenizer_2 and text_encoder_2 "
-                                 "(CLIP-L, CLIP-G); give a StableDiffusion3Pipeline folder")
+                                 "(CLIP-L, CLIP-G) or --prompt-embeds; give a StableDiffusion3Pipeline folder")
         self.clip = [(t, e.eval().requires_grad_(False)) for t, e in pairs]
         self.t5 = getattr(pipe, "text_encoder_3", None)
         self.t5_tokenizer = getattr(pipe, "tokenizer_3", None)
@@ -145,8 +156,6 @@ class SD3PromptEncoder:
                 raise DiffpruneError("the SD3 pipeline has text_encoder_3 but no tokenizer_3")
             self.t5.eval().requires_grad_(False)
         self.clip_length = int(pairs[0][0].model_max_length)  # the pipeline's tokenizer_max_length
-        self.max_length, self.width = int(max_sequence_length), int(model.config.joint_attention_dim)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device) -> SD3PromptEncoder:
         for _, enc in self.clip:
@@ -163,10 +172,7 @@ class SD3PromptEncoder:
         return self.t5(ids.to(self.t5.device))[0].to(like.device)
 
     @torch.no_grad()
-    def _encode_missing(self, prompts: list[str]) -> None:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if not missing:
-            return
+    def _encode_missing(self, missing: list[str]) -> None:
         hidden, pooled = [], []
         for tok, enc in self.clip:
             ids = tok(missing, padding="max_length", max_length=self.clip_length, truncation=True,
@@ -184,9 +190,8 @@ class SD3PromptEncoder:
             self._cache[p] = (e.detach().cpu(), q.detach().cpu())
 
     def cond(self, prompts: list[str], device, time_ids=None) -> dict:
-        self._encode_missing(prompts)
-        return {"encoder_hidden_states": torch.stack([self._cache[p][0] for p in prompts]).to(device),
-                "pooled_projections": torch.stack([self._cache[p][1] for p in prompts]).to(device)}
+        hidden, pooled = self.rows(prompts, device)
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
 
     def uncond(self, n: int, negative_prompt: str | None, device, time_ids=None) -> dict:
         """The unconditional branch of CFG: the negative prompt, else the empty prompt (as the pipeline)."""

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..errors import DiffpruneError
+from .prompt_embeds import CachedPrompts, PromptEmbeds
 
 TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 
@@ -53,19 +54,28 @@ def training_time_ids(paths, size: int) -> list[tuple[int, ...]]:
     return out
 
 
-class SDXLPromptEncoder:
-    """Prompts -> {encoder_hidden_states, text_embeds, time_ids} with an SDXL pipeline's encoders."""
+class SDXLPromptEncoder(CachedPrompts):
+    """Prompts -> {encoder_hidden_states, text_embeds, time_ids} with an SDXL pipeline's encoders, or
+    from a prompt-embeddings file (`embeds`, prompt_embeds.py; then no encoder is needed)."""
 
-    def __init__(self, pipe, unet):
+    layout = "sdxl"
+
+    def __init__(self, pipe, unet, embeds: PromptEmbeds | None = None):
+        self.force_zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pairs = []
+        if embeds is not None:
+            self.use_file(embeds, {"prompt_embeds": ("cross_attention_dim", int(unet.config.cross_attention_dim)),
+                                   "pooled_prompt_embeds": ("pooled width (projection_class_embeddings_input_dim"
+                                                            " - 6 x addition_time_embed_dim)", pooled_dim(unet))})
+            return
         tok, enc = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
         tok2, enc2 = getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)
         if tok2 is None or enc2 is None:
             raise DiffpruneError("an SDXL UNet (addition_embed_type='text_time') needs the pipeline's tokenizer_2 "
-                                 "and text_encoder_2; give a StableDiffusionXLPipeline folder")
+                                 "and text_encoder_2 (or --prompt-embeds); give a StableDiffusionXLPipeline folder")
         pairs = ([(tok, enc)] if tok is not None and enc is not None else []) + [(tok2, enc2)]
         self.pairs = [(t, e.eval().requires_grad_(False)) for t, e in pairs]
-        self.force_zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         width = sum(int(e.config.hidden_size) for _, e in self.pairs)
         if width != int(unet.config.cross_attention_dim):
             raise DiffpruneError(f"the text encoders give {width}-wide embeddings, the UNet's cross_attention_dim "
@@ -77,10 +87,7 @@ class SDXLPromptEncoder:
         return self
 
     @torch.no_grad()
-    def _encode_missing(self, prompts: list[str]) -> None:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if not missing:
-            return
+    def _encode_missing(self, missing: list[str]) -> None:
         hidden, pooled = [], None
         for tok, enc in self.pairs:
             ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -96,9 +103,8 @@ class SDXLPromptEncoder:
             self._cache[p] = (e.detach().cpu(), q.detach().cpu())
 
     def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        self._encode_missing(prompts)
-        return (torch.stack([self._cache[p][0] for p in prompts]).to(device),
-                torch.stack([self._cache[p][1] for p in prompts]).to(device))
+        hidden, pooled = self.rows(prompts, device)
+        return hidden, pooled
 
     def cond(self, prompts: list[str], device, time_ids: torch.Tensor | None = None) -> dict:
         if time_ids is None:

@@ -24,6 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import DiffpruneError
+from .prompt_embeds import CachedPrompts, PromptEmbeds
 from .unet2d import UNet2DFamily
 
 CAPTION_FILES = ("captions.jsonl", "captions.txt")
@@ -86,35 +87,43 @@ def is_text_time(model) -> bool:
 # --------------------------------------------------------------------------- prompts
 
 
-class PromptEncoder:
-    """Prompts -> `encoder_hidden_states` with a pipeline's tokenizer and (frozen) text encoder."""
+class PromptEncoder(CachedPrompts):
+    """Prompts -> `encoder_hidden_states` with a pipeline's tokenizer and (frozen) text encoder, or
+    from a prompt-embeddings file (`embeds`, prompt_embeds.py; then no encoder is needed)."""
 
-    def __init__(self, tokenizer, text_encoder):
+    layout = "sd"
+
+    def __init__(self, tokenizer, text_encoder, embeds: PromptEmbeds | None = None, model=None):
+        self._cache: dict[str, tuple[torch.Tensor]] = {}
+        self.tokenizer = self.text_encoder = None
+        if embeds is not None:
+            self.use_file(embeds, {"prompt_embeds": ("cross_attention_dim", int(model.config.cross_attention_dim))})
+            return
         if tokenizer is None or text_encoder is None:
             raise DiffpruneError("UNet2DConditionModel needs the pipeline's tokenizer and text_encoder to encode "
-                                 "prompts; a bare UNet folder is not supported: give a Stable Diffusion "
-                                 "pipeline folder")
+                                 "prompts (or --prompt-embeds); a bare UNet folder is not supported: give a "
+                                 "Stable Diffusion pipeline folder")
         self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval().requires_grad_(False)
-        self._cache: dict[str, torch.Tensor] = {}
 
     def to(self, device) -> PromptEncoder:
-        self.text_encoder.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
         return self
 
     @torch.no_grad()
+    def _encode_missing(self, missing: list[str]) -> None:
+        enc = self.text_encoder
+        tok = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        ids = tok.input_ids.to(enc.device)
+        mask = tok.attention_mask.to(enc.device) if getattr(enc.config, "use_attention_mask", False) else None
+        out = enc(ids, attention_mask=mask)[0]
+        for p, e in zip(missing, out, strict=True):
+            self._cache[p] = (e.detach().cpu(),)
+
     def encode(self, prompts: list[str], device) -> torch.Tensor:
         """(B, L, D) text embeddings, as StableDiffusionPipeline.encode_prompt (no guidance)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            enc = self.text_encoder
-            tok = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt")
-            ids = tok.input_ids.to(enc.device)
-            mask = tok.attention_mask.to(enc.device) if getattr(enc.config, "use_attention_mask", False) else None
-            out = enc(ids, attention_mask=mask)[0]
-            for p, e in zip(missing, out, strict=True):
-                self._cache[p] = e.detach().cpu()
-        return torch.stack([self._cache[p] for p in prompts]).to(device)
+        return self.rows(prompts, device)[0]
 
     def cond(self, prompts: list[str], device, time_ids: torch.Tensor | None = None) -> dict:
         return {"encoder_hidden_states": self.encode(prompts, device)}

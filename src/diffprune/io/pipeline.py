@@ -60,6 +60,7 @@ CONFIG_FILE = "config.json"
 FORMAT_NAME = "diffprune-pruning"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "base_class", "structure")
+TEXT_PARTS = ("text_encoder", "tokenizer")  # components `load_pipeline(text_encoders=False)` leaves out
 # diffusers finds a component's load method by looking its base classes up in the component's own
 # module (`model_index.json` names `diffprune.io`), so ModelMixin must be reachable from here.
 __all__ = ["ModelMixin", "PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel",
@@ -336,15 +337,18 @@ def load_unet(name_or_path: str | Path, subfolder: str | None = None,
 
 
 def load_pipeline(name_or_path: str | Path, device: str | torch.device = "cpu",
-                  torch_dtype: torch.dtype | None = None, revision: str | None = None) -> DiffusionPipeline:
+                  torch_dtype: torch.dtype | None = None, revision: str | None = None,
+                  text_encoders: bool = True) -> DiffusionPipeline:
     """A pipeline from a pipeline folder, a bare model folder, or a hub id.
 
     A bare UNet folder gets its `scheduler_config.json` if present (beside it or in ../scheduler),
     else diffusers' default DDPMScheduler (1000 linear steps), with a warning.
+    `text_encoders=False` (prompts from a prompt-embeddings file): the text encoders and tokenizers
+    are neither checked nor loaded (None); `save_pipeline` copies their folders back unchanged.
     """
     folder = resolve_folder(name_or_path, revision=revision)
     if (folder / "model_index.json").is_file():
-        pipe = _from_pipeline_folder(folder, torch_dtype)
+        pipe = _from_pipeline_folder(folder, torch_dtype, text_encoders)
     elif (folder / CONFIG_FILE).is_file():
         unet = load_unet(folder, torch_dtype=torch_dtype)
         pipe = DDPMPipeline(unet=unet, scheduler=_scheduler_near(folder))
@@ -354,8 +358,10 @@ def load_pipeline(name_or_path: str | Path, device: str | torch.device = "cpu",
     return pipe.to(device)
 
 
-def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
+def _from_pipeline_folder(folder: Path, torch_dtype, text_encoders: bool = True) -> DiffusionPipeline:
     classes = read_model_index(folder)
+    unloaded = [] if text_encoders else [n for n, c in classes.items() if c is not None and n.startswith(TEXT_PARTS)]
+    classes = {n: None if n in unloaded else c for n, c in classes.items()}
     has_safetensors = any(folder.glob("*/*.safetensors"))
     if not has_safetensors:
         raise DiffpruneError(f"{folder}: no safetensors weights found; diffprune never loads pickled "
@@ -377,8 +383,10 @@ def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
             # a component saved as null (SD3 without its T5 encoder) is passed as None: diffusers requires
             # every non-optional component by name, even one the pipeline runs without
             absent = {name: None for name, cls in classes.items() if cls is None and name not in passed}
-            return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True,
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True,
                                                      **absent, **passed)
+            pipe._diffprune_unloaded = (folder, unloaded)  # for save_pipeline: copied back as they are
+            return pipe
     except DiffpruneError:
         raise
     except (OSError, ValueError, RuntimeError, AttributeError) as err:
@@ -386,6 +394,19 @@ def _from_pipeline_folder(folder: Path, torch_dtype) -> DiffusionPipeline:
     finally:
         if bars_were_on:
             diffusers_logging.enable_progress_bar()
+
+
+def _copy_unloaded(source: Path, names: list[str], folder: Path) -> None:
+    """Components loaded as None (`text_encoders=False`) and still None: their folders and
+    model_index.json entries copied from the folder they were not loaded from."""
+    import shutil
+
+    index, theirs = (read_json(f / "model_index.json", "pipeline index") for f in (folder, source))
+    for name in names:
+        if index.get(name) in (None, [None, None]) and (source / name).is_dir():
+            shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+            index[name] = theirs[name]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _scheduler_near(folder: Path):
@@ -404,7 +425,18 @@ def save_pipeline(pipe: DiffusionPipeline, folder: str | Path, portable: bool = 
     so the folder loads with `trust_remote_code=True` where diffprune is not installed.
     """
     folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    source, unloaded = getattr(pipe, "_diffprune_unloaded", (None, []))
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    if unloaded:  # diffusers warns that each None component "cannot be saved": they are copied below
+        diffusers_logging.set_verbosity_error()
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if unloaded:
+        _copy_unloaded(Path(source), unloaded, folder)
     if portable:
         from .portable import make_portable
 

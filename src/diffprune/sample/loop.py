@@ -238,6 +238,7 @@ class SampleConfig(StageConfig):
     guidance_scale: float = 1.0  # classifier-free guidance scale s (on when s > 1, as diffusers)
     negative_prompt: str | None = None  # text-conditional UNets: the unconditional branch's prompt
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2024, sec. 3.4)
+    prompt_embeds: str | None = None  # the prompt-embeddings file read instead of the text encoders
 
     def __post_init__(self):
         check_range("num_images", self.num_images, 1)
@@ -324,7 +325,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                      seed: int = 0, device: str | torch.device = "cpu", resume: bool = False,
                      overwrite: bool = False, progress: bool = True, prompt: str | None = None,
                      class_labels: str | None = None, clip_sample: str = "auto", guidance_scale: float = 1.0,
-                     negative_prompt: str | None = None, guidance_rescale: float = 0.0) -> Path:
+                     negative_prompt: str | None = None, guidance_rescale: float = 0.0,
+                     prompt_embeds: str | Path | None = None) -> Path:
     """Sample a pipeline folder into `output_dir` (layout in the module docstring); returns it.
 
     `clip_sample`: "auto" clips / thresholds predicted x0 as the scheduler config says, "on" clamps
@@ -334,7 +336,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     DiT takes `class_labels` ('1,2,3', cycled) or random ones. `guidance_scale` > 1 turns on
     classifier-free guidance as diffusers' pipelines compute it (`negative_prompt`: the
     unconditional branch of text models, default the empty prompt; DiT: the null class;
-    `guidance_rescale`: diffusers' option of that name). The default 1.0 is unguided.
+    `guidance_rescale`: diffusers' option of that name). The default 1.0 is unguided. `prompt_embeds`:
+    a prompt-embeddings file (families/prompt_embeds.py) instead of the text encoders (not loaded).
 
     Under `accelerate launch` with N processes, rank r generates the indices i with i % N == r;
     the main process writes samples.npz and grid.png once every rank is done.
@@ -346,14 +349,16 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     state = PartialState(cpu=torch.device(device).type == "cpu")
     if state.num_processes > 1:
         device = state.device
-    output_dir = check_output_location(output_dir, {"--model": model})  # before any work, whatever the flags
-    pipe = load_pipeline(model, device="cpu")
+    output_dir = check_output_location(output_dir, {"--model": model, "--prompt-embeds": prompt_embeds})
     from ..families import family_for
-    from ..families.conditioning import attach_for_sampling, context_for
+    from ..families.conditioning import attach_for_sampling, context_for, load_prompt_embeds
+
+    embeds = load_prompt_embeds(prompt_embeds)
+    pipe = load_pipeline(model, device="cpu", text_encoders=embeds is None)
 
     _, unet = denoiser_of(pipe)
     scheduler = pipe.scheduler
-    ctx = attach_for_sampling(context_for(pipe, family_for(unet), unet), prompt=prompt,
+    ctx = attach_for_sampling(context_for(pipe, family_for(unet), unet, embeds), prompt=prompt,
                               class_labels=class_labels, seed=seed, guidance_scale=guidance_scale,
                               negative_prompt=negative_prompt, guidance_rescale=guidance_rescale)
     config = SampleConfig(model=str(Path(model).absolute()) if Path(model).exists() else str(model),
@@ -361,7 +366,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                           sampler=sampler, spacing=spacing, seed=seed, model_fingerprint=model_fingerprint(unet),
                           prompt=prompt, class_labels=class_labels, clip_sample=clip_sample,
                           guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                          guidance_rescale=guidance_rescale)
+                          guidance_rescale=guidance_rescale,
+                          prompt_embeds=None if embeds is None else str(Path(embeds.path).absolute()))
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     pixels, channels = ctx.data_size()
     if channels not in (1, 3, 4):

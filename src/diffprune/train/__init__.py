@@ -45,8 +45,9 @@ def finetune(model: str | Path, data: str | Path, output_dir: str | Path, **kwar
     """
     run_kwargs = _run_kwargs(kwargs)
     model = str(Path(model).absolute()) if Path(model).exists() else str(model)
-    if kwargs.get("teacher") is not None and Path(kwargs["teacher"]).exists():
-        kwargs["teacher"] = str(Path(kwargs["teacher"]).absolute())
+    for key in ("teacher", "prompt_embeds"):
+        if kwargs.get(key) is not None and Path(kwargs[key]).exists():
+            kwargs[key] = str(Path(kwargs[key]).absolute())
     config = _make_config(FinetuneConfig, model=model, data=_data_str(data), **kwargs)
     return run_training(config, output_dir, **run_kwargs)
 

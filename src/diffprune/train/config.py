@@ -87,6 +87,7 @@ class FinetuneConfig(TrainingConfig):
     captions: str | None = None  # or a captions file (default: captions.jsonl/.txt in the data folder)
     class_labels: str | None = None  # DiT: labels cycled over images (default: class folders, else null)
     cond_drop_prob: float | None = None  # caption dropout: the empty prompt / DiT null class with this prob.
+    prompt_embeds: str | None = None  # a prompt-embeddings file read instead of the text encoders (not loaded)
 
     def __post_init__(self):
         super().__post_init__()

@@ -59,7 +59,8 @@ def training_inputs(config: TrainingConfig) -> dict[str, str | None]:
     that folder is an input too.
     """
     inputs = {"--model": getattr(config, "model", None), "--teacher": getattr(config, "teacher", None),
-              "--data": config.data, "--captions": getattr(config, "captions", None)}
+              "--data": config.data, "--captions": getattr(config, "captions", None),
+              "--prompt-embeds": getattr(config, "prompt_embeds", None)}
     if getattr(config, "distill", "none") != "none" and inputs["--teacher"] is None and inputs["--model"]:
         inputs["the recorded base model"] = _recorded_base_model(Path(inputs["--model"]))
     return inputs

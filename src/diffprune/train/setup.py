@@ -92,7 +92,7 @@ def _load_model(config: TrainingConfig):
     if isinstance(config, FinetuneConfig):
         from ..families.pipeline_parts import denoiser_of
 
-        pipe = load_pipeline(config.model, device="cpu")
+        pipe = load_pipeline(config.model, device="cpu", text_encoders=config.prompt_embeds is None)
         _, unet = denoiser_of(pipe)  # any supported family; raises naming the supported ones
         if config.reinit:
             reinit_weights(unet, config.seed)
@@ -117,7 +117,7 @@ def _load_teacher(config: FinetuneConfig, unet, device):
                                  f"base model folder (base_model id={path!r})")
     from ..families.pipeline_parts import denoiser_of
 
-    _, teacher = denoiser_of(load_pipeline(path, device="cpu"))
+    _, teacher = denoiser_of(load_pipeline(path, device="cpu", text_encoders=False))  # its denoiser only
     for key in ("in_channels", "out_channels", "sample_size"):
         if teacher.config[key] != unet.config[key]:
             raise DiffpruneError(f"teacher {path!r} has {key}={teacher.config[key]!r}, the student "
@@ -191,11 +191,13 @@ def resolve_cond_drop(config: TrainingConfig, ctx) -> TrainingConfig:
 
 
 def _context(config: TrainingConfig, pipe, unet):
-    """Family, latent codec and conditioning source of the trained denoiser (families/conditioning.py)."""
+    """Family, latent codec and conditioning source of the trained denoiser (families/conditioning.py):
+    the pipeline's text encoders, or the prompt-embeddings file `prompt_embeds` (finetune)."""
     from ..families import family_for
-    from ..families.conditioning import context_for
+    from ..families.conditioning import context_for, load_prompt_embeds
 
-    return context_for(pipe, family_for(unet), unet)
+    embeds = load_prompt_embeds(getattr(config, "prompt_embeds", None))
+    return context_for(pipe, family_for(unet), unet, embeds)
 
 
 def _dataset(config: TrainingConfig, unet, ctx=None):
