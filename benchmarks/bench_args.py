@@ -1,4 +1,4 @@
-"""Command-line options shared by the seeded benchmarks (table1.py, threshold_sweep.py)."""
+"""Command-line options shared by the seeded benchmarks (table1.py, threshold_sweep.py, budget_curve.py)."""
 
 from __future__ import annotations
 

@@ -20,26 +20,19 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import Plan as BasePlan
+from _common import aggregate, finetune, machine, prune_row, sample_and_evaluate, teacher_recipe, worker_init
 from bench_args import add_budget_options, chosen_budget
 
 from diffprune.cli.demo_job import embedded_teacher
-from diffprune.evaluate.stage import EvaluateConfig, evaluate
 from diffprune.io import library_versions
-from diffprune.metrics.latency import cpu_model
 from diffprune.prune.importance import estimate_many
-from diffprune.prune.pruning import PruneConfig
-from diffprune.prune.stage import run_prune
-from diffprune.sample.loop import sample_to_folder
-from diffprune.train import FinetuneConfig, run_training
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.02, 0.05, 0.10)
-FAST_POOL = 512  # calibration images the fast estimator draws its (image, t) pairs from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,32 +72,17 @@ def uses_sweep(spec: dict) -> bool:
     return spec["method"] in ("diff-pruning", "taylor") and spec.get("estimator", "exact") == "exact"
 
 
-def teacher_recipe(teacher: Path) -> dict:
-    """The embedded teacher's own training settings (its train_config.json)."""
-    return json.loads((teacher / "train_config.json").read_text())
-
-
-def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budget: Budget, work: Path,
-            teacher_samples: Path) -> dict:
+def run_row(plan: Plan, spec: dict, seed: int, importance) -> dict:
     """Prune -> post-train -> sample -> evaluate one row for one seed; returns its metrics."""
     tag = f"{spec['name'].replace(' ', '_').replace('=', '')}_s{seed}"
-    pruned = work / "pruned" / tag
-    fast = spec.get("estimator") == "fast"  # its own cut and pairs from a larger pool (importance.estimate_fast)
-    report = run_prune(PruneConfig(model=str(teacher), data="digits", method=spec["method"], target_macs=0.56,
-                                   threshold=spec["threshold"], seed=seed, estimator=spec.get("estimator", "exact"),
-                                   batch_size=FAST_POOL if fast else budget.calibration_batch),
-                       pruned, overwrite=True, progress=False, importance=importance)
-    steps = recipe["steps"] if spec["train"] == "full" else max(1, round(budget.finetune_fraction * recipe["steps"]))
-    tuned = work / "finetuned" / tag
-    run_training(FinetuneConfig(model=str(pruned), data="digits", steps=steps, batch_size=recipe["batch_size"],
-                                lr=recipe["lr"], ema_decay=recipe["ema_decay"], ema_warmup=recipe["ema_warmup"],
-                                dropout=recipe["dropout"], seed=seed, checkpoint_every=steps, keep_checkpoints=1),
-                 tuned, overwrite=True, progress=False, tensorboard=False)
-    samples = sample_to_folder(tuned, work / "samples" / tag, budget.num_images, batch_size=250,
-                               steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
-    ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", teacher_samples=str(teacher_samples),
-                                 model=str(tuned), teacher_model=str(teacher), allow_download=False,
-                                 output=str(work / "evaluation" / f"{tag}.json")))
+    # the fast row makes its own cut and pairs from a larger pool (importance.estimate_fast)
+    report = prune_row(plan, spec["method"], spec["threshold"], seed, spec.get("estimator", "exact"),
+                       plan.work / "pruned" / tag, importance)
+    recipe = plan.recipe
+    steps = (recipe["steps"] if spec["train"] == "full"
+             else max(1, round(plan.budget.finetune_fraction * recipe["steps"])))
+    tuned = finetune(plan, plan.work / "pruned" / tag, plan.work / "finetuned" / tag, steps, seed)
+    ev = sample_and_evaluate(plan, tuned, tag)
     imp = report["importance"]
     return {"params": report["params"]["after"], "macs": report["macs"]["after"],
             "latency_speedup": ev["cost"]["ratios"]["latency_speedup"], "fid": ev["fid"]["value"],
@@ -114,26 +92,12 @@ def run_row(spec: dict, seed: int, importance, teacher: Path, recipe: dict, budg
             "prune_wall_s": report["wall_time_s"]["total"]}
 
 
-def run_teacher(teacher: Path, budget: Budget, work: Path) -> tuple[Path, dict]:
-    samples = sample_to_folder(teacher, work / "samples" / "teacher", budget.num_images, batch_size=250,
-                               steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
-    ev = evaluate(EvaluateConfig(samples=str(samples), reference="digits", model=str(teacher),
-                                 allow_download=False, output=str(work / "evaluation" / "teacher.json")))
-    return samples, {"params": ev["cost"]["student"]["params"], "macs": ev["cost"]["student"]["macs"],
-                     "latency_speedup": 1.0, "fid": ev["fid"]["value"], "kid": ev["kid"]["mean"], "ssim": 1.0,
-                     "train_steps": None, "kept_timesteps": None, "prune_wall_s": None}
-
-
-def machine() -> str:
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
-
-
-def aggregate(values: list) -> dict:
-    nums = [v for v in values if v is not None]
-    if not nums:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(nums)), "std": float(np.std(nums, ddof=1)) if len(nums) > 1 else 0.0,
-            "n": len(nums), "values": nums}
+def run_teacher(plan: Plan) -> dict:
+    """The teacher's own samples (the SSIM reference of every row) and metrics."""
+    ev = sample_and_evaluate(plan, plan.teacher, "teacher", against_teacher=False)
+    return {"params": ev["cost"]["student"]["params"], "macs": ev["cost"]["student"]["macs"],
+            "latency_speedup": 1.0, "fid": ev["fid"]["value"], "kid": ev["kid"]["mean"], "ssim": 1.0,
+            "train_steps": None, "kept_timesteps": None, "prune_wall_s": None}
 
 
 COLUMNS = (("params", "params", 1e6, "{:.3f}M"), ("macs", "MACs", 1e6, "{:.1f}M"),
@@ -220,31 +184,16 @@ def main() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """What every task needs to know; picklable so worker processes receive it."""
-
-    teacher: Path
-    recipe: dict
-    budget: Budget
-    work: Path
-
-    @property
-    def teacher_samples(self) -> Path:
-        return self.work / "samples" / "teacher"
+class Plan(BasePlan):
+    """_common.Plan with where each finished row is recorded."""
 
     def row_file(self, name: str, seed: int | None) -> Path:
         tag = name.replace(" ", "_").replace("=", "") + ("" if seed is None else f"_s{seed}")
         return self.work / "rows" / f"{tag}.json"
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _teacher_task(plan: Plan) -> dict:
-    return run_teacher(plan.teacher, plan.budget, plan.work)[1]
+    return run_teacher(plan)
 
 
 def _sweep_task(plan: Plan, seed: int) -> dict:
@@ -252,7 +201,7 @@ def _sweep_task(plan: Plan, seed: int) -> dict:
 
 
 def _row_task(plan: Plan, spec: dict, seed: int, importance) -> dict:
-    return run_row(spec, seed, importance, plan.teacher, plan.recipe, plan.budget, plan.work, plan.teacher_samples)
+    return run_row(plan, spec, seed, importance)
 
 
 def run_all(plan: Plan, jobs: int, only: str | None = None) -> dict[str, list[dict]]:
@@ -299,7 +248,7 @@ def run_all(plan: Plan, jobs: int, only: str | None = None) -> dict[str, list[di
 
     running: dict = {}
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=worker_init) as pool:
         while pending or running:
             for key in [k for k in pending if all(d in done for d in deps(k))][:jobs - len(running)]:
                 pending.remove(key)
