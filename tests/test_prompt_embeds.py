@@ -240,3 +240,27 @@ def test_without_encoders_or_file_and_for_models_without_prompts_it_is_one_line(
     assert code == 2 and _one_line(err, "takes no prompts"), err
     code, err = run_cli(["encode-prompts", "--model", sd_dirs / "full", "--output", tmp_path / "e"], capsys)
     assert code == 2 and _one_line(err, "nothing to encode"), err
+
+
+def test_evaluate_cost_of_a_folder_without_encoders_reads_the_file(sd_dirs, tmp_path, capsys):
+    """evaluate --model (throughput run) of a bare folder: one line without the file, measured with it,
+    conditioned on the file's prompt and equal in params/MACs to the folder with encoders."""
+    common = ["--throughput-images", "1", "--throughput-steps", "2", "--throughput-repeats", "1",
+              "--latency-repeats", "1", "--latency-warmup", "0"]
+    code, err = run_cli(["evaluate", "--model", sd_dirs / "bare", "--output", tmp_path / "no.json", *common], capsys)
+    assert code == 2 and _one_line(err, "needs the pipeline's tokenizer and text_encoder"), err
+    results = {}
+    for name, extra in (("bare", ["--prompt-embeds", sd_dirs / "e.safetensors"]), ("full", [])):
+        out = tmp_path / f"{name}.json"
+        code, err = run_cli(["evaluate", "--model", sd_dirs / name, "--output", out, *common, *extra], capsys)
+        assert code == 0, err
+        results[name] = json.loads(out.read_text())
+    bare, full = (results[k]["cost"] for k in ("bare", "full"))
+    assert bare["student"]["params"] == full["student"]["params"] and bare["student"]["macs"] == full["student"]["macs"]
+    assert PROMPT in json.dumps(bare) and "a photograph" in json.dumps(full)
+    only_empty = tmp_path / "empty.safetensors"
+    embeds = read_prompt_embeds(sd_dirs / "e.safetensors")
+    write_prompt_embeds(only_empty, "sd", [""], {k: v[:1] for k, v in embeds.tensors.items()})
+    code, err = run_cli(["evaluate", "--model", sd_dirs / "bare", "--prompt-embeds", only_empty,
+                         "--output", tmp_path / "e.json", *common], capsys)
+    assert code == 2 and _one_line(err, "holds only the empty prompt"), err

@@ -113,6 +113,12 @@ def register(subparsers) -> None:
         help="pipeline or UNet folder of the teacher, same family as --model, for ratios (default: none)",
     )
     g.add_argument(
+        "--prompt-embeds",
+        help="text-conditional models: a prompt-embeddings file (diffprune encode-prompts) for the throughput "
+        "run, so --model/--teacher-model load without their text encoders; its prompt 'a photograph', else its "
+        "first non-empty one, is used (default: none, the pipelines' text encoders)",
+    )
+    g.add_argument(
         "--latency-repeats",
         type=positive_int,
         default=20,
@@ -177,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
         teacher_samples=args.teacher_samples,
         model=args.model,
         teacher_model=args.teacher_model,
+        prompt_embeds=args.prompt_embeds,
         feature_net=args.feature_net,
         inception_weights=args.inception_weights,
         clip_score=args.clip_score or args.clip_model is not None,

@@ -42,25 +42,41 @@ class _Denoiser:
         }
 
 
-def _load_denoiser(path: str, device, seed: int) -> _Denoiser:
-    """The denoiser of any supported pipeline (UNet, SD UNet, DiT; pixel or latent), via the families."""
+def _load_denoiser(path: str, device, seed: int, embeds=None) -> _Denoiser:
+    """The denoiser of any supported pipeline (UNet, SD UNet, DiT; pixel or latent), via the families.
+
+    `embeds` (families.prompt_embeds.PromptEmbeds): text models are conditioned from the file and the
+    pipeline's text encoders are not loaded; the throughput prompt is then `THROUGHPUT_PROMPT` if the
+    file holds it, else its first non-empty prompt (sampling cost does not depend on the words).
+    """
     from ..families import family_for
     from ..families.conditioning import attach_for_sampling, context_for
     from ..families.pipeline_parts import denoiser_of
     from ..io.pipeline import load_pipeline
 
-    pipe = load_pipeline(path, device="cpu")
+    pipe = load_pipeline(path, device="cpu", text_encoders=embeds is None)
     component, model = denoiser_of(pipe)
     family = family_for(model)
-    ctx = context_for(pipe, family, model)
+    ctx = context_for(pipe, family, model, embeds)
     # Throughput only: DiT draws a random label per image from `seed`; text models get one fixed prompt.
-    ctx = attach_for_sampling(ctx, prompt=THROUGHPUT_PROMPT if ctx.encoder is not None else None, seed=seed)
+    ctx = attach_for_sampling(ctx, prompt=_throughput_prompt(embeds) if ctx.encoder is not None else None,
+                              seed=seed)
     return _Denoiser(str(path), component, model.to(device).eval(), family, pipe.scheduler, ctx)
+
+
+def _throughput_prompt(embeds) -> str:
+    if embeds is None or THROUGHPUT_PROMPT in embeds.prompts:
+        return THROUGHPUT_PROMPT
+    prompt = next((p for p in embeds.prompts if p), None)
+    if prompt is None:
+        raise DiffpruneError(f"--prompt-embeds {embeds.path!r} holds only the empty prompt; the throughput run "
+                             f"needs one more (e.g. {THROUGHPUT_PROMPT!r}: diffprune encode-prompts --prompt ...)")
+    return prompt
 
 
 def _conditioning_note(d: _Denoiser) -> str:
     if d.ctx.encoder is not None:
-        return f"prompt {THROUGHPUT_PROMPT!r}"
+        return f"prompt {d.ctx.prompts[0]!r}" if d.ctx.prompts else f"prompt {THROUGHPUT_PROMPT!r}"
     if d.ctx.label_seed is not None and d.family.conditional:
         return "random class label per image (drawn from the seed)"
     return "none"
@@ -73,14 +89,16 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
     (families.pipeline_parts.denoiser_of); for latent pipelines it is counted and timed in latent space, and DDIM
     throughput includes the autoencoder's decode.
     """
+    from ..families.conditioning import load_prompt_embeds
     from ..metrics.latency import ddim_sampler, forward_latency, ratio, sampling_throughput
     from ..prune.complexity import count_macs_params
 
+    embeds = load_prompt_embeds(config.prompt_embeds)  # a bad file fails before any model loads
     device = torch.device(config.device)
     models: dict[str, _Denoiser] = {}
     if config.teacher_model:
-        models["teacher"] = _load_denoiser(config.teacher_model, device, config.seed)
-    models["student"] = _load_denoiser(config.model, device, config.seed)
+        models["teacher"] = _load_denoiser(config.teacher_model, device, config.seed, embeds)
+    models["student"] = _load_denoiser(config.model, device, config.seed, embeds)
     out: dict[str, Any] = {}
     shapes = {}
     for name, d in models.items():

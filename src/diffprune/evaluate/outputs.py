@@ -24,7 +24,7 @@ def check_outputs(config, overwrite: bool) -> None:
     inputs = {"--samples": config.samples, "--reference": config.reference,
               "--teacher-samples": config.teacher_samples, "--model": config.model,
               "--teacher-model": config.teacher_model, "--inception-weights": config.inception_weights,
-              "--digits-weights": config.digits_weights,
+              "--digits-weights": config.digits_weights, "--prompt-embeds": getattr(config, "prompt_embeds", None),
               "--clip-model": config.clip_model if getattr(config, "clip_score", False) and
               Path(config.clip_model).expanduser().exists() else None}
     out = config.output_path()

@@ -54,6 +54,7 @@ class EvaluateConfig(StageConfig):
     teacher_samples: str | None = None
     model: str | None = None
     teacher_model: str | None = None
+    prompt_embeds: str | None = None  # text models' throughput without text encoders (families/prompt_embeds.py)
     feature_net: str = "digits"
     inception_weights: str | None = None
     digits_weights: str | None = None
@@ -107,6 +108,8 @@ class EvaluateConfig(StageConfig):
             raise DiffpruneError(
                 "teacher_model given without model; cost ratios compare model with teacher_model"
             )
+        if self.prompt_embeds and not self.model:
+            raise DiffpruneError("prompt_embeds given without model; it conditions the throughput run of model")
         return self
 
     def output_path(self) -> Path | None:
