@@ -65,7 +65,7 @@ def measure(name: str, method: str, importance, seed: int, budget: Budget, work:
     if not done.exists():
         run_prune(PruneConfig(model=str(teacher), data="digits", method=method, target_macs=TARGET_MACS,
                               threshold=importance.threshold if importance else 0.0,
-                              batch_size=budget.calibration_batch, seed=seed),
+                              batch_size=budget.calibration_batch, seed=seed, estimator="exact"),
                   work / "pruned" / name, overwrite=True, progress=False, importance=importance)
         samples = sample_to_folder(work / "pruned" / name, work / "samples" / name, budget.num_images,
                                    batch_size=256, steps=budget.sample_steps, seed=0, overwrite=True, progress=False)

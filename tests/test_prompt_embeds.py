@@ -264,3 +264,21 @@ def test_evaluate_cost_of_a_folder_without_encoders_reads_the_file(sd_dirs, tmp_
     code, err = run_cli(["evaluate", "--model", sd_dirs / "bare", "--prompt-embeds", only_empty,
                          "--output", tmp_path / "e.json", *common], capsys)
     assert code == 2 and _one_line(err, "holds only the empty prompt"), err
+
+
+def test_prune_from_the_file_equals_prune_with_the_encoders(made, tmp_path, capsys):
+    """prune --prompt-embeds on a folder without text encoders: the same pruned weights as with them."""
+    family, root = made
+    if not (root / "e.safetensors").exists():
+        _encode(root, capsys)
+    prune = ["prune", "--data", root / "imgs", "--method", "diff-pruning", "--threshold", "0.5", "--ratio", "0.3",
+             "--batch-size", "2"]
+    code, err = run_cli([*prune, "--model", root / "full", "--output-dir", tmp_path / "p_enc"], capsys)
+    assert code == 0, err
+    code, err = run_cli([*prune, "--model", root / "bare", "--prompt-embeds", root / "e.safetensors",
+                         "--output-dir", tmp_path / "p_file"], capsys)
+    assert code == 0, err
+    mine, theirs = _weights(tmp_path / "p_file"), _weights(tmp_path / "p_enc")
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    config = json.loads((tmp_path / "p_file" / "prune_config.json").read_text())
+    assert config["prompt_embeds"] == str((root / "e.safetensors").absolute())

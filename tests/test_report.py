@@ -230,7 +230,8 @@ def test_every_metric_number_comes_from_an_input(full_report, inputs):
     texts = {c["text"] for c in cells}
     # Spot-check the formats: params in M, MACs in G, latency, speed-ups, FID, KID, SSIM, steps.
     assert {"35.746M", "19.845M", "6.065G", "3.390G", "571.96 ms", "426.29 ms", "4.187", "5.291", "400"} <= texts
-    assert "24.94 ± 0.64 dB" in texts and "×1.34 measured speed-up" in texts and "-0.00042 ± 0.00051" in texts and "0.9225 ± 0.0192" in texts
+    assert "24.94 ± 0.64 dB" in texts and "×1.34 measured speed-up" in texts
+    assert "-0.00042 ± 0.00051" in texts and "0.9225 ± 0.0192" in texts
     assert checked >= 20
     html_text = (full_report / "report.html").read_text()
     assert "digits-cnn-v1" in html_text and "student evaluation (eval_student.json) › cost.ratios.latency_speedup" \
@@ -413,3 +414,28 @@ def test_clip_score_row_when_the_evaluations_have_one(inputs, full_report, tmp_p
     paths = write_report(tmp_path / "r2", evaluation=tmp_path / "other.json",
                          teacher_evaluation=tmp_path / "teacher.json")
     assert "scored with different CLIP models" in paths["html"].read_text()
+
+
+def test_allocation_and_estimator_are_shown_with_the_kept_widths(tmp_path):
+    prune = _prune_report()
+    before, after = prune["widths"]["before"], prune["widths"]["after"]
+    groups = [{"layer": n, "kept": after[n], "total": before[n], "channel_groups": 1}
+              for n in before if n != "conv_out"]
+    groups[0]["kept"] = before[groups[0]["layer"]] // 8  # a non-uniform allocation: one group cut hard
+    prune.update(estimator="fast", allocation={"mode": "global", "ratio": 0.3, "max_group_ratio": 0.9,
+                                               "groups": groups})
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "prune_report.json").write_text(json.dumps(prune))
+    paths = write_report(tmp_path / "r", prune=tmp_path / "p")
+    text = paths["markdown"].read_text()
+    assert "Allocation 'global' (each group loses at most 90%)" in text
+    assert "kept fraction per ranked group 0.12 to 0.75" in text
+    first = groups[0]
+    assert f"{first['kept']} / {first['total']}" in text
+    assert "| allocation | global |" in text and "| estimator | fast |" in text  # the settings table
+
+    old = _prune_report()  # a report written before the allocation existed: no table, no error
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "prune_report.json").write_text(json.dumps(old))
+    assert "kept width per ranked channel group" not in write_report(tmp_path / "r2", prune=tmp_path / "o")[
+        "html"].read_text()

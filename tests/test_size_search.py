@@ -82,6 +82,18 @@ def test_planned_sizes_equal_the_real_prune(case):
     assert (out.macs[0], out.params[0]) == count_macs_params(model, family.example_inputs(model))
 
 
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(small_prunes(), st.sampled_from(["global", "isomorphic"]), st.sampled_from(["random", "magnitude"]))
+def test_planned_sizes_of_a_ranked_allocation_equal_the_real_prune(case, allocation, method):
+    """global/isomorphic: the plan made from the group scores is what the real prune gives."""
+    model, setting = case
+    family = family_for(model)
+    config = PruneConfig(model="m", method=method, allocation=allocation, **{**setting, "ratio_rule": "torch-pruning"})
+    out = prune(model, family, config, _no_importance(method), progress=False)  # plans from the scores; checks
+    assert record_structure(out.model) == out.plan.chosen.structure and out.plan.layer_ratios
+    assert (out.macs[1], out.params[1]) == count_macs_params(out.model, family.example_inputs(out.model))
+
+
 def tiny_sd(width=32):
     torch.manual_seed(0)
     return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(width, 2 * width),

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..prune.config import ALLOCATIONS, RATIO_RULES, PruneConfig
 from ..prune.importance import METHODS
-from ..prune.pruning import RATIO_RULES, PruneConfig
 from .common import (
     add_conditioning_options,
     add_device_seed,
     add_output_dir,
     add_portable_option,
+    add_prompt_embeds_option,
     data_or_digits,
     positive_int,
     resolve_device,
@@ -51,12 +53,19 @@ def register(subparsers) -> None:
                         "L_t < thr * max L (0 keeps all timesteps)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="calibration images (one batch, one fixed noise tensor), integer >= 1")
-    p.add_argument("--estimator", choices=("exact", "fast"), default="exact",
-                   help="how Diff-Pruning sums gradients over the kept timesteps: 'exact' backpropagates every "
-                        "kept timestep on the whole batch; 'fast' finds the cut on a coarse forward-only grid "
-                        "and backpropagates ~6 sampled (image, timestep) pairs per kept timestep drawn from "
-                        "all --batch-size images (use a larger --batch-size, e.g. 512, as the pool); "
-                        "--method diff-pruning only")
+    p.add_argument("--estimator", choices=("exact", "fast"), default=None,
+                   help="how Diff-Pruning sums gradients over the kept timesteps: 'fast' finds the cut on a coarse "
+                        "forward-only grid and backpropagates ~6 sampled (image, timestep) pairs per kept timestep "
+                        "drawn from all --batch-size images (use a larger --batch-size, e.g. 512, as the pool; "
+                        "measured closer to a many-image truth than 'exact' on 64 images); 'exact' backpropagates "
+                        "every kept timestep on the whole batch: the paper's loop (use it to reproduce the paper) "
+                        "(default: fast for --method diff-pruning; the other methods have only exact)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                   help="how the budget is spread over the layers: 'uniform' prunes every channel group by the "
+                        "same ratio (the paper); 'global' ranks all groups' (mean-normalized) scores together; "
+                        "'isomorphic' ranks groups of the same structure together (Isomorphic Pruning, ECCV 2024). "
+                        "global/isomorphic keep >= 10%% of every group and plan --target-macs/--target-params "
+                        "after the importance sweep (no --dry-run)")
     p.add_argument("--round-to", type=positive_int, default=None,
                    help="keep channel counts multiples of this integer >= 1 (faster kernels) (default: no rounding)")
     p.add_argument("--prune-heads", action="store_true",
@@ -71,6 +80,7 @@ def register(subparsers) -> None:
                    help="transformers (DiT): also prune the residual (hidden) width, slicing the fixed "
                         "position buffer with it; UNets always prune every channel")
     add_conditioning_options(p, "calibration image")
+    add_prompt_embeds_option(p)
     add_device_seed(p)
     add_output_dir(p, required=False, unless="--dry-run")
     add_portable_option(p)
@@ -93,10 +103,11 @@ def run(args: argparse.Namespace) -> None:
                          target_macs=args.target_macs, target_params=args.target_params,
                          threshold=args.threshold, batch_size=args.batch_size, estimator=args.estimator,
                          round_to=args.round_to,
-                         ratio_rule=args.ratio_rule, seed=args.seed, device=args.device,
+                         ratio_rule=args.ratio_rule, allocation=args.allocation, seed=args.seed, device=args.device,
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
                          prune_residual=args.prune_residual,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
+                         prompt_embeds=None if args.prompt_embeds is None else str(Path(args.prompt_embeds).absolute()),
                          portable=args.portable)
     if args.dry_run:
         print(dry_run_table(dry_run(config)))

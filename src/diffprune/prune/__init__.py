@@ -1,9 +1,13 @@
-"""The prune stage (layer 4): Diff-Pruning importance and baselines (`importance`), size allocation
-and search (`size_search`), params/MACs (`complexity`), the prune verb (`pruning`) and the stage
-(`stage.run_prune`). May import the shared layers, `data`, `families` and `io`.
+"""The prune stage (layer 4): Diff-Pruning importance and baselines (`importance`), the config (`config`),
+per-layer ratio rules (`ratio_rules`), how widths are spread under one budget (`allocation`: uniform,
+global, isomorphic), the ratio search (`bisection`) and size planning (`size_search`, `width_macs`),
+params/MACs (`complexity`), the prune verb (`pruning`) and the stage (`stage.run_prune`). May import
+the shared layers, `data`, `families` and `io`. Imports point one way: pruning -> size_search ->
+allocation / bisection / ratio_rules -> config -> importance.
 
-Importing this package stays light (no torch): the CLI reads `METHODS` / `RATIO_RULES` from the
-modules it needs. `diffprune.prune(config, output_dir)` calls this package: `stage.run_prune` (see `stage_call`).
+Importing this package stays light (no torch): the CLI reads `METHODS` / `RATIO_RULES` / `ALLOCATIONS`
+from the modules it needs. `diffprune.prune(config, output_dir)` calls this package: `stage.run_prune`
+(see `stage_call`).
 """
 
 from ..stage_call import make_callable

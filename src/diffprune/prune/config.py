@@ -49,6 +49,7 @@ class PruneConfig(StageConfig):
     prune_residual: bool = False  # transformers (DiT): also prune the residual width (Family.configured)
     prompt: str | None = None
     captions: str | None = None
+    prompt_embeds: str | None = None  # families/prompt_embeds.py: the text encoders are not loaded
     class_labels: str | None = None
     portable: bool = False  # also write the code plain diffusers needs to load the folder (portable.py)
 

@@ -6,8 +6,12 @@ this, see pruning.gated_halves). So sizes are computed without weights, before t
 one dependency graph on a meta-device copy (no weights copied); per candidate ratio, the indices
 torch-pruning 1.6's `MetaPruner._prune` removes from each group, counted as it counts them, mapped to
 the coupled layers through that graph and applied with its own pruning functions to another meta
-copy; MACs from the widths with its op counter's formulas (`_WidthMacs`). The real prune then runs
+copy; MACs from the widths with its op counter's formulas (`WidthMacs`). The real prune then runs
 once, at the chosen ratio, and must give exactly the planned structure (`SizePlan.check`).
+
+A global/isomorphic allocation (allocation.py) makes the widths depend on the scores: its search
+runs after the sweep, on the groups' scores, each candidate ratio turned into per-group ratios
+(`allocate`) that the planner and the real prune apply alike.
 """
 
 from __future__ import annotations
@@ -26,17 +30,12 @@ from torch import nn
 from ..errors import DiffpruneError
 from ..families import Family
 from ..io.structure import record_structure, validate_structure
+from .allocation import MAX_GROUP_RATIO, GroupSpec, allocate, ranked_groups, smallest
+from .bisection import MAX_RATIO, TARGET_TOLERANCE, bisect, nearest, non_monotone_warning, unreachable_message
 from .complexity import count_macs_params
-from .pruning import (
-    PruneConfig,
-    bisect,
-    gated_halves,
-    non_monotone_warning,
-    paper_ratios,
-    ratio_rule_groups,
-    rounded_ratios,
-    unreachable_message,
-)
+from .config import PruneConfig
+from .ratio_rules import gated_halves, paper_ratios, ratio_rule_groups, rounded_ratios
+from .width_macs import WidthMacs
 
 logger = logging.getLogger(__name__)
 _ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # MetaPruner's root_module_types
@@ -110,6 +109,8 @@ class SizePlanner:
     """Sizes of any ratio for one model, from one dependency graph on a weightless copy."""
 
     _rule_groups: list | None = None  # ratio_rule_groups of the graph, built on first use
+    # a non-uniform allocation: ratio -> {layer name: per-group ratio} (allocation.allocate); None: uniform
+    layer_ratios_for = None
     def __init__(self, model: nn.Module, family: Family, prune_heads: bool = False,
                  head_pruning_ratio: float | None = None):
         start = time.perf_counter()
@@ -124,21 +125,24 @@ class SizePlanner:
             self.meta.disable_gradient_checkpointing()  # as prune_with_ratio: the tracer must see every op
         self.example = family.example_inputs(self.meta, device="meta")
         self.macs0, self.params0 = count_macs_params(self.meta, self.example)
-        self._macs = _WidthMacs.build(self.meta, self.example, self.macs0)
+        self._macs = WidthMacs.build(self.meta, self.example, self.macs0)
         self.before = record_structure(self.meta)
         self.num_heads = family.num_heads(self.meta)
         pruner = tp.pruner.MetaPruner(  # the real prune's settings; only its graph and helpers are used
             self.meta, self.example, importance=tp.importance.RandomImportance(), pruning_ratio=0.5,
             ignored_layers=family.ignored_layers(self.meta), num_heads=dict(self.num_heads),
-            prune_head_dims=not prune_heads, prune_num_heads=prune_heads, head_pruning_ratio=0.5 if prune_heads else 0.0,
+            prune_head_dims=not prune_heads, prune_num_heads=prune_heads,
+            head_pruning_ratio=0.5 if prune_heads else 0.0,
             in_channel_groups={}, out_channel_groups={**gated_halves(self.meta),
-                                                    **family.out_channel_groups(self.meta)}, root_module_types=[])
+                                                    **family.out_channel_groups(self.meta)}, root_module_types=[],
+            unwrapped_parameters=family.unwrapped_parameters(self.meta))
         pruner.root_module_types = _ROOT_TYPES  # the default; [] above skips the constructor's group count
         self.graph = pruner.DG
         self._names = {m: n for n, m in self.meta.named_modules()}
         groups = self.graph.get_all_groups(ignored_layers=pruner.ignored_layers,
                                            root_module_types=pruner.root_module_types)
         self._groups = [g for g in (self._rank_group(pruner, group) for group in groups) if g is not None]
+        self.specs: list[GroupSpec] = ranked_groups(pruner, self._names, prune_heads, score=False)
 
     def _rank_group(self, pruner, group) -> _Group | None:
         """Phase 1 of torch-pruning 1.6's `BasePruner._prune` for one group, minus the scores."""
@@ -196,6 +200,9 @@ class SizePlanner:
 
     def _per_layer(self, ratio: float, ratio_rule: str, round_to: int | None) -> dict:
         """The per-layer ratios prune_with_ratio passes for this rule and rounding ({} for none)."""
+        if self.layer_ratios_for is not None:
+            modules = dict(self.meta.named_modules())
+            return {modules[n]: r for n, r in self.layer_ratios_for(ratio).items()}
         if not (round_to is not None and round_to > 1) and ratio_rule != "paper":
             return {}
         if self._rule_groups is None:
@@ -238,7 +245,7 @@ class SizePlanner:
                  full: bool = False) -> Candidate:
         """The size `prune_with_ratio(ratio, round_to, ratio_rule=...)` gives, on meta tensors. `full`: also
         the family's fix-ups and the whole structure (`SizePlan.check`); else params and MACs only
-        (from the widths when `_WidthMacs` covers the model, in place on the planner's copy, restored)."""
+        (from the widths when `WidthMacs` covers the model, in place on the planner's copy, restored)."""
         start = time.perf_counter()
         if ratio <= 0:  # prune_with_ratio returns an untouched copy
             return self._candidate(ratio, ratio_rule, round_to, self.meta, 0, start, True)
@@ -276,62 +283,6 @@ class SizePlanner:
                          whole, time.perf_counter() - start, record_structure(model) if full else {})
 
 
-_COUNTED = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
-            nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-class _WidthMacs:
-    """torch-pruning's op counter (tp.utils.op_counter, hooks on layers) as a function of the widths.
-
-    Pruning changes channel widths only, never batch, positions or tokens: one forward of the
-    unpruned model records each counted layer's input size and output positions per call, and
-    `count` applies the counter's per-layer formulas (linear: inputs x out + bias; conv: kernel x
-    in x out/groups x positions + bias; norms: inputs, x2 when affine) to the current widths.
-    """
-
-    def __init__(self, calls: dict, widths: dict):
-        self.calls, self.widths = calls, widths
-    @classmethod
-    def build(cls, model: nn.Module, example: dict, macs0: int) -> _WidthMacs | None:
-        """The counter, or None if a counted layer is not `_COUNTED` or it does not give `macs0` unpruned."""
-        calls: dict[str, list] = {}
-        hooks = []
-        for name, m in model.named_modules():
-            if tp.utils.op_counter.is_supported_instance(m):
-                if not isinstance(m, _COUNTED):
-                    return None
-                hooks.append(m.register_forward_hook(
-                    lambda mod, inp, out, name=name: calls.setdefault(name, []).append(
-                        (inp[0].numel(), out.numel() // out.shape[1] if out.dim() > 1 else 1))))
-        try:
-            with torch.no_grad():
-                model(**example)
-        finally:
-            [h.remove() for h in hooks]
-        counter = cls(calls, {n: cls._width(model.get_submodule(n)) for n in calls})
-        return counter if counter.count(model) == macs0 else None
-
-    @staticmethod
-    def _width(m: nn.Module) -> int:  # the input width its count scales with (convs: unused)
-        return m.in_features if isinstance(m, nn.Linear) else math.prod(m.normalized_shape) if isinstance(
-            m, nn.LayerNorm) else m.num_channels if isinstance(m, nn.GroupNorm) else getattr(m, "num_features", 1)
-
-    def count(self, model: nn.Module) -> int:
-        modules, total = dict(model.named_modules()), 0
-        for name, records in self.calls.items():
-            m, w0 = modules[name], self.widths[name]
-            for inputs, positions in records:
-                if isinstance(m, nn.Linear):
-                    total += inputs // w0 * m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
-                elif isinstance(m, nn.modules.conv._ConvNd):
-                    bias = m.out_channels * positions if m.bias is not None else 0
-                    total += math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups) * positions + bias
-                else:
-                    affine = m.elementwise_affine if isinstance(m, nn.LayerNorm) else m.affine
-                    total += inputs // w0 * self._width(m) * (2 if affine else 1)
-        return total
-
-
 @dataclasses.dataclass
 class SizePlan:
     """The size search of one prune: every candidate tried and the one chosen."""
@@ -345,6 +296,9 @@ class SizePlan:
     setup_s: float
     wall_time_s: float
     warnings: list[str]
+    allocation: str = "uniform"
+    groups: list[GroupSpec] = dataclasses.field(default_factory=list, repr=False)  # the ranked groups
+    layer_ratios: dict[str, float] | None = None  # a non-uniform allocation's per-group ratios (chosen)
 
     @property
     def ratio(self) -> float:
@@ -365,20 +319,26 @@ class SizePlan:
         return {"kind": self.kind, "target": self.target, "chosen_ratio": self.ratio,
                 "macs_fraction": self.chosen.macs_fraction, "params_fraction": self.chosen.params_fraction,
                 "candidates": self.trace(), "setup_s": self.setup_s, "wall_time_s": self.wall_time_s,
-                "warnings": self.warnings, "before_calibration": True}
+                "warnings": self.warnings, "before_calibration": self.allocation == "uniform",
+                "allocation": self.allocation}
 
 
-def search_sizes(model: nn.Module, family: Family, config: PruneConfig, progress: bool = True) -> SizePlan:
+def search_sizes(model: nn.Module, family: Family, config: PruneConfig, progress: bool = True,
+                 scores: list[GroupSpec] | None = None) -> SizePlan:
     """The size plan of `config`: its ratio's size, or the ratio whose size is within 2% of the target.
 
-    Raises DiffpruneError for an unreachable target, listing the nearest sizes under each
-    `--ratio-rule` / `--round-to` tried and which one reaches the target, if any.
+    A global/isomorphic `config.allocation` needs the groups' `scores` (allocation.group_scores) and
+    plans its per-group ratios from them. Raises DiffpruneError for an unreachable target, listing
+    the nearest sizes under each `--ratio-rule` / `--round-to` tried and which one reaches it, if any.
     """
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # whatever the family draws, the sweep's random stream is unchanged
-        family = family.configured(prune_residual=config.prune_residual)  # DiT: --prune-residual
-        planner = SizePlanner(model, family, config.prune_heads, config.head_pruning_ratio)
+        planner = _planner(model, family, config)
         rule, round_to = config.ratio_rule, config.round_to if (config.round_to or 0) > 1 else None
+        if config.allocation != "uniform":
+            if scores is None:
+                raise ValueError(f"allocation {config.allocation!r} plans from the scores (allocation.group_scores)")
+            planner.layer_ratios_for = lambda r: allocate(scores, r, config.allocation, round_to)
         if config.ratio is not None:
             kind, target = "ratio", None
             chosen = planner.evaluate(config.ratio, rule, round_to, full=True)
@@ -391,6 +351,8 @@ def search_sizes(model: nn.Module, family: Family, config: PruneConfig, progress
             kind = metric = "macs" if config.target_macs is not None else "params"
             target = config.target_macs if kind == "macs" else config.target_params
             chosen, tried = bisect(lambda r: planner.evaluate(r, rule, round_to), kind, target, progress)
+            if chosen is None and config.allocation != "uniform":
+                raise DiffpruneError(_unreachable_allocation(config.allocation, kind, target, tried))
             if chosen is None:
                 raise DiffpruneError(unreachable_message(planner.evaluate, kind, target, rule, round_to, tried))
         if not chosen.structure:  # the whole structure of the chosen size, for SizePlan.check
@@ -399,4 +361,35 @@ def search_sizes(model: nn.Module, family: Family, config: PruneConfig, progress
     for w in warnings:
         logger.warning(w)
     return SizePlan(kind, target, chosen, tried, planner.macs0, planner.params0, planner.setup_s,
-                    time.perf_counter() - start, warnings)
+                    time.perf_counter() - start, warnings, config.allocation, scores or planner.specs,
+                    planner.layer_ratios_for(chosen.ratio) if planner.layer_ratios_for else None)
+
+
+def _planner(model: nn.Module, family: Family, config: PruneConfig) -> SizePlanner:
+    family = family.configured(prune_residual=config.prune_residual)  # DiT: --prune-residual
+    return SizePlanner(model, family, config.prune_heads, config.head_pruning_ratio)
+
+
+def _unreachable_allocation(allocation: str, kind: str, target: float, tried: list[Candidate]) -> str:
+    smallest_ = min(c.fraction(kind) for c in tried)
+    if target >= smallest_ - TARGET_TOLERANCE:  # inside the range, but between two steps of the ranking
+        return (f"target {kind}={target:.3f} is unreachable within 2% of the original with --allocation "
+                f"{allocation}: it falls between two sizes, nearest {nearest(tried, kind, target)}; use a target "
+                f"within 2% of one of them (or its --ratio), or --allocation uniform")
+    return (f"target {kind}={target:.3f} is unreachable within 2% of the original with --allocation {allocation}: "
+            f"the smallest size keeps {smallest_:.3f} (every group keeps >= {1 - MAX_GROUP_RATIO:.0%} of its "
+            f"channels); allowed: a target >= {smallest_ - TARGET_TOLERANCE:.3f}, or --allocation uniform")
+
+
+def check_reachable(model: nn.Module, family: Family, config: PruneConfig) -> dict:
+    """Before the sweep, for a global/isomorphic allocation: the smallest size it can give (every group
+    at its cap, whatever the scores) must reach the target; returns {"macs": .., "params": ..} fractions."""
+    with torch.random.fork_rng(devices=[]):
+        planner = _planner(model, family, config)
+        round_to = config.round_to if (config.round_to or 0) > 1 else None
+        planner.layer_ratios_for = lambda r: smallest(planner.specs, round_to)
+        low = planner.evaluate(MAX_RATIO, config.ratio_rule, round_to)
+    for kind, target in (("macs", config.target_macs), ("params", config.target_params)):
+        if target is not None and target < low.fraction(kind) - TARGET_TOLERANCE:
+            raise DiffpruneError(_unreachable_allocation(config.allocation, kind, target, [low]))
+    return {"macs": low.macs_fraction, "params": low.params_fraction}

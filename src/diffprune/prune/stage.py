@@ -1,8 +1,9 @@
 """The prune stage as a job: pipeline folder or hub id in, pruned pipeline folder out.
 
 Reads the model, decides the size first (size_search.py: seconds, no weights touched, so an
-unreachable target fails before any calibration work), then reads the calibration images, runs the
-importance sweep (importance.py), prunes once (pruning.py), and writes atomically: the pruned
+unreachable target fails before any calibration work; a global/isomorphic allocation checks its
+smallest size there and plans after the sweep, from the scores), then reads the calibration images,
+runs the importance sweep (importance.py), prunes once (pruning.py), and writes atomically: the pruned
 pipeline (diffusers layout + pruning.json + safetensors), `prune_config.json`, `prune_report.json`
 and `loss_over_timesteps.png`. `dry_run` stops after the size: nothing read but the model, nothing written.
 """
@@ -17,7 +18,7 @@ import torch
 from ..data import batch_indices, first_batch, make_dataset
 from ..errors import DiffpruneError
 from ..families import family_for
-from ..families.conditioning import attach_dataset, context_for
+from ..families.conditioning import attach_dataset, context_for, load_prompt_embeds
 from ..families.pipeline_parts import denoiser_of
 from ..fsutil import atomic_dir, check_output_dir, check_output_location, output_lock, write_json_atomic
 from ..io.pipeline import (
@@ -30,9 +31,11 @@ from ..io.pipeline import (
 )
 from ..io.structure import record_structure, widths
 from ..plots import plot_timestep_losses
+from .allocation import MAX_GROUP_RATIO, group_widths
+from .config import PruneConfig
 from .importance import PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
-from .pruning import PruneConfig, prune
-from .size_search import search_sizes
+from .pruning import prune
+from .size_search import check_reachable, search_sizes
 
 STAGE = PruneConfig.stage
 
@@ -52,19 +55,25 @@ def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = Fal
 
 def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
     """Every path the prune stage reads, by option name (fsutil.check_output_location)."""
-    return {"--model": config.model, "--data": config.data, "--captions": config.captions}
+    return {"--model": config.model, "--data": config.data, "--captions": config.captions,
+            "--prompt-embeds": config.prompt_embeds}
 
 
 def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, progress: bool,
                importance: ImportanceResult | None) -> dict:
     start = time.perf_counter()
     device = torch.device(config.device)
-    pipe = load_pipeline(config.model, device=device)
+    embeds = load_prompt_embeds(config.prompt_embeds)  # a bad file fails before any model loads
+    pipe = load_pipeline(config.model, device=device, text_encoders=embeds is None)
     component, model = denoiser_of(pipe)
     family = family_for(model)
-    plan = search_sizes(model, family, config, progress=progress)  # before any calibration work
+    plan = None  # decided before any calibration work: the size, or (global/isomorphic) that it is reachable
+    if config.allocation == "uniform":
+        plan = search_sizes(model, family, config, progress=progress)
+    elif config.ratio is None:
+        check_reachable(model, family, config)
     model.requires_grad_(True)
-    ctx = context_for(pipe, family, model)
+    ctx = context_for(pipe, family, model, embeds)
     if not family.conditional and (config.prompt or config.captions or config.class_labels):
         raise DiffpruneError(f"--prompt/--captions/--class-labels apply to conditional models; "
                              f"{type(model).__name__} is unconditional")
@@ -96,7 +105,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                    "ratio_rule": config.ratio_rule, "target_macs": config.target_macs,
                    "target_params": config.target_params, "round_to": config.round_to,
                    "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed,
-                   "estimator": importance.estimator,
+                   "estimator": importance.estimator, "allocation": config.allocation,
                    "prune_heads": config.prune_heads, "head_pruning_ratio": config.head_pruning_ratio,
                    "latent": ctx.codec is not None,
                    "residual_pruned": family.configured(config.prune_residual).residual_prunable},
@@ -119,8 +128,10 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                  "fraction": outcome.macs[1] / outcome.macs[0]},
         "importance": importance.summary(),
         "widths": {"before": widths(outcome.widths_before), "after": widths(outcome.widths_after)},
+        "estimator": importance.estimator,
+        "allocation": allocation_report(config, outcome),
         "ratio_search": outcome.search,
-        "size_search": plan.report(),
+        "size_search": outcome.plan.report(),
         # A precomputed sweep's time counts as if this run had made it (it is this run's work).
         "wall_time_s": {"importance": importance.wall_time_s, "prune": outcome.wall_time_s,
                         "total": time.perf_counter() - start + (importance.wall_time_s if precomputed else 0.0),
@@ -137,11 +148,22 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     return report
 
 
+def allocation_report(config: PruneConfig, outcome) -> dict:
+    """prune_report.json's "allocation": how widths were spread, and each ranked group's kept/total width."""
+    before, after = widths(outcome.widths_before), widths(outcome.widths_after)
+    return {"mode": config.allocation, "ratio": outcome.ratio,
+            "max_group_ratio": None if config.allocation == "uniform" else MAX_GROUP_RATIO,
+            "groups": group_widths(outcome.plan.groups, before, after)}
+
+
 def dry_run(config: PruneConfig, progress: bool = True) -> dict:
     """The size `config` gives (widths, params, MACs and the search), without calibration data,
     importance sweep or output: only the model is read."""
+    if config.allocation != "uniform":
+        raise DiffpruneError(f"--dry-run needs --allocation uniform: {config.allocation!r} widths follow the "
+                             f"importance scores, known only after the calibration sweep")
     start = time.perf_counter()
-    pipe = load_pipeline(config.model, device=torch.device(config.device))
+    pipe = load_pipeline(config.model, device=torch.device(config.device), text_encoders=False)  # denoiser only
     _, model = denoiser_of(pipe)
     family = family_for(model)
     plan = search_sizes(model, family, config, progress=progress)

@@ -154,7 +154,28 @@ def widths_section(tmp: Path, inputs: Inputs, notes: list[str], written: dict[st
     layer_rows = [[n, str(before[n]), str(after[n])] for ns in groups.values() for n in ns]
     sec.blocks.append(Table(["layer", "before", "after"], layer_rows,
                             collapsed=f"per-layer widths ({len(layer_rows)} layers, prune report › widths)"))
+    allocation = allocation_table(inputs.get("prune", "allocation"))
+    if allocation is not None:
+        sec.blocks += allocation
     return sec
+
+
+def allocation_table(allocation) -> list | None:
+    """How the budget was spread (prune report › allocation): a line, then kept/total per ranked group."""
+    if not isinstance(allocation, dict) or not isinstance(allocation.get("groups"), list):
+        return None  # reports written before issue 16 part 3
+    rows = [g for g in allocation["groups"] if isinstance(g, dict) and is_number(g.get("kept"))
+            and is_number(g.get("total")) and g["total"] > 0]
+    cap = allocation.get("max_group_ratio")
+    kept = [g["kept"] / g["total"] for g in rows]
+    line = (f"Allocation {allocation.get('mode')!r}" + (f" (each group loses at most {cap:.0%})" if is_number(cap)
+                                                         else " (every group pruned by the same ratio)")
+            + (f": kept fraction per ranked group {min(kept):.2f} to {max(kept):.2f}, median "
+               f"{float(np.median(kept)):.2f}" if kept else "") + " (prune report › allocation).")
+    table = Table(["group (first layer)", "kept / total", "kept"],
+                  [[str(g.get("layer")), f"{g['kept']} / {g['total']}", f"{g['kept'] / g['total']:.0%}"]
+                   for g in rows], collapsed=f"kept width per ranked channel group ({len(rows)} groups)")
+    return [line, table]
 
 
 def training_section(tmp: Path, log: dict | None, given: dict, written: dict[str, Path]) -> Section:

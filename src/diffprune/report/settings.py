@@ -44,7 +44,8 @@ def _prune_table(pr: dict) -> Table:
     return settings_table([
         ("model", cfg.get("model")), ("family", pr.get("family")), ("method", cfg.get("method", imp.get("method"))),
         ("threshold", imp.get("threshold")), ("ratio (applied)", pr.get("ratio")),
-        ("ratio rule", cfg.get("ratio_rule")), ("target MACs", cfg.get("target_macs")),
+        ("ratio rule", cfg.get("ratio_rule")), ("allocation", lookup(pr, "allocation.mode") or cfg.get("allocation")),
+        ("estimator", pr.get("estimator") or cfg.get("estimator")), ("target MACs", cfg.get("target_macs")),
         ("target params", cfg.get("target_params")), ("round to", cfg.get("round_to")),
         ("calibration data", cfg.get("data")), ("calibration images", lookup(pr, "calibration.images")),
         ("kept timesteps", ranges_text(imp.get("kept_timesteps", [])) if "kept_timesteps" in imp else None),
