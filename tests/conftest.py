@@ -198,3 +198,50 @@ def zeroed_channels(model, removed, table: dict):
             else:
                 layer.weight[:, idx] = 0
     return ref
+
+
+def captioned_pipeline_dir(root, pipe, n: int = 4, size: int = 16):
+    """root/pipe (the saved pipeline) and root/imgs (n random RGB images with captions.jsonl); returns root."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    pipe.save_pretrained(root / "pipe", safe_serialization=True)
+    images, rows = root / "imgs", []
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a photo of thing {i}"})
+    (images / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def check_pruned_reload(folder, pipe, pruned, pipeline_cls, predict, generate) -> None:
+    """Save `pipe` holding `pruned` as its transformer into `folder`; every loader (diffprune, DiffusionPipeline,
+    the plain `pipeline_cls`) gives bit-identical weights, structure and predictions, and the plain pipeline
+    generates exactly the images of the saved one."""
+    import json
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from diffprune.io import load_pipeline
+    from diffprune.io.structure import record_structure
+
+    name = type(pruned).__name__
+    pipe.register_modules(transformer=pruned)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    assert json.loads((folder / "model_index.json").read_text())["transformer"] == ["diffprune.io", name]
+    expected, images = predict(pruned), generate(pipe)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    for again in (load_pipeline(folder), DiffusionPipeline.from_pretrained(folder),
+                  pipeline_cls.from_pretrained(folder)):
+        other = again.transformer
+        assert type(other).__name__ == name
+        mine, theirs = pruned.state_dict(), other.state_dict()
+        assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        assert record_structure(other) == record_structure(pruned)
+        assert torch.equal(predict(other), expected)
+    assert np.array_equal(generate(pipeline_cls.from_pretrained(folder)), images)

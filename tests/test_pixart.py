@@ -15,14 +15,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import byte_tokenizer, run_cli, tiny_kl, tiny_t5, unwrapped_warnings, zeroed_channels
+from conftest import (
+    byte_tokenizer,
+    captioned_pipeline_dir,
+    check_pruned_reload,
+    run_cli,
+    tiny_kl,
+    tiny_t5,
+    unwrapped_warnings,
+    zeroed_channels,
+)
 from diffusers import (
     DDIMScheduler,
-    DiffusionPipeline,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
 )
-from PIL import Image
 
 import diffprune  # noqa: F401 - registers the pruned classes for plain diffusers loading
 from diffprune.errors import DiffpruneError
@@ -30,7 +37,7 @@ from diffprune.families import family_for
 from diffprune.families.attention import attention_modules
 from diffprune.families.pixart import PixArtFamily, PixArtPromptEncoder
 from diffprune.io import load_pipeline, to_pruned
-from diffprune.io.structure import record_structure, validate_structure
+from diffprune.io.structure import validate_structure
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import ImportanceResult
 from diffprune.prune.pruning import prune_with_ratio
@@ -142,21 +149,7 @@ def _generate(pipe):
 def test_reload_is_bit_exact_and_plain_diffusers_generates(tmp_path):
     pipe = tiny_pipeline()
     pruned = to_pruned(prune_with_ratio(pipe.transformer, PixArtFamily(), MAGNITUDE, 0.5), INFO)
-    pipe.register_modules(transformer=pruned)
-    pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
-    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
-    assert index["transformer"] == ["diffprune.io", "PrunedPixArtTransformer2DModel"]
-    expected, images = _predict(pruned), _generate(pipe)
-    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
-    for again in (load_pipeline(tmp_path / "p"), DiffusionPipeline.from_pretrained(tmp_path / "p"),
-                  PixArtAlphaPipeline.from_pretrained(tmp_path / "p")):
-        other = again.transformer
-        assert type(other).__name__ == "PrunedPixArtTransformer2DModel"
-        mine, theirs = pruned.state_dict(), other.state_dict()
-        assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
-        assert record_structure(other) == record_structure(pruned)
-        assert torch.equal(_predict(other), expected)
-    assert np.array_equal(_generate(PixArtAlphaPipeline.from_pretrained(tmp_path / "p")), images)
+    check_pruned_reload(tmp_path / "p", pipe, pruned, PixArtAlphaPipeline, _predict, _generate)
 
 
 # --------------------------------------------------------------------------- CLI (needs the conditioning glue)
@@ -164,16 +157,7 @@ def test_reload_is_bit_exact_and_plain_diffusers_generates(tmp_path):
 
 @pytest.fixture(scope="module")
 def pixart_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pixart")
-    tiny_pipeline().save_pretrained(root / "pipe", safe_serialization=True)
-    images, rows = root / "imgs", []
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"a photo of thing {i}"})
-    (images / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return captioned_pipeline_dir(tmp_path_factory.mktemp("pixart"), tiny_pipeline())
 
 
 def test_cli_prune_from_captions_then_plain_diffusers_generates(pixart_dirs, tmp_path, capsys):

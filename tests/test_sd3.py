@@ -20,6 +20,8 @@ import pytest
 import torch
 from conftest import (
     byte_tokenizer,
+    captioned_pipeline_dir,
+    check_pruned_reload,
     guided_latents,
     run_cli,
     tiny_clip,
@@ -29,12 +31,10 @@ from conftest import (
     zeroed_channels,
 )
 from diffusers import (
-    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from PIL import Image
 
 import diffprune  # noqa: F401 - registers the pruned classes for plain diffusers loading
 from diffprune import diffusion
@@ -42,7 +42,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.families.sd3 import SD3Family, SD3PromptEncoder
 from diffprune.io import load_pipeline, to_pruned
-from diffprune.io.structure import record_structure, validate_structure
+from diffprune.io.structure import validate_structure
 from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast
 from diffprune.prune.pruning import prune_with_ratio
 from diffprune.sample.loop import image_generators, load_samples
@@ -260,21 +260,7 @@ def _generate(pipe, latents=None):
 def test_reload_is_bit_exact_and_plain_diffusers_generates(tmp_path):
     pipe = tiny_pipeline()
     pruned = to_pruned(prune_with_ratio(pipe.transformer, SD3Family(), MAGNITUDE, 0.5), INFO)
-    pipe.register_modules(transformer=pruned)
-    pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
-    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
-    assert index["transformer"] == ["diffprune.io", "PrunedSD3Transformer2DModel"]
-    expected, images = _predict(pruned), _generate(pipe)
-    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
-    for again in (load_pipeline(tmp_path / "p"), DiffusionPipeline.from_pretrained(tmp_path / "p"),
-                  StableDiffusion3Pipeline.from_pretrained(tmp_path / "p")):
-        other = again.transformer
-        assert type(other).__name__ == "PrunedSD3Transformer2DModel"
-        mine, theirs = pruned.state_dict(), other.state_dict()
-        assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
-        assert record_structure(other) == record_structure(pruned)
-        assert torch.equal(_predict(other), expected)
-    assert np.array_equal(_generate(StableDiffusion3Pipeline.from_pretrained(tmp_path / "p")), images)
+    check_pruned_reload(tmp_path / "p", pipe, pruned, StableDiffusion3Pipeline, _predict, _generate)
 
 
 # --------------------------------------------------------------------------- every CLI stage
@@ -282,16 +268,7 @@ def test_reload_is_bit_exact_and_plain_diffusers_generates(tmp_path):
 
 @pytest.fixture(scope="module")
 def sd3_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3")
-    tiny_pipeline().save_pretrained(root / "pipe", safe_serialization=True)
-    images, rows = root / "imgs", []
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"a photo of thing {i}"})
-    (images / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return captioned_pipeline_dir(tmp_path_factory.mktemp("sd3"), tiny_pipeline())
 
 
 def test_cli_prune_finetune_sample_evaluate_report(sd3_dirs, tmp_path, capsys, monkeypatch):
