@@ -15,7 +15,6 @@ Flow-matching schedulers (Stable Diffusion 3) run the FlowMatch Euler chain inst
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,22 +23,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import StageConfig
 from ..diffusion import is_flow
 from ..errors import DiffpruneError, check_range
-from ..families.guidance import check_guidance, guided_predict
+from ..families.guidance import guided_predict
 from ..families.pipeline_parts import denoiser_of, image_seed  # noqa: F401  (image_seed: public here too)
 from ..fsutil import (
-    check_output_dir,
     check_output_location,
     discard_on_failure,
     output_lock,
-    read_json,
     replace_dir,
     write_json_atomic,
 )
 from ..io.structure import model_fingerprint  # noqa: F401  (public here too)
 from ..plots import image_grid
+from .config import (  # noqa: F401  (public here too)
+    CONFIG_FILE,
+    CONTENT_KEYS,
+    GUIDANCE_OFF,
+    SampleConfig,
+    plan_folder,
+    upgrade_v2,
+)
 from .files import (  # noqa: F401  (public here too)
     GRID_FILE,
     NPZ_FILE,
@@ -64,15 +68,6 @@ from .schedules import (  # noqa: F401  (SAMPLERS, SPACINGS, CLIP_MODES, timeste
     split_prediction,
     timestep_sequence,
 )
-
-CONFIG_FILE = "sample_config.json"
-# Settings that change image content: a --resume run must agree on all of them.
-# "version": version 1 ignored the scheduler's steps_offset / timestep_spacing / set_alpha_to_one.
-# Version 3 added classifier-free guidance; a version-2 folder equals version 3 with guidance off.
-CONTENT_KEYS = ("version", "model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing",
-                "clip_sample", "prompt", "class_labels", "guidance_scale", "negative_prompt", "guidance_rescale")
-GUIDANCE_OFF = {"guidance_scale": 1.0, "negative_prompt": None, "guidance_rescale": 0.0}
-
 
 # --------------------------------------------------------------------------- seeds and noise
 
@@ -211,99 +206,6 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
 # --------------------------------------------------------------------------- the stage
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleConfig(StageConfig):
-    """Everything that decides a sample folder's content (plus batch size, which does not).
-
-    Version 2: "uniform" follows the scheduler config's steps_offset / timestep_spacing /
-    set_alpha_to_one / thresholding (version 1 ignored them), and `clip_sample` was added.
-    Version 3: classifier-free guidance (`guidance_scale`, `negative_prompt`, `guidance_rescale`).
-    """
-
-    stage = "sample"
-    version = 3
-
-    model: str
-    num_images: int
-    batch_size: int = 64
-    steps: int = 100
-    eta: float = 0.0
-    sampler: str = "ddim"
-    spacing: str = "uniform"
-    seed: int = 0
-    model_fingerprint: str = ""
-    prompt: str | None = None  # text-conditional UNets: the prompt of every image
-    class_labels: str | None = None  # DiT: labels cycled over image indices (default: random per index)
-    clip_sample: str = "auto"  # predicted x0: "auto" (the scheduler config), "on" or "off"
-    guidance_scale: float = 1.0  # classifier-free guidance scale s (on when s > 1, as diffusers)
-    negative_prompt: str | None = None  # text-conditional UNets: the unconditional branch's prompt
-    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2024, sec. 3.4)
-    prompt_embeds: str | None = None  # the prompt-embeddings file read instead of the text encoders
-
-    def __post_init__(self):
-        check_range("num_images", self.num_images, 1)
-        check_range("batch_size", self.batch_size, 1)
-        check_range("steps", self.steps, 1)
-        check_range("eta", self.eta, 0.0)
-        check_range("seed", self.seed, 0)
-        if self.sampler not in SAMPLERS:
-            raise DiffpruneError(f"sampler={self.sampler!r} is not supported; allowed: {SAMPLERS}")
-        if self.spacing not in SPACINGS:
-            raise DiffpruneError(f"spacing={self.spacing!r} is not supported; allowed: {SPACINGS}")
-        if self.clip_sample not in CLIP_MODES:
-            raise DiffpruneError(f"clip_sample={self.clip_sample!r} is not supported; allowed: {CLIP_MODES}")
-        check_guidance(self.guidance_scale, self.guidance_rescale, self.negative_prompt)
-
-    @classmethod
-    def from_dict(cls, data):
-        """Also reads versions 1 and 2 (no guidance: scale 1, no negative prompt, rescale 0). Version 1
-        has no clip_sample key (it clipped as the config says, i.e. "auto"); its "uniform" images equal
-        later versions' only for schedulers with steps_offset 0, "leading", set_alpha_to_one true and no
-        thresholding, so a --resume refuses to mix them (CONTENT_KEYS); version 2 equals version 3."""
-        data = upgrade_v2(data)
-        if data.get("stage", cls.stage) == cls.stage and data.get("version") == 1:
-            data.update(version=cls.version, clip_sample=data.get("clip_sample", "auto"), **GUIDANCE_OFF)
-        return super().from_dict(data)
-
-
-def upgrade_v2(data: dict) -> dict:
-    """A version-2 sample config as the version-3 one of the same images (guidance off)."""
-    data = dict(data)
-    if data.get("stage", SampleConfig.stage) == SampleConfig.stage and data.get("version") == 2:
-        data.update(version=SampleConfig.version, **{k: data.get(k, v) for k, v in GUIDANCE_OFF.items()})
-    return data
-
-
-def _check_resume(folder: Path, config: SampleConfig) -> None:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise DiffpruneError(f"--resume: {path} is missing; {str(folder)!r} is not a sample folder "
-                             "(choose another --output-dir)")
-    old = upgrade_v2(read_json(path, "--resume: sample config"))
-    new = config.to_dict()
-    diff = [k for k in CONTENT_KEYS if old.get(k) != new.get(k)]
-    if diff:
-        k = diff[0]
-        raise DiffpruneError(f"--resume: {str(folder)!r} was sampled with {k}={old.get(k)!r}, this run has "
-                             f"{k}={new.get(k)!r}; use the same settings or --overwrite")
-
-
-def _plan_folder(output_dir: Path, overwrite: bool, resume: bool, config: SampleConfig) -> Path:
-    """Where this run writes: the output itself (fresh or resume) or a staging sibling (overwrite)."""
-    exists = output_dir.is_dir() and any(output_dir.iterdir())
-    if resume and exists:
-        _check_resume(output_dir, config)
-        return output_dir
-    if exists and overwrite:
-        check_output_dir(output_dir, True, SampleConfig.stage)  # only a folder `sample` wrote
-        return output_dir.parent / f".{output_dir.name}.sampling"
-    if exists:
-        raise DiffpruneError(f"output dir {str(output_dir)!r} already exists; pass --resume to fill in "
-                             "missing images or --overwrite to replace it")
-    check_output_dir(output_dir, False, SampleConfig.stage)
-    return output_dir
-
-
 def _finish(work: Path, output_dir: Path, num_images: int, channels: int,
             size: tuple[int, int] | None = None) -> np.ndarray:
     """Main process: collect all PNGs (checking for gaps), write samples.npz and grid.png, swap in."""
@@ -376,7 +278,7 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     with contextlib.ExitStack() as locks:
         _lock_on_main(state, locks, output_dir)
         # Every process plans from the same (untouched) folder state, so all raise the same error.
-        work = _plan_folder(output_dir, overwrite, resume, config)
+        work = plan_folder(output_dir, overwrite, resume, config)
         # On failure: no half-written file stays; a staging folder (--overwrite) is removed.
         locks.enter_context(discard_on_failure(work, output_dir, remove_folder=work != output_dir
                                                and state.is_main_process))
