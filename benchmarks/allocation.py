@@ -15,7 +15,9 @@ on a fixed batch. Labelled as such in the results.
     python benchmarks/allocation.py --reduced       # 200 samples, DDIM 20 steps (labelled reduced)
     python benchmarks/allocation.py --resume        # keep the finished runs in runs/allocation/
 
-Writes benchmarks/results/allocation.json and .md (the command, date, machine, versions).
+Writes benchmarks/results/allocation.{json,md,png} (allocation_reduced.* with --reduced): the command, date,
+machine, versions. `--reuse-models runs/allocation/reduced` evaluates the reduced run's post-trained models at
+the Table 1 protocol instead of training them again (the prune and post-training do not depend on it).
 """
 
 from __future__ import annotations
@@ -78,6 +80,16 @@ def ratio_above(teacher: Path, importance, allocation: str, target: float) -> fl
     return lo
 
 
+def reused_row(plan: Plan, reuse: Path, tag: str) -> dict:
+    """Evaluate, at this plan's protocol, the post-trained model of another run's work folder (same prune and
+    post-training: only the evaluation protocol differs); its prune facts are that run's."""
+    start = time.perf_counter()
+    row = json.loads((reuse / "rows" / f"{tag}.json").read_text())
+    ev = sample_and_evaluate(plan, reuse / "finetuned" / tag, tag)
+    return {**row, "fid": ev["fid"]["value"], "kid": ev["kid"]["mean"], "ssim": ev["consistency"]["ssim"]["mean"],
+            "model_from": str(reuse / "finetuned" / tag), "wall_s": time.perf_counter() - start}
+
+
 def run_digits_row(plan: Plan, allocation: str, seed: int, importance) -> dict:
     from diffprune.errors import DiffpruneError
     from diffprune.prune.config import PruneConfig
@@ -109,8 +121,9 @@ def run_digits_row(plan: Plan, allocation: str, seed: int, importance) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
-def run_digits(plan: Plan) -> dict[str, list[dict]]:
-    """Teacher samples, then per seed one importance and the three allocations; each run cached."""
+def run_digits(plan: Plan, reuse: Path | None = None) -> dict[str, list[dict]]:
+    """Teacher samples, then per seed one importance and the three allocations; each run cached.
+    `reuse`: evaluate that work folder's post-trained models instead of pruning and post-training again."""
     rows = plan.work / "rows"
     rows.mkdir(parents=True, exist_ok=True)
     if not (rows / "teacher.json").exists():
@@ -122,6 +135,8 @@ def run_digits(plan: Plan) -> dict[str, list[dict]]:
         importance = None
         for allocation in ALLOCATIONS:
             path = rows / f"{allocation}_s{seed}.json"
+            if not path.exists() and reuse is not None:
+                path.write_text(json.dumps(reused_row(plan, reuse, f"{allocation}_s{seed}"), indent=2) + "\n")
             if not path.exists():
                 if importance is None:
                     t0 = time.perf_counter()
@@ -269,9 +284,11 @@ def plot_widths(results: dict[str, list[dict]], dit: dict, path: Path) -> Path:
 def table_md(results: dict, stats: dict, diffs: dict, meta: dict) -> str:
     lines = [f"# Allocation: uniform vs global vs isomorphic ({meta['protocol']})", "",
              f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; machine: {meta['machine']}; "
-             f"torch threads 1; seeds {meta['seeds']}; wall of this invocation {meta['wall_time_s'] / 60:.1f} min, "
+             f"torch threads {meta.get('threads', 1)}; seeds {meta['seeds']}; "
+             f"wall of this invocation {meta['wall_time_s'] / 60:.1f} min, "
              f"of the digits rows (prune + post-train + sample + evaluate, all runs) "
-             f"{meta['rows_wall_s'] / 60:.1f} min on a shared machine", "",
+             f"{meta['rows_wall_s'] / 60:.1f} min on a shared machine"
+             + (f"; post-trained models from `{meta['models_from']}`" if meta.get("models_from") else ""), "",
              f"Digits teacher pruned to {TARGET_MACS:.0%} MACs, Diff-Pruning fast estimator (thr {THRESHOLD}, "
              f"pool {FAST_POOL}) computed once per seed, {meta['finetune_steps']} post-training steps, "
              f"{meta['num_images']} samples, DDIM {meta['sample_steps']} steps. mean ± std over seeds.", "",
@@ -331,6 +348,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, choices=(1,), help="runs one after another on one thread")
     parser.add_argument("--work", type=Path, default=Path("runs/allocation"))
     parser.add_argument("--resume", action="store_true", help="keep the finished runs in the work folder")
+    parser.add_argument("--reuse-models", type=Path, default=None,
+                        help="a finished work folder (e.g. runs/allocation/reduced): evaluate its post-trained "
+                             "models at this protocol instead of pruning and post-training them again (same seeds, "
+                             "same recipe)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--skip-digits", action="store_true",
                         help="only the DiT structure measurement, printed (no results files written)")
     parser.add_argument("--search-timing", choices=("cifar10-ddpm-unet", "sd-v1.5-unet", "dit-xl-2"), default=None,
@@ -338,7 +360,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.search_timing:
         print(json.dumps(search_timing(args.search_timing), indent=2))
         return
@@ -357,11 +379,12 @@ def main() -> None:
             "sample_steps": budget.sample_steps, "protocol": "REDUCED protocol: 200 samples, DDIM 20 steps"
             if args.reduced else "Table 1 protocol: 500 samples, DDIM 100 steps",
             "finetune_steps": max(1, round(budget.finetune_fraction * recipe["steps"])), "jobs": 1,
+            "threads": args.threads, "models_from": str(args.reuse_models) if args.reuse_models else None,
             "versions": library_versions()}
     out: dict = {"meta": meta}
     md = ""
     if not args.skip_digits:
-        results = run_digits(plan)
+        results = run_digits(plan, args.reuse_models)
         keys = ("params", "macs", "macs_fraction", "fid", "kid", "ssim")
         stats = {a: {k: aggregate([r[k] for r in runs]) for k in keys} for a, runs in results.items()}
         diffs = paired(results)
@@ -377,10 +400,11 @@ def main() -> None:
         print(md)
         return
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "allocation.json").write_text(json.dumps(out, indent=2, default=_np) + "\n")
-    plot_widths(out["digits"]["runs"], dit, RESULTS / "allocation.png")
-    md += "\n![kept width per group](allocation.png)\n"
-    (RESULTS / "allocation.md").write_text(md)
+    stem = "allocation_reduced" if args.reduced else "allocation"  # the reduced run keeps its own files
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2, default=_np) + "\n")
+    plot_widths(out["digits"]["runs"], dit, RESULTS / f"{stem}.png")
+    md += f"\n![kept width per group]({stem}.png)\n"
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
 
 
