@@ -1,7 +1,7 @@
 """Pickle-free pipeline folders (layer 3, io): save, load, the checks before loading, the
 diffusers-only `--portable` loader, and module-tree shapes as JSON.
 
-Modules: `pipeline` (save/load, the Pruned* classes), `model_checks` (what a folder must hold before
+Modules: `pipeline` (save/load, the Pruned* classes), `folder_files` (a component folder's files, hub ids), `model_checks` (what a folder must hold before
 anything is loaded), `structure` (record/apply layer widths), `portable` + `portable_template`.
 May import the shared layers, `data` and `families` (never prune/train/sample/evaluate/report/cli).
 
