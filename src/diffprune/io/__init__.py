@@ -2,7 +2,7 @@
 diffusers-only `--portable` loader, and module-tree shapes as JSON.
 
 Modules: `pipeline` (save/load, the Pruned* classes), `folder_files` (a component folder's files,
-hub ids), `model_checks` (what a folder must hold before anything is loaded), `structure`
+hub ids), `model_checks` + `weight_checks` (what a folder must hold before anything is loaded), `structure`
 (record/apply layer widths, the weights fingerprint), `portable` + `portable_template`.
 May import the shared layers, `data` and `families` (never prune/train/sample/evaluate/report/cli).
 

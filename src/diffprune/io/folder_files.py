@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..errors import DiffpruneError
 from ..fsutil import read_json
-from .model_checks import check_one_float_dtype, read_header
+from .weight_checks import check_one_float_dtype, read_header
 
 PRUNING_FILE = "pruning.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
