@@ -31,16 +31,14 @@ from importance_cost import (
     kept_sets,
     spearman,
     stats,
+    teacher_at_target,
 )
 from safetensors.torch import load_file, save_file
 
-from diffprune.cli.demo_job import embedded_teacher
-from diffprune.data import first_batch, make_dataset
-from diffprune.families import family_for
+from diffprune.data import first_batch
 from diffprune.fsutil import write_json_atomic
-from diffprune.io import library_versions, load_pipeline
+from diffprune.io import library_versions
 from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast
-from diffprune.prune.pruning import PruneConfig, prune
 
 
 def cached_scoring(work: Path, name: str, compute) -> ImportanceResult:
@@ -74,13 +72,8 @@ def main_truth(args: argparse.Namespace) -> None:
     if n < 3:
         raise SystemExit(f"--truth needs --seeds >= 3 (a truth of >= 2 other sweeps), got {n}")
     start = time.perf_counter()
-    pipe = load_pipeline(embedded_teacher())
-    model = pipe.unet.requires_grad_(True)
-    family, scheduler = family_for(model), pipe.scheduler
-    dataset = make_dataset("digits", family.sample_size(model), family.in_channels(model))
-    magnitude = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    ratio = prune(model, family, PruneConfig(model="teacher", method="magnitude", target_macs=TARGET_MACS),
-                  magnitude, progress=False).ratio
+    model, family, scheduler, dataset, magnitude, size = teacher_at_target()
+    ratio = size.ratio
     work = args.work / ("truth_quick" if args.quick else "truth")
     exact, fast = [], []
     for seed in args.compute_seeds or range(n):  # --compute-seeds: fill the cache only (a parallel process)

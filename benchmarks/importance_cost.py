@@ -86,6 +86,19 @@ FULL = Budget(seeds=3, exact_batch=64, pool=512, pairs_per_pass=64, ssim_images=
 QUICK = Budget(seeds=2, exact_batch=32, pool=512, pairs_per_pass=64, ssim_images=64, sample_steps=20)
 
 
+def teacher_at_target():
+    """The digits teacher (grad on), its family, scheduler and dataset, the magnitude importance, and the
+    magnitude prune at TARGET_MACS whose uniform ratio every row of this benchmark uses."""
+    pipe = load_pipeline(embedded_teacher())
+    model = pipe.unet.requires_grad_(True)
+    family, scheduler = family_for(model), pipe.scheduler
+    dataset = make_dataset("digits", family.sample_size(model), family.in_channels(model))
+    magnitude = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
+    size = prune(model, family, PruneConfig(model="teacher", method="magnitude", target_macs=TARGET_MACS),
+                 magnitude, progress=False)
+    return model, family, scheduler, dataset, magnitude, size
+
+
 def kept_sets(model, family, imp: ImportanceResult, ratio: float) -> tuple[dict[str, set[int]], torch.nn.Module]:
     """Root layer name -> original output channels kept, and the pruned model."""
     kept: dict[str, set[int]] = {}
@@ -164,14 +177,7 @@ def main() -> None:
     if budget.seeds < 2:
         raise SystemExit("--seeds must be >= 2 (run-to-run agreement needs two seeds)")
     start = time.perf_counter()
-    pipe = load_pipeline(embedded_teacher())
-    model = pipe.unet.requires_grad_(True)
-    family, scheduler = family_for(model), pipe.scheduler
-    dataset = make_dataset("digits", family.sample_size(model), family.in_channels(model))
-
-    magnitude = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    size = prune(model, family, PruneConfig(model="teacher", method="magnitude", target_macs=TARGET_MACS),
-                 magnitude, progress=False)
+    model, family, scheduler, dataset, magnitude, size = teacher_at_target()
     ratio = size.ratio
     print(f"ratio {ratio:.4f} -> MACs {size.macs[1] / size.macs[0]:.3f}, params {size.params[1] / size.params[0]:.3f}",
           flush=True)

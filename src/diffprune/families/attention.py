@@ -23,11 +23,13 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Attention"]
 
 
-def qkv_head_map(model: nn.Module) -> dict[nn.Module, int]:
-    """q/k/v projections -> head count, for torch-pruning's `num_heads`."""
+def qkv_head_map(model: nn.Module, names: tuple[str, ...] = ("to_q", "to_k", "to_v")) -> dict[nn.Module, int]:
+    """q/k/v projections (`names`; SD3's joint attention adds its context projections) -> head count,
+    for torch-pruning's `num_heads`."""
     out: dict[nn.Module, int] = {}
     for _, attn in attention_modules(model):
-        for proj in (attn.to_q, attn.to_k, attn.to_v):
+        for name in names:
+            proj = getattr(attn, name, None)
             if isinstance(proj, nn.Linear):
                 out[proj] = int(attn.heads)
     return out

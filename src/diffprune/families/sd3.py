@@ -33,7 +33,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ..errors import DiffpruneError
-from .attention import attention_modules, fix_attention
+from .attention import attention_modules, fix_attention, qkv_head_map
 from .base import Family
 from .prompt_embeds import CachedPrompts, PromptEmbeds
 
@@ -89,13 +89,7 @@ class SD3Family(Family):
         return [model.proj_out, model.pos_embed.proj, model.context_embedder, *qk_norm_weights(model)]
 
     def num_heads(self, model):
-        out = {}
-        for _, attn in attention_modules(model):
-            for name in QKV:
-                proj = getattr(attn, name, None)
-                if isinstance(proj, torch.nn.Linear):
-                    out[proj] = int(attn.heads)
-        return out
+        return qkv_head_map(model, QKV)
 
     def unwrapped_parameters(self, model):
         return [(w, 0) for w in qk_norm_weights(model)]  # (head_dim,): never pruned (ignored_layers)

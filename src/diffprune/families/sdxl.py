@@ -103,7 +103,7 @@ class SDXLPromptEncoder(CachedPrompts):
             self._cache[p] = (e.detach().cpu(), q.detach().cpu())
 
     def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = self.rows(prompts, device)
+        hidden, pooled = self.rows(prompts, device)  # (B, L, D), (B, pooled width)
         return hidden, pooled
 
     def cond(self, prompts: list[str], device, time_ids: torch.Tensor | None = None) -> dict:

@@ -38,7 +38,7 @@ from diffusers import (
 from safetensors.torch import save_file
 
 from ..errors import DiffpruneError
-from ..fsutil import read_json
+from ..fsutil import read_json, write_json_atomic
 from .folder_files import (  # noqa: F401  (the file names and format: public here too)
     CONFIG_FILE,
     FORMAT_NAME,
@@ -340,7 +340,7 @@ def _copy_unloaded(source: Path, names: list[str], folder: Path) -> None:
         if index.get(name) in (None, [None, None]) and (source / name).is_dir():
             shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
             index[name] = theirs[name]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(folder / "model_index.json", index)  # keys keep the sorted order diffusers wrote
 
 
 def _scheduler_near(folder: Path):
