@@ -361,8 +361,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.search_timing:
-        print(json.dumps(search_timing(args.search_timing), indent=2))
+    if args.search_timing:  # one architecture per call, collected in results/allocation_search_timing.json
+        row = {**search_timing(args.search_timing), "date": datetime.date.today().isoformat(), "machine": machine(),
+               "threads": args.threads, "command": "python " + " ".join(sys.argv)}
+        path = RESULTS / "allocation_search_timing.json"
+        rows = json.loads(path.read_text()) if path.exists() else {}
+        rows[args.search_timing] = row
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(row, indent=2))
         return
     start = time.perf_counter()
     budget = dataclasses.replace(FULL, seeds=args.seeds)
