@@ -98,7 +98,7 @@ def sample_and_evaluate(plan: Plan, model: Path, name: str, against_teacher: boo
     """
     b = plan.budget
     samples = sample_to_folder(model, plan.work / "samples" / name, b.num_images, batch_size=250,
-                               steps=b.sample_steps, seed=0, overwrite=True, progress=False)
+                               steps=b.sample_steps, sampler="ddim", seed=0, overwrite=True, progress=False)
     pair = ({"teacher_samples": str(plan.work / "samples" / "teacher"), "teacher_model": str(plan.teacher)}
             if against_teacher else {})
     return evaluate(EvaluateConfig(samples=str(samples), reference="digits", model=str(model), allow_download=False,

@@ -182,10 +182,12 @@ def main() -> None:
     print(f"ratio {ratio:.4f} -> MACs {size.macs[1] / size.macs[0]:.3f}, params {size.params[1] / size.params[0]:.3f}",
           flush=True)
 
-    teacher_images = sample(model, scheduler, budget.ssim_images, steps=budget.sample_steps, seed=0, progress=False)
+    teacher_images = sample(model, scheduler, budget.ssim_images, steps=budget.sample_steps, sampler="ddim", seed=0,
+                            progress=False)
 
     def ssim_of(pruned) -> float:
-        imgs = sample(pruned, scheduler, budget.ssim_images, steps=budget.sample_steps, seed=0, progress=False)
+        imgs = sample(pruned, scheduler, budget.ssim_images, steps=budget.sample_steps, sampler="ddim", seed=0,
+                      progress=False)
         return float(ssim_per_image(teacher_images, imgs).mean())
 
     names = ["exact", *FAST_VARIANTS]

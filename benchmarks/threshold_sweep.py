@@ -68,7 +68,8 @@ def measure(name: str, method: str, importance, seed: int, budget: Budget, work:
                               batch_size=budget.calibration_batch, seed=seed, estimator="exact"),
                   work / "pruned" / name, overwrite=True, progress=False, importance=importance)
         samples = sample_to_folder(work / "pruned" / name, work / "samples" / name, budget.num_images,
-                                   batch_size=256, steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
+                                   batch_size=256, steps=budget.sample_steps, sampler="ddim", seed=0, overwrite=True,
+                                   progress=False)
         evaluate(EvaluateConfig(samples=str(samples), reference="digits", teacher_samples=str(teacher_samples),
                                 allow_download=False, output=str(done)))
         shutil.rmtree(work / "pruned" / name)  # keep the disk small; the samples stay
@@ -166,7 +167,7 @@ def main() -> None:
     work = args.work / ("quick" if args.quick else "full")
     start = time.perf_counter()
     sample_to_folder(embedded_teacher(), work / "samples" / "teacher", budget.num_images, batch_size=256,
-                     steps=budget.sample_steps, seed=0, overwrite=True, progress=False)
+                     steps=budget.sample_steps, sampler="ddim", seed=0, overwrite=True, progress=False)
     if args.jobs == 1:
         runs = [run_seed(seed, budget, work) for seed in range(budget.seeds)]
     else:

@@ -145,7 +145,7 @@ def test_cli_sample_with_guidance_records_settings_and_resume_refuses_to_mix(tmp
     guided = ["--guidance-scale", "6", "--negative-prompt", "blurry", "--guidance-rescale", "0.2"]
     assert cli.main([str(a) for a in [*args, "--output-dir", out, *guided]]) == 0
     config = json.loads((out / "sample_config.json").read_text())
-    assert config["version"] == 3 and config["guidance_scale"] == 6.0
+    assert config["version"] == 4 and config["guidance_scale"] == 6.0
     assert config["negative_prompt"] == "blurry" and config["guidance_rescale"] == 0.2
     images, _ = load_samples(out)
     # the same images through diffusers' pipeline (decoded, rounded as our PNGs)

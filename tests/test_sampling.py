@@ -263,10 +263,10 @@ def test_unsupported_scheduler_keys_are_one_line_errors(unet, key, value, match)
     assert "\n" not in str(info.value)
 
 
-def test_sample_config_version_3_records_clip_sample_and_guidance_and_reads_versions_1_and_2():
+def test_sample_config_version_4_records_clip_sample_and_guidance_and_reads_versions_1_to_3():
     config = SampleConfig(model="m", num_images=2, clip_sample="off")
     d = config.to_dict()
-    assert d["version"] == 3 and d["clip_sample"] == "off" and d["guidance_scale"] == 1.0
+    assert d["version"] == 4 and d["sampler"] == "pipeline" and d["clip_sample"] == "off" and d["guidance_scale"] == 1.0
     assert SampleConfig.from_dict(d) == config
     guidance = ("guidance_scale", "negative_prompt", "guidance_rescale")
     v2 = {k: v for k, v in d.items() if k not in guidance} | {"version": 2}
@@ -290,7 +290,7 @@ def test_folder_layout_resume_and_overwrite(tmp_path):
     assert indices.tolist() == list(range(5))
     config = json.loads((out / "sample_config.json").read_text())
     assert config["stage"] == "sample" and config["steps"] == 2 and config["seed"] == 1
-    assert config["version"] == 3 and config["clip_sample"] == "auto" and config["guidance_scale"] == 1.0
+    assert config["version"] == 4 and config["clip_sample"] == "auto" and config["guidance_scale"] == 1.0
 
     with pytest.raises(DiffpruneError, match="--resume"):
         sample_to_folder(model, out, 5, **kw)
@@ -311,7 +311,7 @@ def test_folder_layout_resume_and_overwrite(tmp_path):
     v3 = json.loads((out / "sample_config.json").read_text())
     v1 = {k: v for k, v in v3.items() if k != "clip_sample" and k not in guidance}
     (out / "sample_config.json").write_text(json.dumps({**v1, "version": 1}))
-    with pytest.raises(DiffpruneError, match="version=1, this run has version=3"):
+    with pytest.raises(DiffpruneError, match="version=1, this run has version=4"):
         sample_to_folder(model, out, 6, resume=True, **kw)
     # A version-2 folder (no guidance keys) holds the same images as version 3 unguided: it resumes.
     (out / "sample_config.json").write_text(json.dumps({**v1, "clip_sample": "auto", "version": 2}))

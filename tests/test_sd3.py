@@ -311,7 +311,7 @@ def test_cli_prune_finetune_sample_evaluate_report(sd3_dirs, tmp_path, capsys, m
         assert np.abs(images.astype(float) - np.round(ref * 255)).max() <= 1
     code, err = run_cli(["sample", *args[1:], "--model", base, "--output-dir", tmp_path / "bad", "--eta", "0.5"],
                         capsys)
-    assert code == 2 and "allowed: sampler 'ddim' with eta 0" in err
+    assert code == 2 and "eta=0.5 has no meaning for FlowMatchEulerDiscreteScheduler" in err
     code, err = run_cli(["evaluate", "--samples", tmp_path / "s_tuned", "--teacher-samples", tmp_path / "s_pruned",
                          "--model", tmp_path / "tuned", "--teacher-model", base, "--latency-repeats", "1",
                          "--latency-warmup", "0", "--throughput-images", "0", "--output", tmp_path / "eval.json"],

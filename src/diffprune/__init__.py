@@ -16,6 +16,42 @@ _FROM_IO = ("PrunedDiTTransformer2DModel", "PrunedPixArtTransformer2DModel", "Pr
 _STAGES = ("prune", "train", "sample", "evaluate", "report")
 
 
+def _register_io_lazily() -> None:
+    """Put `diffprune.io` in sys.modules now; its code runs when one of its names is first read.
+
+    The model_index.json of every pruned folder names `diffprune.io` as its components' library, and
+    diffusers resolves such a library only from sys.modules (it never imports a module a folder names).
+    So the README's `import diffprune; DiffusionPipeline.from_pretrained(folder)` needs the name there
+    after `import diffprune` alone, while `diffprune --help` must still start without torch.
+    Dunder look-ups never load it: tools that scan sys.modules (torch's import does) ask for
+    `__file__`-like names, and loading torch-importing code in the middle of torch's own import fails.
+    """
+    import importlib.util
+    import sys
+
+    name = f"{__name__}.io"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    loading = []
+
+    def load(attr: str):
+        if attr.startswith("__") or loading:
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+        loading.append(True)
+        del module.__getattr__
+        spec.loader.exec_module(module)
+        return getattr(module, attr)
+
+    module.__getattr__ = load
+    sys.modules[name] = module
+    globals()["io"] = module
+
+
+_register_io_lazily()
+
+
 def __getattr__(name: str):
     if name in _FROM_IO:
         from . import io

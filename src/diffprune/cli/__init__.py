@@ -86,8 +86,15 @@ def requested_command(argv: Sequence[str]) -> str | None:
     return first if first in COMMANDS else None
 
 
+# Library notices a correct run should not show: transformers (5.x) warns on first use of each image
+# processor that torchvision is missing and it falls back to PIL; no diffprune stage uses those processors.
+QUIET_LOGGERS = ("transformers.utils.import_utils",)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = requested_command(argv)
     args = build_parser({command} if command else ()).parse_args(argv)

@@ -102,7 +102,8 @@ def _run_demo(config: DemoConfig, out: Path, teacher: Path, progress: bool) -> d
         t0 = time.perf_counter()
         for name, model in (("teacher", teacher), ("pruned", out / "pruned"), ("student", out / "finetuned")):
             sample_to_folder(model, out / "samples" / name, config.num_images, batch_size=config.sample_batch,
-                             steps=config.sample_steps, seed=config.seed, device=config.device, progress=progress)
+                             steps=config.sample_steps, sampler="ddim", seed=config.seed, device=config.device,
+                             progress=progress)
         times["sample"] = time.perf_counter() - t0
         _stage("4/5 evaluate", progress)
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""`diffprune sample`: DDIM/DDPM samples of a pipeline folder, one PNG per global index + samples.npz."""
+"""`diffprune sample`: samples of a pipeline folder (its own scheduler, or the paper's DDIM / DDPM), one PNG
+per global index + samples.npz."""
 
 from __future__ import annotations
 
@@ -36,18 +37,22 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, default=100,
                    help="sampling steps (model calls), an integer in [1, num_train_timesteps]")
     p.add_argument("--eta", type=non_negative_float, default=0.0,
-                   help="DDIM eta, a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help=f"update rule, one of {SAMPLERS}; flow-matching pipelines (SD3) always run their scheduler's "
-                        "Euler ODE (ddim with eta 0, uniform spacing; other settings are refused)")
+                   help="DDIM eta, a number >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise); only for a "
+                        "DDIMScheduler folder or --sampler ddim")
+    p.add_argument("--sampler", choices=SAMPLERS, default="pipeline",
+                   help=f"one of {SAMPLERS}: pipeline = the folder's own scheduler class through its set_timesteps / "
+                        "step, as its diffusers pipeline samples (PNDM for SD 1.x, Euler for SDXL, DPM-Solver for "
+                        "PixArt, FlowMatch Euler for SD3, ...); ddim / ddpm = the paper's samplers on the "
+                        "scheduler's noise schedule (flow-matching pipelines: the Euler ODE, eta 0)")
     p.add_argument("--spacing", choices=SPACINGS, default="uniform",
-                   help="timestep spacing: uniform (the scheduler config's timestep_spacing, steps_offset and "
-                        "set_alpha_to_one, as diffusers' DDIMScheduler/DDPMScheduler) or quad "
-                        "(t_i = int((i*sqrt(0.8T)/(N-1))^2), the DDIM reference code and the paper's CIFAR-10 setting)")
+                   help="timestep spacing of --sampler ddim / ddpm: uniform (the scheduler config's timestep_spacing, "
+                        "steps_offset and set_alpha_to_one, as diffusers' DDIMScheduler/DDPMScheduler) or quad "
+                        "(t_i = int((i*sqrt(0.8T)/(N-1))^2), the DDIM reference code and the paper's CIFAR-10 "
+                        "setting); --sampler pipeline uses the scheduler's own timesteps (uniform)")
     p.add_argument("--clip-sample", "--clip_sample", dest="clip_sample", choices=CLIP_MODES, default="auto",
                    help="predicted x0 at each step: auto (clip or threshold as the scheduler config says), on "
-                        "(clamp to +-clip_sample_range), off (never; the DDIM reference code, use with --spacing quad "
-                        "to reproduce the paper's sampler)")
+                        "(clamp to +-clip_sample_range), off (never; the DDIM reference code: --sampler ddim "
+                        "--spacing quad --clip-sample off reproduces the paper's sampler)")
     add_device_seed(p)
     p.add_argument("--resume", action="store_true",
                    help="fill in only the missing images of an existing folder made with the same "

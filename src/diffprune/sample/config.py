@@ -10,12 +10,15 @@ from ..config import StageConfig
 from ..errors import DiffpruneError, check_range
 from ..families.guidance import check_guidance
 from ..fsutil import check_output_dir, read_json
-from .schedules import CLIP_MODES, SAMPLERS, SPACINGS
+from .scheduler_loop import PIPELINE, SAMPLERS
+from .schedules import CLIP_MODES, SPACINGS
 
 CONFIG_FILE = "sample_config.json"
 # Settings that change image content: a --resume run must agree on all of them.
 # "version": version 1 ignored the scheduler's steps_offset / timestep_spacing / set_alpha_to_one.
 # Version 3 added classifier-free guidance; a version-2 folder equals version 3 with guidance off.
+# Version 4 made the folder's own scheduler the default sampler ("pipeline") and records its class
+# ("scheduler", informational: the model and sampler decide it); versions 1-3 name "ddim" or "ddpm".
 CONTENT_KEYS = ("version", "model", "model_fingerprint", "seed", "steps", "eta", "sampler", "spacing",
                 "clip_sample", "prompt", "class_labels", "guidance_scale", "negative_prompt", "guidance_rescale")
 GUIDANCE_OFF = {"guidance_scale": 1.0, "negative_prompt": None, "guidance_rescale": 0.0}
@@ -28,17 +31,19 @@ class SampleConfig(StageConfig):
     Version 2: "uniform" follows the scheduler config's steps_offset / timestep_spacing /
     set_alpha_to_one / thresholding (version 1 ignored them), and `clip_sample` was added.
     Version 3: classifier-free guidance (`guidance_scale`, `negative_prompt`, `guidance_rescale`).
+    Version 4: sampler "pipeline" (the default: the folder's own scheduler class, `set_timesteps` + `step`,
+    as the diffusers pipeline runs it) and `scheduler`, the sampler that actually ran, in words.
     """
 
     stage = "sample"
-    version = 3
+    version = 4
 
     model: str
     num_images: int
     batch_size: int = 64
     steps: int = 100
     eta: float = 0.0
-    sampler: str = "ddim"
+    sampler: str = PIPELINE  # "pipeline" (the folder's scheduler), or the paper's "ddim" / "ddpm"
     spacing: str = "uniform"
     seed: int = 0
     model_fingerprint: str = ""
@@ -49,6 +54,7 @@ class SampleConfig(StageConfig):
     negative_prompt: str | None = None  # text-conditional UNets: the unconditional branch's prompt
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2024, sec. 3.4)
     prompt_embeds: str | None = None  # the prompt-embeddings file read instead of the text encoders
+    scheduler: str = ""  # what ran, e.g. "PNDMScheduler (the folder's own), 50 steps" (scheduler_loop.sampler_label)
 
     def __post_init__(self):
         check_range("num_images", self.num_images, 1)
@@ -77,10 +83,15 @@ class SampleConfig(StageConfig):
 
 
 def upgrade_v2(data: dict) -> dict:
-    """A version-2 sample config as the version-3 one of the same images (guidance off)."""
+    """A version-2 or -3 sample config as the current one of the same images: version 2 had no guidance
+    (off), version 3 no "pipeline" sampler (its "ddim" / "ddpm" mean what they mean now)."""
     data = dict(data)
-    if data.get("stage", SampleConfig.stage) == SampleConfig.stage and data.get("version") == 2:
-        data.update(version=SampleConfig.version, **{k: data.get(k, v) for k, v in GUIDANCE_OFF.items()})
+    if data.get("stage", SampleConfig.stage) != SampleConfig.stage:
+        return data
+    if data.get("version") == 2:
+        data.update(version=3, **{k: data.get(k, v) for k, v in GUIDANCE_OFF.items()})
+    if data.get("version") == 3:
+        data.update(version=SampleConfig.version)
     return data
 
 

@@ -1,8 +1,9 @@
-"""DDIM / DDPM sampling with the scheduler's own or the "quad" timestep spacing, per-image seeds, sharding.
+"""Sampling over batches of per-image noise, sharded over processes, into sample folders.
 
-PAPER.md, "Evaluation protocol": DDIM, 100 steps, eta = 0, "quad" spacing for CIFAR-10. The chain's
-arithmetic (the scheduler config's timesteps, "quad", clipping, the DDIM / DDPM updates) lives in
-`schedules`; this module runs it over batches of per-image noise and writes sample folders.
+The default sampler ("pipeline", scheduler_loop.py) runs the folder's own scheduler class exactly as
+its diffusers pipeline does. The paper's samplers are explicit choices: `sampler="ddim"` / `"ddpm"`
+with the scheduler config's timestep spacing or "quad" (PAPER.md, "Evaluation protocol": DDIM, 100
+steps, eta = 0, "quad" spacing for CIFAR-10); their arithmetic lives in `schedules`.
 
 Image i always starts from noise drawn from its own generator seeded by (seed, i), and any per-step
 noise for image i is drawn from that same generator, so image i is the same whatever the batch size
@@ -54,9 +55,9 @@ from .files import (  # noqa: F401  (public here too)
     write_png_atomic,
 )
 from .flow import check_flow_args, flow_denoise
-from .schedules import (  # noqa: F401  (SAMPLERS, SPACINGS, CLIP_MODES, timestep_sequence: public here too)
+from .scheduler_loop import PIPELINE, SAMPLERS, check_pipeline_args, sampler_label, scheduler_denoise
+from .schedules import (  # noqa: F401  (SPACINGS, CLIP_MODES, timestep_sequence: public here too)
     CLIP_MODES,
-    SAMPLERS,
     SPACINGS,
     VARIANCE_TYPES,
     chain_rule,
@@ -94,12 +95,16 @@ def _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sa
         raise DiffpruneError(f"sampler={sampler!r} is not supported; allowed: {SAMPLERS}")
     if spacing not in SPACINGS:
         raise DiffpruneError(f"spacing={spacing!r} is not supported; allowed: {SPACINGS}")
+    if clip_sample not in CLIP_MODES:
+        raise DiffpruneError(f"clip_sample={clip_sample!r} is not supported; allowed: {CLIP_MODES}")
     T = int(scheduler.config.num_train_timesteps)
     if not 1 <= int(steps) <= T:
         raise DiffpruneError(f"steps={steps!r} is out of range; allowed: [1, {T}] (the model's training steps)")
     config = unet.config
     if getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
         raise DiffpruneError("class-conditional UNets are not supported by `sample` yet")
+    if sampler == PIPELINE:
+        return check_pipeline_args(scheduler, steps, eta, spacing, clip_sample)
     if is_flow(scheduler):
         return check_flow_args(scheduler, sampler, eta, spacing, clip_sample)
     rule = chain_rule(scheduler.config, clip_sample)
@@ -118,17 +123,26 @@ def _sample_size(unet) -> tuple[int, int]:
 
 @torch.no_grad()
 def denoise(unet, scheduler, noise: torch.Tensor, generators: list[torch.Generator], *, steps: int,
-            eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform", clip_sample: str = "auto",
+            eta: float = 0.0, sampler: str = PIPELINE, spacing: str = "uniform", clip_sample: str = "auto",
             family=None, cond: dict | None = None, uncond: dict | None = None, guidance_scale: float = 1.0,
             guidance_rescale: float = 0.0) -> torch.Tensor:
-    """Run the reverse chain from `noise` (B, C, H, W); returns x_0 in model range (unclipped).
+    """Run the reverse chain from `noise` (B, C, H, W, unit variance); returns x_0 in model range (unclipped).
 
-    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0), drawn as
-    diffusers' `randn_tensor` draws image b's noise from a list of generators. `clip_sample`: see
-    `chain_rule`. With a `family`, the model is called as `family.predict(unet, x, t, cond)`; with
-    `uncond` and guidance_scale > 1, classifier-free guidance as diffusers' pipelines compute it
-    (families/guidance.py), applied to the model output before the update.
+    `generators[b]` supplies image b's per-step noise (DDIM with eta > 0, DDPM for t > 0, schedulers
+    that draw noise in `step`), drawn as diffusers' `randn_tensor` draws image b's noise from a list of
+    generators. `sampler`: "pipeline" (the folder's scheduler, scheduler_loop.py) or the paper's "ddim" /
+    "ddpm" (`clip_sample`: see `chain_rule`). With a `family`, the model is called as
+    `family.predict(unet, x, t, cond)`; with `uncond` and guidance_scale > 1, classifier-free guidance
+    as diffusers' pipelines compute it (families/guidance.py), applied to the model output before the update.
     """
+    if sampler == PIPELINE:
+        def predict(x, t):
+            if family is None:
+                return unet(x, t).sample
+            return guided_predict(family, unet, x, t, cond, uncond, guidance_scale, guidance_rescale)
+
+        return scheduler_denoise(unet, scheduler, noise, generators, steps=steps, eta=eta, clip_sample=clip_sample,
+                                 predict=predict)
     if is_flow(scheduler):  # SD3: the FlowMatch Euler chain (flow.py)
         return flow_denoise(unet, scheduler, noise, steps=steps, family=family, cond=cond, uncond=uncond,
                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
@@ -168,7 +182,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int = 0, steps: int = 100,
-           eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
+           eta: float = 0.0, sampler: str = PIPELINE, spacing: str = "uniform",
            device: str | torch.device = "cpu", indices: Sequence[int] | None = None,
            progress: bool = True, clip_sample: str = "auto", ctx=None) -> np.ndarray:
     """Generate images `indices` (default range(num_images)) as uint8 (N, H, W, C).
@@ -223,7 +237,7 @@ def _finish(work: Path, output_dir: Path, num_images: int, channels: int,
 
 
 def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int, *, batch_size: int = 64,
-                     steps: int = 100, eta: float = 0.0, sampler: str = "ddim", spacing: str = "uniform",
+                     steps: int = 100, eta: float = 0.0, sampler: str = PIPELINE, spacing: str = "uniform",
                      seed: int = 0, device: str | torch.device = "cpu", resume: bool = False,
                      overwrite: bool = False, progress: bool = True, prompt: str | None = None,
                      class_labels: str | None = None, clip_sample: str = "auto", guidance_scale: float = 1.0,
@@ -269,7 +283,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                           prompt=prompt, class_labels=class_labels, clip_sample=clip_sample,
                           guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                           guidance_rescale=guidance_rescale,
-                          prompt_embeds=None if embeds is None else str(Path(embeds.path).absolute()))
+                          prompt_embeds=None if embeds is None else str(Path(embeds.path).absolute()),
+                          scheduler=sampler_label(type(scheduler).__name__, sampler, spacing, steps, eta))
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     pixels, channels = ctx.data_size()
     if channels not in (1, 3, 4):
@@ -302,7 +317,7 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
         state.wait_for_everyone()
         if state.is_main_process:
             _finish(work, output_dir, num_images, channels, size)
-            _print_summary(output_dir, num_images, present, state.num_processes)
+            _print_summary(output_dir, num_images, present, state.num_processes, config.scheduler)
         state.wait_for_everyone()
     return output_dir
 
@@ -343,9 +358,10 @@ def _generate_into(work: Path, unet, scheduler, todo: list[int], config: SampleC
             write_png_atomic(work / png_name(i), img)
 
 
-def _print_summary(folder: Path, num_images: int, reused: int, processes: int) -> None:
+def _print_summary(folder: Path, num_images: int, reused: int, processes: int, sampler: str) -> None:
     note = f" ({reused} already present, kept)" if reused > 0 else ""
     procs = f" with {processes} processes" if processes > 1 else ""
     print(f"wrote {num_images} images{note}{procs} to {folder}/000000.png ... {png_name(num_images - 1)}")
+    print(f"sampler: {sampler}")
     print(f"wrote {folder / NPZ_FILE} (images: uint8 NHWC, indices), {folder / GRID_FILE}, "
           f"{folder / CONFIG_FILE}")

@@ -34,7 +34,7 @@ import torch
 from ..diffusion import PREDICTION_TYPES
 from ..errors import DiffpruneError, check_range
 
-SAMPLERS = ("ddim", "ddpm")
+PAPER_SAMPLERS = ("ddim", "ddpm")  # the update rules of this module; the CLI adds "pipeline"
 SPACINGS = ("uniform", "quad")
 CLIP_MODES = ("auto", "on", "off")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
