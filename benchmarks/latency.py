@@ -35,7 +35,7 @@ from anchor_cifar10 import cifar10_unet  # noqa: E402
 
 from diffprune.families import family_for  # noqa: E402
 from diffprune.io import library_versions  # noqa: E402
-from diffprune.metrics.latency import cpu_model, ddim_sampler, forward_latency, ratio, sampling_throughput  # noqa: E402
+from diffprune.metrics.latency import cpu_model, forward_latency, image_sampler, ratio, sampling_throughput  # noqa: E402
 from diffprune.prune.importance import ImportanceResult  # noqa: E402
 from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
 
@@ -107,8 +107,8 @@ def measure(teacher, row: dict, args, scheduler) -> dict:
                                    "student_iqr_ms": res["student"]["iqr_ms"],
                                    "speedup": speedup, "efficiency": speedup / row["macs_speedup"]}
     if args.sample_images > 0:
-        samplers = {name: ddim_sampler(m, scheduler, args.sample_images, steps=args.sample_steps,
-                                       batch_size=args.sample_batch)
+        samplers = {name: image_sampler(m, scheduler, args.sample_images, steps=args.sample_steps, sampler="ddim",
+                                        batch_size=args.sample_batch)
                     for name, m in (("teacher", teacher), ("student", student))}
         res = sampling_throughput(samplers, repeats=args.sample_repeats, warmup=1)
         speedup = ratio(res["student"]["images_per_s"], res["teacher"]["images_per_s"])

@@ -180,9 +180,10 @@ def _fake_inception_weights(path, safetensors=False):
     return state
 
 
-def test_inception_loads_state_dict_and_extracts(tmp_path):
+def test_inception_loads_state_dict_and_extracts(tmp_path, monkeypatch):
     pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     state = _fake_inception_weights(pth)
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", inception.file_sha256(pth))  # stands in for the real file
     ex = get_feature_extractor("inception", inception_weights=str(pth))
     assert ex.name == "inception-v3-pytorch-fid" and ex.dim == 2048
     torch.testing.assert_close(
@@ -198,14 +199,81 @@ def test_inception_loads_state_dict_and_extracts(tmp_path):
     np.testing.assert_allclose(ex2(gray), f, rtol=1e-4, atol=1e-5)
 
 
-def test_inception_refuses_wrong_weights(tmp_path):
+def test_inception_refuses_wrong_weights(tmp_path, monkeypatch):
+    """Past the digest check (patched to each file's own), wrong tensors and junk are still refused."""
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(3)}, bad)
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", inception.file_sha256(bad))
     with pytest.raises(DiffpruneError, match="not the pytorch-fid Inception weights"):
         inception.InceptionFeatureExtractor(bad)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", inception.file_sha256(tmp_path / "junk.pth"))
     with pytest.raises(DiffpruneError, match="not a readable Inception state_dict"):
         inception.InceptionFeatureExtractor(tmp_path / "junk.pth")
+
+
+def _no_unpickling(monkeypatch) -> list:
+    """Make torch.load record its calls and fail: the caller asserts the list stays empty (a broad
+    `except Exception` around torch.load must not hide the call)."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("torch.load was called on a file that should have been refused")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    return calls
+
+
+def test_inception_pth_with_another_digest_is_refused_unread(tmp_path, monkeypatch, capsys):
+    """Issue 23: a valid small state-dict pickle whose SHA-256 is not pytorch-fid's is refused in one line
+    (file, expected and actual digest prefixes) and never unpickled, by the API and by the CLI."""
+    import hashlib
+
+    from diffprune.cli import main
+
+    pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, pth)
+    actual = hashlib.sha256(pth.read_bytes()).hexdigest()
+    assert actual[:8] != "6726825d"
+    unpickled = _no_unpickling(monkeypatch)
+    with pytest.raises(DiffpruneError) as err:
+        inception.load_inception_state(pth)
+    assert unpickled == []
+    msg = str(err.value)
+    assert "\n" not in msg and str(pth) in msg and actual[:16] in msg and "6726825d0af5f729" in msg
+    assert inception.FID_WEIGHTS_SHA256 == "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+    assert "refusing to unpickle" in msg
+    samples = tmp_path / "s"
+    samples.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8) + i).save(samples / f"{i:06d}.png")
+    code = main(["evaluate", "--samples", str(samples), "--reference", str(samples), "--feature-net", "inception",
+                 "--inception-weights", str(pth), "--output", str(tmp_path / "e.json")])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text.count("\n") == 1 and "refusing to unpickle" in err_text
+    assert not (tmp_path / "e.json").exists() and unpickled == []
+
+
+def test_inception_pth_needs_torch_2_6(tmp_path, monkeypatch):
+    """torch < 2.6 (CVE-2025-32434): a .pth is refused before it is hashed or unpickled, even pytorch-fid's
+    own; a .safetensors conversion is still loaded (no pickle, no digest)."""
+    pth = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1)}, pth)
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", inception.file_sha256(pth))
+    assert inception._torch_version("2.5.1+cu121") == (2, 5) and inception._torch_version("2.13.0+cpu") == (2, 13)
+    assert inception._torch_version("2.6.0a0+git1234") == (2, 6)
+    monkeypatch.setattr(inception, "_torch_version", lambda text=None: (2, 5))
+    monkeypatch.setattr(inception, "file_sha256", lambda path: pytest.fail("hashed before the torch check"))
+    unpickled = _no_unpickling(monkeypatch)
+    with pytest.raises(DiffpruneError, match=r"needs torch >= 2\.6 .*CVE-2025-32434.*\.safetensors"):
+        inception.load_inception_state(pth)
+    assert unpickled == []
+    st = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(2)}, str(st))
+    assert torch.equal(inception.load_inception_state(st)["x"], torch.ones(2))
 
 
 def test_inception_missing_weights_offline(tmp_path, monkeypatch):
@@ -237,10 +305,10 @@ def test_inception_download_is_checked_then_renamed_into_the_cache(tmp_path, mon
     monkeypatch.delenv("DIFFPRUNE_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(inception.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
-    with pytest.raises(DiffpruneError, match="SHA-256 .* expected a prefix 6726825d"):
+    with pytest.raises(DiffpruneError, match="SHA-256 .* expected 6726825d0af5f729"):
         inception.resolve_inception_weights()
     assert list((tmp_path / "cache").iterdir()) == []  # no partial file, no temp file
-    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256_PREFIX", hashlib.sha256(payload).hexdigest()[:8])
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", hashlib.sha256(payload).hexdigest())
     path = inception.resolve_inception_weights()
     assert path.read_bytes() == payload and [p.name for p in path.parent.iterdir()] == [path.name]
 

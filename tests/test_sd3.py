@@ -314,11 +314,14 @@ def test_cli_prune_finetune_sample_evaluate_report(sd3_dirs, tmp_path, capsys, m
     assert code == 2 and "eta=0.5 has no meaning for FlowMatchEulerDiscreteScheduler" in err
     code, err = run_cli(["evaluate", "--samples", tmp_path / "s_tuned", "--teacher-samples", tmp_path / "s_pruned",
                          "--model", tmp_path / "tuned", "--teacher-model", base, "--latency-repeats", "1",
-                         "--latency-warmup", "0", "--throughput-images", "0", "--output", tmp_path / "eval.json"],
+                         "--latency-warmup", "0", "--throughput-images", "1", "--throughput-steps", "2",
+                         "--throughput-repeats", "1", "--output", tmp_path / "eval.json"],
                         capsys)
     assert code == 0, err
     cost = json.loads((tmp_path / "eval.json").read_text())["cost"]
     assert cost["student"]["macs"] < 0.9 * cost["teacher"]["macs"]
+    # throughput is labelled with the sampler that ran (it said "DDIM 2 steps" before)
+    assert cost["throughput"]["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler (the folder's own), 2 steps"
     code, err = run_cli(["report", "--prune", tmp_path / "pruned", "--finetune", tmp_path / "tuned", "--evaluation",
                          tmp_path / "eval.json", "--teacher-samples", tmp_path / "s_pruned", "--student-samples",
                          tmp_path / "s_tuned", "--output-dir", tmp_path / "report"], capsys)

@@ -20,11 +20,13 @@ _EPILOG = """examples:
   diffprune evaluate --samples out/student --reference cifar_train.npz --feature-net inception
   diffprune evaluate --samples out/sd_student --clip-score --clip-model path/to/clip-vit-large-patch14
 
-Every number in the JSON names its feature extractor ("digits-cnn-v1" or "inception-v3-pytorch-fid")
-and the sample counts behind it; digits-FID is comparable only with other digits-FIDs.
+Every number in the JSON names its feature extractor ("digits-cnn-v1" or "inception-v3-pytorch-fid"),
+how it was chosen, and the sample counts behind it; digits-FID is comparable only with other digits-FIDs.
+--feature-net auto never picks Inception itself: RGB or larger images need --feature-net inception.
 Inception weights: --inception-weights PATH, else $DIFFPRUNE_CACHE (or ~/.cache/diffprune)/
 pt_inception-2015-12-05-6726825d.pth, else downloaded from the pytorch-fid release when online
-(set DIFFPRUNE_OFFLINE=1 to never try).
+(set DIFFPRUNE_OFFLINE=1 to never try). A .pth is unpickled only if its SHA-256 is pytorch-fid's
+(6726825d0af5...) and torch >= 2.6; a .safetensors conversion needs neither.
 CLIP score: each sample against the prompt its sample_config.json records, torchmetrics' CLIPScore
 (max(mean 100*cos, 0)); --clip-model is a local folder or a hub id (weights: safetensors only)."""
 
@@ -56,15 +58,17 @@ def register(subparsers) -> None:
     )
     g.add_argument(
         "--feature-net",
-        choices=("digits", "inception"),
-        default="digits",
-        help="feature extractor: digits = embedded digits CNN (digits-cnn-v1, 64-d), inception = "
-        "pytorch-fid InceptionV3 pool3 (2048-d, comparable with published FIDs) (default: digits)",
+        choices=("auto", "digits", "inception"),
+        default="auto",
+        help="feature extractor: digits = embedded digits CNN (digits-cnn-v1, 64-d, trained on 1-channel 16x16 "
+        "digits; refuses colour images), inception = pytorch-fid InceptionV3 pool3 (2048-d, comparable with "
+        "published FIDs) (default: auto = digits when samples and reference are grayscale (1 channel, or 3 equal "
+        "channels) and at most 32x32 px, otherwise refused: pass --feature-net inception)",
     )
     g.add_argument(
         "--inception-weights",
-        help="path of pt_inception-2015-12-05-6726825d.pth (a state_dict, "
-        "loaded weights-only) or a .safetensors conversion (default: the cache, see below)",
+        help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's file, SHA-256 checked before it is "
+        "loaded weights-only; needs torch >= 2.6) or a .safetensors conversion (default: the cache, see below)",
     )
     g.add_argument(
         "--save-stats",
@@ -105,12 +109,14 @@ def register(subparsers) -> None:
     g = p.add_argument_group("cost (params, MACs, latency, throughput)")
     g.add_argument(
         "--model",
-        help="pipeline folder (DDPM or latent UNet, Stable Diffusion, DiT) or UNet folder of the "
-        "(pruned) model; its unet/transformer is measured (default: none = no cost)",
+        help="pipeline folder of the (pruned) model, any supported family: DDPM/LDM UNet2DModel, Stable "
+        "Diffusion 1/2, SDXL, DiT, PixArt, SD3; or its UNet folder; its unet/transformer is measured "
+        "(default: none = no cost)",
     )
     g.add_argument(
         "--teacher-model",
-        help="pipeline or UNet folder of the teacher, same family as --model, for ratios (default: none)",
+        help="pipeline or UNet folder of the teacher, same family as --model (DDPM/LDM UNet2DModel, Stable "
+        "Diffusion 1/2, SDXL, DiT, PixArt, SD3), for ratios (default: none)",
     )
     g.add_argument(
         "--prompt-embeds",
@@ -140,13 +146,14 @@ def register(subparsers) -> None:
         "--throughput-images",
         type=non_negative_int,
         default=0,
-        help="images per timed DDIM sampling run; 0 skips throughput, an integer >= 0 (default: 0)",
+        help="images per timed sampling run (the folder's own scheduler, as `diffprune sample` by default); "
+        "0 skips throughput, an integer >= 0 (default: 0)",
     )
     g.add_argument(
         "--throughput-steps",
         type=positive_int,
         default=100,
-        help="DDIM steps for throughput, an integer >= 1 (default: 100, the paper's)",
+        help="sampling steps for throughput, an integer >= 1 (default: 100, the paper's)",
     )
     g.add_argument(
         "--throughput-repeats",

@@ -1,5 +1,6 @@
 """The evaluate stage (layer 7): `stage` (EvaluateConfig, `evaluate`, the table), `cost` (params,
-MACs, latency), `outputs` (where the result goes). Measurements themselves live in `metrics/`
+MACs, latency), `reference` (the FID/KID reference: digits, images or statistics), `outputs` (where
+the result goes). Measurements themselves live in `metrics/`
 (same layer). May import every earlier layer: shared, data, families, io, prune, train, sample.
 """
 

@@ -86,12 +86,13 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
     """Params, MACs (batch 1) and measured latency of `model` (and `teacher_model`), with ratios.
 
     Every family works (families.family_for): the denoiser is the pipeline's `unet` or `transformer`
-    (families.pipeline_parts.denoiser_of); for latent pipelines it is counted and timed in latent space, and DDIM
-    throughput includes the autoencoder's decode.
+    (families.pipeline_parts.denoiser_of); for latent pipelines it is counted and timed in latent space, and the
+    throughput (the folder's own scheduler, as `diffprune sample`) includes the autoencoder's decode.
     """
     from ..families.conditioning import load_prompt_embeds
-    from ..metrics.latency import ddim_sampler, forward_latency, ratio, sampling_throughput
+    from ..metrics.latency import forward_latency, image_sampler, ratio, sampling_throughput
     from ..prune.complexity import count_macs_params
+    from ..sample.scheduler_loop import sampler_label
 
     embeds = load_prompt_embeds(config.prompt_embeds)  # a bad file fails before any model loads
     device = torch.device(config.device)
@@ -125,7 +126,7 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
     )
     if config.throughput_images > 0:
         samplers = {
-            n: ddim_sampler(
+            n: image_sampler(
                 d.model,
                 d.scheduler,
                 config.throughput_images,
@@ -139,9 +140,14 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
         out["throughput"] = sampling_throughput(
             samplers, repeats=config.throughput_repeats, warmup=1, device=device
         )
+        labels = {n: sampler_label(type(d.scheduler).__name__, "pipeline", "uniform", config.throughput_steps)
+                  for n, d in models.items()}
+        for n, label in labels.items():
+            out["throughput"][n]["scheduler"] = label
         out["throughput"]["settings"].update(
             {
-                "sampler": "ddim",
+                "sampler": "pipeline",
+                "scheduler": " / ".join(dict.fromkeys(labels.values())),  # one label unless teacher's differs
                 "eta": 0.0,
                 "spacing": "uniform",
                 "steps": config.throughput_steps,

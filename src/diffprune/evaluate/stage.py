@@ -3,8 +3,8 @@
 PAPER.md ("Evaluation protocol"): FID of the samples against reference statistics (Heusel et al.
 2017), KID (Binkowski et al. 2018), SSIM consistency between teacher and student samples drawn from
 the same noise (Wang et al. 2004), MACs and params of one forward pass at batch 1. We add measured
-forward latency and DDIM sampling throughput next to the MAC ratio, and for text-to-image samples the
-CLIP score against the prompts they were generated from (metrics/clip_score.py, torchmetrics'
+forward latency and sampling throughput (the folder's own scheduler) next to the MAC ratio, and for
+text-to-image samples the CLIP score against the prompts they were generated from (metrics/clip_score.py, torchmetrics'
 CLIPScore). Every number carries the name of the feature extractor it came from and the sample counts behind it.
 
 `evaluate(EvaluateConfig(...))` is the API; `diffprune evaluate` maps its flags one to one.
@@ -17,15 +17,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..config import StageConfig
 from ..errors import DiffpruneError, check_range
 from ..fsutil import write_json_atomic
 from ..metrics.clip_score import DEFAULT_CLIP_MODEL
 from .cost import cost
 from .outputs import DEFAULT_OUTPUT_NAME, RESULT_FORMAT, check_outputs
+from .reference import check_stats_match, compare_sets, is_stats_file, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +35,13 @@ REFERENCE_SPLITS = ("all", "train", "test")
 class EvaluateConfig(StageConfig):
     """Settings of one evaluation. Every metric whose inputs are given is computed.
 
-    - FID/KID: `samples` + `reference` ("digits", an image folder, an image .npz, or a stats .npz).
+    - FID/KID: `samples` + `reference` ("digits", an image folder, an image .npz, or a stats .npz), with
+      `feature_net` "auto" (the digits net for grayscale images of at most 32 px, else refused),
+      "digits" or "inception" (`metrics/feature_choice.py`).
     - SSIM/MSE/PSNR consistency: `samples` + `teacher_samples` (paired by index).
     - CLIP score: `samples` + `clip_score` (prompts from the sample folder's sample_config.json),
       with the CLIP checkpoint `clip_model` (a local folder or hub id).
-    - Cost: `model` (and `teacher_model` for ratios): params, MACs, forward latency, and DDIM
+    - Cost: `model` (and `teacher_model` for ratios): params, MACs, forward latency, and sampling
       throughput when `throughput_images` > 0, of the pipeline's denoiser (any supported family).
     """
 
@@ -55,7 +55,7 @@ class EvaluateConfig(StageConfig):
     model: str | None = None
     teacher_model: str | None = None
     prompt_embeds: str | None = None  # text models' throughput without text encoders (families/prompt_embeds.py)
-    feature_net: str = "digits"
+    feature_net: str = "auto"  # auto: digits for grayscale images <= 32 px, else refused (metrics/feature_choice.py)
     inception_weights: str | None = None
     digits_weights: str | None = None
     save_stats: str | None = None
@@ -75,10 +75,12 @@ class EvaluateConfig(StageConfig):
     allow_download: bool = True
 
     def validate(self) -> EvaluateConfig:
-        from ..metrics.features import FEATURE_NETS
+        from ..metrics.feature_choice import FEATURE_NET_CHOICES
 
-        if self.feature_net not in FEATURE_NETS:
-            raise DiffpruneError(f"feature_net={self.feature_net!r} is not one of {FEATURE_NETS}")
+        if self.feature_net not in FEATURE_NET_CHOICES:
+            raise DiffpruneError(
+                f"feature_net={self.feature_net!r} is not allowed; allowed: {', '.join(FEATURE_NET_CHOICES)}"
+            )
         if self.reference_split not in REFERENCE_SPLITS:
             raise DiffpruneError(f"reference_split={self.reference_split!r} is not one of {REFERENCE_SPLITS}")
         for name, low in (
@@ -125,25 +127,6 @@ class EvaluateConfig(StageConfig):
 # --------------------------------------------------------------------------- FID / KID
 
 
-def _digits_reference(size: int, channels: int, split: str):
-    from ..data import digits_images
-    from ..metrics.imageset import ImageSet
-
-    x = digits_images(size, channels, split)
-    images = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    return ImageSet(images, list(range(len(images))), f"digits ({split} split, {size}x{size}, {channels} ch)")
-
-
-def _is_stats_file(path: Path) -> bool:
-    if path.suffix.lower() != ".npz" or not path.is_file():
-        return False
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return "mu" in data.files and "sigma" in data.files
-    except (OSError, ValueError):
-        return False
-
-
 def _set_stats(extractor, images, what: str, warnings: list[str]):
     from ..metrics.fid import check_count, compute_stats
 
@@ -152,55 +135,57 @@ def _set_stats(extractor, images, what: str, warnings: list[str]):
 
 
 def fidelity(config: EvaluateConfig, samples, warnings: list[str]) -> dict[str, Any]:
-    """FID and KID of `samples` (an ImageSet or None) against `config.reference`."""
+    """FID and KID of `samples` (an ImageSet or None) against `config.reference`.
+
+    The feature net is chosen (`metrics.feature_choice`) from the samples and the reference once both
+    are read: with `auto`, a set the digits net does not fit is refused before any network is loaded
+    and before any file is written.
+    """
+    from ..metrics.feature_choice import choose_feature_net
     from ..metrics.features import get_feature_extractor
-    from ..metrics.fid import frechet_distance, kernel_inception_distance, load_stats, save_stats
-    from ..metrics.imageset import load_image_set
+    from ..metrics.fid import frechet_distance, kernel_inception_distance, save_stats
 
     ref_path = Path(config.reference)
-    ref_is_stats = _is_stats_file(ref_path)
+    ref_is_stats = is_stats_file(ref_path)
     if ref_is_stats and config.save_stats:
         raise DiffpruneError(
             f"--reference {config.reference} is already a statistics file; --save-stats "
             "saves the statistics of an image reference (a folder, an .npz of images, or digits)"
         )
+    sets = [] if samples is None else [(f"--samples {samples.source}", samples.images)]
+    ref, ref_images, reference_info = load_reference(config, samples, ref_is_stats)  # its own errors first
+    if ref_images is not None:
+        sets.append((f"--reference {ref_images.source}", ref_images.images))
+    net, why, choice_warnings = choose_feature_net(
+        config.feature_net, sets, ref.feature_extractor if ref is not None else None
+    )
+    if ref is not None:
+        check_stats_match(ref_path, ref, net)  # before the (maybe large) network is loaded
+    for w in choice_warnings:
+        logger.warning(w)
+    warnings += choice_warnings
     extractor = get_feature_extractor(
-        config.feature_net,
+        net,
         device=config.device,
         inception_weights=config.inception_weights,
         digits_weights=config.digits_weights,
         allow_download=config.allow_download,
     )
     notes: list[str] = []
-    reference_info: dict[str, Any]
     if ref_is_stats:
-        ref = load_stats(ref_path)
         if ref.feature_extractor != extractor.name:
             raise DiffpruneError(
                 f"{ref_path} holds {ref.feature_extractor!r} statistics but --feature-net "
-                f"{config.feature_net} gives {extractor.name!r}; use the matching feature net"
+                f"{net} gives {extractor.name!r}; use the matching feature net"
             )
         if ref.dim != extractor.dim:
             raise DiffpruneError(
                 f"{ref_path}: {ref.dim}-d statistics, but {extractor.name} gives {extractor.dim}-d"
             )
-        reference_info = {"kind": "statistics", "path": str(ref_path), "num_images": ref.num_images}
     else:
-        if str(config.reference) == "digits" and not ref_path.exists():
-            h, c = (samples.size[0], samples.channels) if samples is not None else (16, 1)
-            ref_images = _digits_reference(h, c, config.reference_split)
-            reference_info = {
-                "kind": "builtin",
-                "name": "digits",
-                "split": config.reference_split,
-                **ref_images.describe(),
-            }
-        else:
-            ref_images = load_image_set(ref_path)
-            reference_info = {"kind": "images", **ref_images.describe()}
         notes += ref_images.notes
         if samples is not None:
-            notes += _compare_sets(samples, ref_images)
+            notes += compare_sets(samples, ref_images)
         ref = _set_stats(extractor, ref_images, f"reference {ref_images.source}", warnings)
         if config.save_stats:
             save_stats(config.save_stats, ref)
@@ -210,6 +195,8 @@ def fidelity(config: EvaluateConfig, samples, warnings: list[str]) -> dict[str, 
             )
     result: dict[str, Any] = {
         "feature_extractor": extractor.name,
+        "feature_net": net,
+        "feature_net_choice": why,
         "feature_dim": extractor.dim,
         "reference": reference_info,
     }
@@ -251,24 +238,6 @@ def fidelity(config: EvaluateConfig, samples, warnings: list[str]) -> dict[str, 
             "definition": "Binkowski et al. 2018, unbiased MMD^2, kernel (x.y/d + 1)^3",
         }
     return out
-
-
-def _compare_sets(samples, ref) -> list[str]:
-    notes = []
-    if samples.channels != ref.channels:
-        kind = {1: "grayscale", 3: "RGB"}
-        notes.append(
-            f"samples are {kind[samples.channels]} ({samples.channels} ch) but the reference is "
-            f"{kind[ref.channels]} ({ref.channels} ch); both are converted to the feature net's input"
-        )
-    if samples.size != ref.size:
-        notes.append(
-            f"samples are {samples.size[0]}x{samples.size[1]} but the reference is "
-            f"{ref.size[0]}x{ref.size[1]}; both are resized to the feature net's input"
-        )
-    for n in notes:
-        logger.warning(n)
-    return notes
 
 
 # --------------------------------------------------------------------------- stage
@@ -365,7 +334,7 @@ def format_table(result: dict[str, Any]) -> str:
                         (
                             f"{name} throughput",
                             f"{c['throughput'][name]['images_per_s']:.2f} img/s",
-                            f"DDIM {c['throughput']['settings']['steps']} steps",
+                            c["throughput"][name].get("scheduler", f"{c['throughput']['settings']['steps']} steps"),
                         )
                     )
         if "ratios" in c:

@@ -10,7 +10,10 @@ Every extractor takes uint8 images (N, H, W, C) in [0, 255] (numpy or torch) or 
 size or channel count are converted (bilinear resize; gray <-> RGB) and the conversion is recorded
 in `conversions` so the caller can report it.
 
-Import order, one way: `extractor_base` <- `digits_net`, `inception` <- this module (the registry).
+Which of them may judge a given set of images (`--feature-net auto`) is `feature_choice`'s rule.
+
+Import order, one way: `extractor_base` <- `digits_net`, `inception` <- this module (the registry);
+`feature_choice` (numpy only) <- this module.
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ import torch
 from ..errors import DiffpruneError
 from .digits_net import DigitsFeatureExtractor
 from .extractor_base import FeatureExtractor, dense_nchw, resize_bilinear, to_unit_nchw  # noqa: F401  (public here)
+from .feature_choice import FEATURE_NETS
 from .inception import InceptionFeatureExtractor
-
-FEATURE_NETS = ("digits", "inception")
 
 
 def get_feature_extractor(
@@ -42,7 +44,7 @@ def get_feature_extractor(
         "inception": lambda: _inception(device, inception_weights, batch_size, allow_download),
     }
     if name not in builders:
-        raise DiffpruneError(f"feature net {name!r} is not one of {FEATURE_NETS}")
+        raise DiffpruneError(f"feature net {name!r} is not allowed; allowed: {', '.join(FEATURE_NETS)}")
     return builders[name]()
 
 

@@ -10,9 +10,13 @@ pytorch-fid state_dict loads unchanged) and its preprocessing: bilinear resize t
 (align_corners=False, no antialias) of images in [0, 1], then scaling to [-1, 1].
 
 Weights come from `--inception-weights PATH`, else the cache (`$DIFFPRUNE_CACHE` or
-`~/.cache/diffprune`), else a download from the pytorch-fid release when online (with a timeout
-and a SHA-256 check). The `.pth` file is a plain state_dict and is only ever read with
-`torch.load(..., weights_only=True)`; a safetensors conversion (`.safetensors`) is accepted too.
+`~/.cache/diffprune`), else a download from the pytorch-fid release when online (with a timeout).
+The `.pth` file is a pickle, so before it is unpickled (`torch.load(..., weights_only=True)`, never
+the full unpickler) two checks hold, wherever the file came from: its SHA-256 equals that of
+pytorch-fid's release asset (`FID_WEIGHTS_SHA256`; the `6726825d` in the file name is its prefix,
+torch.hub's `check_hash` convention), and torch is >= 2.6 (torch < 2.6 has CVE-2025-32434: its
+weights-only loader can be made to run code). A safetensors conversion (`.safetensors`, no pickle)
+skips both and is accepted as it is; its tensors are still checked by name and shape.
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ FID_WEIGHTS_URL = (
     "pt_inception-2015-12-05-6726825d.pth"
 )
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carries the hash prefix
+# SHA-256 of the release asset above (95,628,359 bytes). Not printed by pytorch-fid itself (it loads the
+# URL without check_hash); this digest is the one public projects pin for that URL (e.g. genforce's
+# metrics/inception.py `_MODEL_URL_SHA256["tf_inception_v3"]`), and it starts with the file name's 6726825d.
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+FID_WEIGHTS_SHA256_PREFIX = FID_WEIGHTS_SHA256[:8]  # torch.hub convention: the file name carries the prefix
+MIN_TORCH_FOR_PICKLE = (2, 6)  # torch < 2.6: CVE-2025-32434, torch.load(weights_only=True) can run code
 DOWNLOAD_TIMEOUT_S = 20.0
 EXTRACTOR_NAME = PYTORCH_FID_EXTRACTOR  # "inception-v3-pytorch-fid"
 
@@ -189,20 +198,8 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for name in (
-            "Mixed_5b",
-            "Mixed_5c",
-            "Mixed_5d",
-            "Mixed_6a",
-            "Mixed_6b",
-            "Mixed_6c",
-            "Mixed_6d",
-            "Mixed_6e",
-            "Mixed_7a",
-            "Mixed_7b",
-            "Mixed_7c",
-        ):
-            x = getattr(self, name)(x)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
@@ -267,16 +264,55 @@ def _download(tmp: Path, target: Path, timeout_s: float) -> None:
         while chunk := resp.read(1 << 20):
             digest.update(chunk)
             fh.write(chunk)
-    if not digest.hexdigest().startswith(FID_WEIGHTS_SHA256_PREFIX):
+    if digest.hexdigest() != FID_WEIGHTS_SHA256:
         raise DiffpruneError(
             f"downloaded Inception weights have SHA-256 {digest.hexdigest()[:16]}..., "
-            f"expected a prefix {FID_WEIGHTS_SHA256_PREFIX}; {_how_to_get(target)}"
+            f"expected {FID_WEIGHTS_SHA256[:16]}... (pytorch-fid's file); {_how_to_get(target)}"
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _torch_version(text: str | None = None) -> tuple[int, int]:
+    """(major, minor) of `text` (default: the running torch), e.g. "2.5.1+cu121" -> (2, 5)."""
+    parts = str(text if text is not None else torch.__version__).split("+")[0].split(".")
+    nums = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts[:2]]
+    return (nums + [0, 0])[0], (nums + [0, 0])[1]
+
+
+def check_pickle_allowed(path: Path) -> None:
+    """Before a `.pth` is unpickled: torch >= 2.6 and the SHA-256 of pytorch-fid's file, else one-line refusal."""
+    if _torch_version() < MIN_TORCH_FOR_PICKLE:
+        need = ".".join(map(str, MIN_TORCH_FOR_PICKLE))
+        raise DiffpruneError(
+            f"{path}: unpickling a .pth needs torch >= {need} (torch {torch.__version__} has CVE-2025-32434, "
+            f"torch.load(weights_only=True) can run code); upgrade torch, or pass a .safetensors conversion made "
+            f"on torch >= {need}: safetensors.torch.save_file(torch.load(pth, weights_only=True), 'w.safetensors')"
+        )
+    try:
+        actual = file_sha256(path)
+    except OSError as err:
+        raise DiffpruneError(f"{path}: cannot read the Inception weights ({err.strerror or err})") from None
+    if actual != FID_WEIGHTS_SHA256:
+        raise DiffpruneError(
+            f"{path}: SHA-256 {actual[:16]}... is not that of pytorch-fid's {FID_WEIGHTS_NAME} "
+            f"({FID_WEIGHTS_SHA256[:16]}...); refusing to unpickle it. Use that file ({FID_WEIGHTS_URL}) "
+            "or a .safetensors conversion"
         )
 
 
 def load_inception_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from `.pth` (weights_only: tensors only, no code) or `.safetensors`."""
+    """A state_dict from `.safetensors`, or from pytorch-fid's `.pth` (checked first, then weights-only)."""
     path = Path(path)
+    if path.suffix != ".safetensors":
+        check_pickle_allowed(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -340,11 +376,14 @@ class InceptionFeatureExtractor(FeatureExtractor):
 
 __all__ = [
     "EXTRACTOR_NAME",
+    "FID_WEIGHTS_SHA256",
     "FID_WEIGHTS_URL",
     "FIDInceptionV3",
     "InceptionFeatureExtractor",
     "build_fid_inception",
     "cache_dir",
+    "check_pickle_allowed",
+    "file_sha256",
     "load_inception_state",
     "resolve_inception_weights",
 ]

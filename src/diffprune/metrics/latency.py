@@ -4,7 +4,7 @@ MACs (PAPER.md: one UNet forward, batch 1, the model's resolution) predict speed
 memory traffic, kernel launch overhead and thread counts matter too. So we time the real thing:
 - forward latency: repeated forward passes on the same input batch after warm-up; median, p10/p90
   and IQR in milliseconds;
-- sampling throughput: full DDIM sampling (`diffprune.sample.loop.sample`, or any callable), images/s.
+- sampling throughput: full sampling runs (`diffprune.sample.loop.sample`, or any callable), images/s.
 Teacher and student runs are interleaved in counterbalanced order (AB BA AB ...), so slow drift of
 the machine (thermal, other load) hits both alike; speed-ups are ratios of medians.
 """
@@ -138,7 +138,7 @@ def sampling_throughput(
     return out
 
 
-def ddim_sampler(
+def image_sampler(
     unet: torch.nn.Module,
     scheduler,
     num_images: int,
@@ -148,10 +148,12 @@ def ddim_sampler(
     device: str | torch.device = "cpu",
     seed: int = 0,
     ctx=None,
+    sampler: str = "pipeline",
 ) -> Callable[[], int]:
-    """A callable that samples `num_images` with deterministic DDIM (eta 0, uniform spacing).
-
-    `ctx` (families.conditioning.PipelineContext) supplies conditioning and the latent decode.
+    """A callable that samples `num_images` as `diffprune sample` does: by default with the folder's own
+    scheduler (`sampler="pipeline"`), or the paper's deterministic DDIM (`sampler="ddim"`: eta 0,
+    uniform spacing). `ctx` (families.conditioning.PipelineContext) supplies conditioning and the
+    latent decode.
     """
     from ..sample.loop import sample
 
@@ -166,7 +168,7 @@ def ddim_sampler(
             seed=seed,
             steps=steps,
             eta=0.0,
-            sampler="ddim",
+            sampler=sampler,
             spacing="uniform",
             device=device,
             progress=False,
@@ -184,7 +186,7 @@ def ratio(teacher: float | None, student: float | None) -> float | None:
     return float(teacher) / float(student)
 
 
-__all__ = ["ddim_sampler", "forward_latency", "ratio", "sampling_throughput"]
+__all__ = ["forward_latency", "image_sampler", "ratio", "sampling_throughput"]
 
 
 def cpu_model() -> str:

@@ -73,7 +73,7 @@ def _speed_rows(inputs: Inputs) -> list[Row]:
                 cell(inputs, "ips", (EV, "cost.throughput.teacher.images_per_s")),
                 cell(inputs, "ips", (EV, "cost.throughput.student.images_per_s")),
                 suffix(cell(inputs, "x", (EV, "cost.ratios.throughput_speedup")), " measured speed-up"),
-                f"{tp.get('sampler', 'ddim')} {tp['steps']} steps" if "steps" in tp else "")]
+                tp.get("scheduler") or (f"{tp.get('sampler', 'ddim')} {tp['steps']} steps" if "steps" in tp else ""))]
 
 
 def _fidelity_rows(inputs: Inputs, notes: list[str]) -> list[Row]:
