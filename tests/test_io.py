@@ -160,3 +160,112 @@ def test_image_folder_is_decoded_once_and_served_from_memory(tmp_path):
     assert all(torch.equal(cached[i], decoded[i]) for i in range(3))
     with pytest.raises(FileNotFoundError):
         uncached[0]
+
+
+# --------------------------------------------------------------------------- messages (issue 23 C)
+
+# keys facebook/DiT-XL-2-256's transformer/config.json holds (written for Transformer2DModel by diffusers 0.12)
+LEGACY_DIT_KEYS = {"_class_name": "Transformer2DModel", "_diffusers_version": "0.12.0.dev0",
+                   "cross_attention_dim": None, "norm_num_groups": 32, "num_vector_embeds": None,
+                   "only_cross_attention": False,
+                   "use_linear_projection": False, "attention_bias": True, "activation_fn": "gelu-approximate",
+                   "norm_elementwise_affine": False, "norm_type": "ada_norm_zero", "upcast_attention": False}
+IGNORED_KEYS_WARNING = "are not expected and will be ignored"
+
+
+def _legacy_dit_pipeline(folder):
+    """A tiny DiT pipeline folder whose transformer config is hub-style (old diffusers' Transformer2DModel)."""
+    from conftest import tiny_kl
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(4)
+    dit = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    DiTPipeline(transformer=dit, vae=tiny_kl(), scheduler=DDIMScheduler(num_train_timesteps=20, clip_sample=False)
+                ).save_pretrained(folder, safe_serialization=True)
+    path = folder / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **LEGACY_DIT_KEYS}))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "transformer": ["diffusers", "Transformer2DModel"]}))
+    return folder
+
+
+@pytest.fixture
+def diffusers_log():
+    """Every message logged under diffusers' loggers while the test runs (they do not propagate to root)."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                self.messages.append(record.getMessage())
+
+    keep, target = Keep(), logging.getLogger("diffusers")
+    target.addHandler(keep)
+    yield keep.messages
+    target.removeHandler(keep)
+
+
+def test_hub_style_dit_runs_without_config_warnings_and_names_transformer(tmp_path, capfd, diffusers_log):
+    """Loading, pruning (--portable), finetuning and reloading a DiT whose config an older diffusers wrote
+    print no "config attributes ... will be ignored" line; the hints name transformer/, not unet/."""
+    import numpy as np
+    from PIL import Image
+
+    from diffprune.cli import main
+
+    base = _legacy_dit_pipeline(tmp_path / "dit")
+    images = tmp_path / "imgs"
+    for i in range(4):
+        (images / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(images / str(i % 2) / f"{i}.png")
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    code = main(["prune", "--model", str(base), "--method", "magnitude", "--ratio", "0.3", "--portable",
+                 "--output-dir", str(pruned)])
+    out = capfd.readouterr()
+    assert code == 0, out.err
+    assert f"AutoModel.from_pretrained({json.dumps(str(pruned / 'transformer'))}" in out.out and "/unet" not in out.out
+    assert "use_linear_projection" not in json.loads((pruned / "transformer" / "config.json").read_text())
+    code = main(["finetune", "--model", str(pruned), "--data", str(images), "--steps", "1", "--batch-size", "2",
+                 "--no-progress", "--no-tensorboard", "--portable", "--output-dir", str(tuned)])
+    out = capfd.readouterr()
+    assert code == 0, out.err
+    assert "(model_index.json, transformer/, scheduler/)" in out.out and "unet/" not in out.out
+    assert str(tuned / "transformer") in out.out  # the --portable hint
+    for folder in (base, pruned, tuned):
+        load_pipeline(folder)
+    load_unet(tuned / "transformer")
+    seen = capfd.readouterr()
+    assert IGNORED_KEYS_WARNING not in seen.out + seen.err + out.out + out.err
+    assert not [m for m in diffusers_log if IGNORED_KEYS_WARNING in m], diffusers_log
+
+
+def test_unpruned_folder_with_extra_config_keys_loads_quietly(tmp_path, capfd, diffusers_log):
+    """A plain (unpruned) model folder still holding such keys: diffusers' own loader runs, quietly."""
+    folder = _legacy_dit_pipeline(tmp_path / "dit")
+    pipe = load_pipeline(folder)
+    pipe.save_pretrained(tmp_path / "resaved", safe_serialization=True)  # diffusers keeps the keys it ignored
+    assert "use_linear_projection" in json.loads((tmp_path / "resaved" / "transformer" / "config.json").read_text())
+    load_pipeline(tmp_path / "resaved")
+    load_unet(tmp_path / "resaved" / "transformer")
+    seen = capfd.readouterr()
+    assert IGNORED_KEYS_WARNING not in seen.out + seen.err
+    assert not [m for m in diffusers_log if IGNORED_KEYS_WARNING in m], diffusers_log
+
+
+def test_portable_hint_names_the_denoiser_folder(tmp_path):
+    from diffprune.io.portable import describe
+
+    for component in ("unet", "transformer"):
+        folder = tmp_path / f"pruned_{component[0]}"
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", component: [
+            "diffprune_pruned_model", "PrunedDiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+        text = describe(folder)
+        assert f"AutoModel.from_pretrained({json.dumps(str(folder / component))}" in text
+        assert "<folder>" not in text and "vae" not in text
+        assert ("unet" in text) == (component == "unet")

@@ -115,6 +115,27 @@ def add_portable_option(parser: argparse.ArgumentParser) -> None:
                              "needs diffprune)")
 
 
+def variant_name(text: str) -> str:
+    """A weights variant such as fp16 (the infix of diffusion_pytorch_model.fp16.safetensors)."""
+    if not text or not all(c.isascii() and (c.isalnum() or c == "_") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weights variant name; allowed: letters, digits and "
+                                         "underscores, e.g. fp16")
+    return text
+
+
+def add_hub_options(parser: argparse.ArgumentParser) -> None:
+    """--revision and --variant for the stages that load a model (dests `revision`, `variant`), passed
+    as `io.load_pipeline(..., revision=args.revision, variant=args.variant)`."""
+    group = parser.add_argument_group("hub ids and weight variants")
+    group.add_argument("--revision", default=None,
+                       help="for a hub id: the branch, tag or commit hash to download (ignored for a local folder) "
+                            "(default: the repo's main branch)")
+    group.add_argument("--variant", type=variant_name, default=None,
+                       help="weights variant to load, e.g. fp16: each component reads its *.fp16.safetensors files "
+                            "if it has them, else its plain ones; applies to local folders too, and a hub id then "
+                            "downloads only those files (default: none, the plain *.safetensors files)")
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append "(default: X)" to every option that has a real default and whose help does not state
     one already, "(default: off)" to flags. Required options and options whose default is None show

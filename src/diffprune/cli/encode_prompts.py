@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import resolve_device, show_defaults
+from .common import add_hub_options, resolve_device, show_defaults
 
 
 def register(subparsers) -> None:
@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     group.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", action="append",
                        default=None, help="a negative prompt sampling will use; repeatable (default: none)")
     p.add_argument("--device", default="cpu", help="torch device of the text encoders, e.g. cpu, cuda")
+    add_hub_options(p)
     show_defaults(p)
     p.set_defaults(func=run)
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     inputs = {"--model": args.model, "--captions": args.captions, "--data": args.data}
     out = check_output_file(args.output, args.overwrite, inputs, _is_prompt_embeds,
                             "a diffprune prompt-embeddings file")
-    pipe = load_pipeline(args.model, device=resolve_device(args.device))
+    pipe = load_pipeline(args.model, device=resolve_device(args.device), revision=args.revision, variant=args.variant)
     with output_lock(out):
         encode_prompts_file(pipe, out, prompts)
     embeds = read_prompt_embeds(out)

@@ -8,6 +8,7 @@ from .common import (
     _number,
     add_conditioning_options,
     add_device_seed,
+    add_hub_options,
     add_output_dir,
     add_portable_option,
     add_prompt_embeds_option,
@@ -107,6 +108,7 @@ def register(subparsers) -> None:
                    help="re-initialise all weights first (train the pruned architecture from scratch)")
     add_conditioning_options(p, "training image")
     add_prompt_embeds_option(p)
+    add_hub_options(p)
     p.add_argument("--cond-drop-prob", "--proportion_empty_prompts", dest="cond_drop_prob", type=unit_closed,
                    default=None, help="probability in [0, 1] of replacing an image's caption by the empty prompt "
                                       "(DiT: its label by the null class), so the unconditional branch that "
@@ -123,4 +125,5 @@ def run(args: argparse.Namespace) -> None:
     finetune(args.model, args.data, args.output_dir, teacher=args.teacher, distill=args.distill,
              distill_weight=args.distill_weight, feature_weight=args.feature_weight, reinit=args.reinit,
              prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
-             cond_drop_prob=args.cond_drop_prob, prompt_embeds=args.prompt_embeds, **training_kwargs(args))
+             cond_drop_prob=args.cond_drop_prob, prompt_embeds=args.prompt_embeds, revision=args.revision,
+             variant=args.variant, **training_kwargs(args))

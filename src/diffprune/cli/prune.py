@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from ..prune.config import ALLOCATIONS, RATIO_RULES, PruneConfig
-from ..prune.importance import METHODS
+from ..prune.importance import GRADIENT_METHODS, METHODS
 from .common import (
     add_conditioning_options,
     add_device_seed,
+    add_hub_options,
     add_output_dir,
     add_portable_option,
     add_prompt_embeds_option,
@@ -32,9 +33,13 @@ def register(subparsers) -> None:
                     "pipeline folder with pruning.json, prune_report.json and a loss-over-timesteps plot.")
     p.add_argument("--model", required=True, help="diffusers pipeline folder, bare UNet folder, or hub id")
     p.add_argument("--data", default=None,
-                   help="calibration images: a folder (png/jpg/jpeg/webp, recursive) or a built-in name (digits) "
+                   help="calibration images: a folder (png/jpg/jpeg/webp, recursive) or a built-in name (digits); "
+                        f"only the gradient methods ({', '.join(GRADIENT_METHODS)}) need them: the data-free ones "
+                        "and --dry-run run without --data and read none "
                         "(default: digits for a 1-channel pixel-space model; required for any other)")
-    p.add_argument("--method", choices=METHODS, default="diff-pruning", help="importance criterion")
+    p.add_argument("--method", choices=METHODS, default="diff-pruning",
+                   help="importance criterion: diff-pruning and taylor score with gradients on --data; magnitude "
+                        "(weight norms), random and reinit (random, then train from scratch) read no data")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=unit_open, default=None,
                       help="per-group pruning ratio in (0, 1) (torch-pruning's meaning, see --ratio-rule) "
@@ -81,6 +86,7 @@ def register(subparsers) -> None:
                         "position buffer with it; UNets always prune every channel")
     add_conditioning_options(p, "calibration image")
     add_prompt_embeds_option(p)
+    add_hub_options(p)
     add_device_seed(p)
     add_output_dir(p, required=False, unless="--dry-run")
     add_portable_option(p)
@@ -98,8 +104,9 @@ def run(args: argparse.Namespace) -> None:
     ratio = args.ratio
     if ratio is None and args.target_macs is None and args.target_params is None:
         ratio = DEFAULT_RATIO
-    data = args.data if args.dry_run else data_or_digits(args.data, args.model)  # --dry-run reads no data
-    config = PruneConfig(model=args.model, data=data or "digits", method=args.method, ratio=ratio,
+    needs_data = args.method in GRADIENT_METHODS and not args.dry_run  # the data-free methods read none
+    data = data_or_digits(args.data, args.model) if needs_data else args.data
+    config = PruneConfig(model=args.model, data=data, method=args.method, ratio=ratio,
                          target_macs=args.target_macs, target_params=args.target_params,
                          threshold=args.threshold, batch_size=args.batch_size, estimator=args.estimator,
                          round_to=args.round_to,
@@ -109,10 +116,11 @@ def run(args: argparse.Namespace) -> None:
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
                          prompt_embeds=None if args.prompt_embeds is None else str(Path(args.prompt_embeds).absolute()),
                          portable=args.portable)
+    source = {"revision": args.revision, "variant": args.variant}
     if args.dry_run:
-        print(dry_run_table(dry_run(config)))
+        print(dry_run_table(dry_run(config, **source)))
         return
-    report = run_prune(config, args.output_dir, overwrite=args.overwrite)  # locks the output for the whole run
+    report = run_prune(config, args.output_dir, overwrite=args.overwrite, **source)  # locks the output meanwhile
     print(summary_table(report))
     print(f"wrote pruned pipeline: {report['output_dir']}")
     print(f"      report: {report['output_dir']}/prune_report.json")

@@ -16,6 +16,15 @@ from safetensors.torch import load_file
 
 from ..errors import DiffpruneError
 from ..fsutil import read_json
+from .variants import (
+    META_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    check_variant,
+    chosen_weights,
+    has_weights,
+    is_weights_file,
+    variants_present,
+)
 from .weight_checks import check_one_float_dtype, read_header
 
 PRUNING_FILE = "pruning.json"
@@ -70,8 +79,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_folder(name_or_path: str | Path, subfolder: str | None = None,
-                   revision: str | None = None) -> Path:
-    """A local folder for a path or a hub id (downloaded when online)."""
+                   revision: str | None = None, variant: str | None = None) -> Path:
+    """A local folder for a path or a hub id: downloaded when online (only what loading reads, see
+    `hub_patterns`), else the copy in the local hub cache."""
+    variant = check_variant(variant)
     path = Path(name_or_path)
     if path.is_dir():
         folder = path / subfolder if subfolder else path
@@ -83,12 +94,128 @@ def resolve_folder(name_or_path: str | Path, subfolder: str | None = None,
     if not _HUB_ID.match(str(name_or_path)) or str(name_or_path).startswith((".", "/", "~")):
         raise DiffpruneError(f"model path {str(name_or_path)!r} does not exist; give a diffusers folder "
                              "or a hub id such as 'google/ddpm-cifar10-32'")
-    from huggingface_hub import snapshot_download
+    if subfolder is not None and not _HUB_ID.match(subfolder.strip("/")):
+        raise DiffpruneError(f"subfolder={subfolder!r} is not a folder name of a hub repo; allowed: e.g. 'unet'")
+    return _hub_folder(str(name_or_path), subfolder.strip("/") if subfolder else None, revision, variant)
+
+
+def _hub_folder(repo: str, subfolder: str | None, revision: str | None, variant: str | None) -> Path:
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return _cached(repo, subfolder, revision, "HF_HUB_OFFLINE is set")
+    try:
+        files = hub.HfApi().list_repo_files(repo, revision=revision)
+    except Exception as err:  # noqa: BLE001 - network and hub errors come in many types
+        _refuse_missing(err, repo, revision)
+        return _cached(repo, subfolder, revision, f"the hub is unreachable: {type(err).__name__}")
+    index_name = f"{subfolder}/model_index.json" if subfolder else "model_index.json"
+    index = None
+    try:
+        if index_name in files:
+            index = read_json(hub.hf_hub_download(repo, "model_index.json", subfolder=subfolder, revision=revision),
+                              "pipeline index")
+        patterns = hub_patterns(files, index, subfolder, variant, repo)
+        root = Path(hub.snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except DiffpruneError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        _refuse_missing(err, repo, revision)  # e.g. a gated repo lists its files but refuses the download
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise DiffpruneError(f"model {repo!r}: download from the hub failed ({type(err).__name__}: {first}); "
+                             "check the connection and disk space, then run again") from None
+    return root / subfolder if subfolder else root
+
+
+def _refuse_missing(err: Exception, repo: str, revision: str | None) -> None:
+    """One line for a repo or revision the hub says does not exist (or is gated); other errors return."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(err, GatedRepoError):
+        raise DiffpruneError(f"hub repo {repo!r} is gated: accept its terms on huggingface.co and log in "
+                             "(`hf auth login`), or give a local folder") from None
+    if isinstance(err, RepositoryNotFoundError):
+        raise DiffpruneError(f"model {repo!r} is neither a local folder nor a hub repo you can read (not found, "
+                             "or private: log in with `hf auth login`); give a diffusers folder or a hub id") from None
+    if isinstance(err, RevisionNotFoundError):
+        raise DiffpruneError(f"--revision {revision!r} is not in hub repo {repo!r}; allowed: one of its branches, "
+                             "tags or commit hashes (default: main)") from None
+
+
+def _cached(repo: str, subfolder: str | None, revision: str | None, reason: str) -> Path:
+    """The copy of `repo` a previous run left in the local hub cache, or one line saying there is none."""
+    import huggingface_hub as hub
 
     try:
-        root = snapshot_download(str(name_or_path), revision=revision,
-                                 allow_patterns=[f"{subfolder}/*"] if subfolder else None)
-    except Exception as err:  # noqa: BLE001 - network and hub errors come in many types
-        raise DiffpruneError(f"model {str(name_or_path)!r} is not a local folder and could not be "
-                             f"fetched from the hub ({type(err).__name__}); check the id or go online") from None
-    return Path(root) / subfolder if subfolder else Path(root)
+        root = Path(hub.snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends
+        at = f" at revision {revision!r}" if revision else ""
+        raise DiffpruneError(f"model {repo!r} is not a local folder, {reason}, and the local hub cache has no "
+                             f"copy of it{at}; run once online (HF_HUB_OFFLINE unset) or give a local folder") from None
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise DiffpruneError(f"model {repo!r}: the cached copy ({reason}) has no folder {subfolder!r}")
+    return folder
+
+
+def hub_patterns(files: list[str], index: dict | None, subfolder: str | None, variant: str | None,
+                 repo: str = "the hub repo") -> list[str]:
+    """The files of a hub repo listing (`files`) that loading reads, as exact `allow_patterns`.
+
+    A pipeline (`index` = its model_index.json): model_index.json, then for each component it names
+    (a [library, class] pair) that component folder's config / tokenizer files (variants.META_SUFFIXES)
+    and, for a model, its safetensors weights of one variant (variants.chosen_weights: `variant`, else
+    the plain files); a component folder absent from a repo with config.json in its root is read from
+    the root, as diffusers does (google/ddpm-* repos; otherwise loading names the missing folder).
+    A bare model (`index` None): config.json's folder the same way. Never pickles (.bin/.pt/.ckpt),
+    .onnx/.msgpack/.h5, single-file checkpoints at the root, other variants, or folders
+    model_index.json does not name. A model folder with no safetensors: one line naming it.
+    """
+    prefix = f"{subfolder}/" if subfolder else ""
+    folders: dict[str, list[str]] = {}
+    for name in files:
+        if name.startswith(prefix):
+            folder, _, base = name[len(prefix):].rpartition("/")
+            folders.setdefault(folder, []).append(base)
+    if index is None:
+        if "config.json" not in folders.get("", []):
+            raise DiffpruneError(f"hub repo {repo!r} holds neither model_index.json (a pipeline) nor config.json "
+                                 f"(a model) in {prefix or 'its root'}; give a diffusers repo or folder")
+        components = [""]
+    else:
+        named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                 and all(isinstance(x, str) for x in v) and k.isidentifier()]  # others: refused when loading
+        flat = "config.json" in folders.get("", [])  # components in the root: skip none; else missing ones
+        components = ["model_index.json"] + [n if n in folders else "" for n in named if n in folders or flat]
+    wanted: list[str] = []
+    for component in dict.fromkeys(components):
+        if component == "model_index.json":
+            wanted.append(prefix + component)
+            continue
+        at = prefix + (f"{component}/" if component else "")
+        names = _component_files(folders.get(component, []), variant, repo, at or "the repo root")
+        wanted += [at + name for name in names]
+    return [_escape(name) for name in dict.fromkeys(wanted)]
+
+
+def _component_files(names: list[str], variant: str | None, repo: str, where: str) -> list[str]:
+    meta = sorted(n for n in names if n.endswith(META_SUFFIXES) and not is_weights_file(n))
+    if not has_weights(names):
+        return meta  # a scheduler, tokenizer or feature extractor
+    weights, _ = chosen_weights(names, variant)
+    if weights:
+        return meta + weights
+    present = sorted(v for v in variants_present(names) if v is not None)
+    if present:
+        asked = f"variant {variant!r} or plain" if variant else "plain (non-variant)"
+        raise DiffpruneError(f"hub repo {repo!r}: {where} has no {asked} safetensors weights, only variant(s) "
+                             f"{present}; allowed: --variant {present[0]}")
+    formats = ", ".join(sorted({"." + n.rpartition(".")[2] for n in names if n.endswith(WEIGHT_SUFFIXES)}))
+    raise DiffpruneError(f"hub repo {repo!r}: {where} has no safetensors weights (only {formats}); diffprune "
+                         "never reads pickled (.bin/.pt/.ckpt) or other formats")
+
+
+def _escape(name: str) -> str:
+    """An exact file name as an fnmatch pattern (huggingface_hub's allow_patterns)."""
+    return re.sub(r"([*?[])", r"[\1]", name)

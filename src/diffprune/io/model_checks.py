@@ -31,6 +31,8 @@ import torch
 
 from ..errors import DiffpruneError
 from ..fsutil import read_json
+from .config_keys import accepted_config
+from .variants import variants_present
 from .weight_checks import (  # noqa: F401  (public here too)
     MEMORY_ENV,
     check_finite,
@@ -281,7 +283,7 @@ def _from_config(cls: type, config: dict) -> torch.nn.Module:
     from diffusers import ModelMixin
 
     if issubclass(cls, ModelMixin):
-        return cls.from_config(config)
+        return cls.from_config(accepted_config(cls, config))  # no warning for keys an older diffusers wrote
     return cls(cls.config_class.from_dict(config))  # transformers PreTrainedModel
 
 
@@ -289,18 +291,20 @@ def _from_config(cls: type, config: dict) -> torch.nn.Module:
 
 
 def check_model_folder(folder: Path, cls: type, torch_dtype: torch.dtype | None = None,
-                       pruned: bool = False) -> int:
+                       pruned: bool = False, variant: str | None = None) -> int:
     """Check config, meta-built size and weights of the model in `folder`; return the bytes it needs.
 
     `pruned`: the folder's tensors (not the base config's) are what the loaded model holds. Memory is
     checked by the caller (`check_memory`) over all components before the finite-value scan.
+    `variant`: the weights files of that variant are checked where the folder has them (variants.py).
     """
     path = folder / CONFIG_FILE
     config = read_json(path, "model config")
     config.pop("auto_map", None)  # a --portable folder's pointer to its shipped module, not a setting
     check_config_values(config, path)
     meta = meta_model(cls, config, path)
-    files = weights_files(folder)
+    check_variant_weights(folder, variant)
+    files = weights_files(folder, variant)
     headers = {f: read_header(f) for f in files}
     for f, header in headers.items():
         check_one_float_dtype(f, header)
@@ -309,23 +313,36 @@ def check_model_folder(folder: Path, cls: type, torch_dtype: torch.dtype | None 
     return model_bytes(meta, dtype, shapes) + sum(f.stat().st_size for f in files)
 
 
-def check_models(models: dict[Path, tuple[type, bool]], torch_dtype: torch.dtype | None, where: Path) -> None:
+def check_variant_weights(folder: Path, variant: str | None) -> None:
+    """Without a variant, a model folder holding only variant weights (x.fp16.safetensors) cannot load:
+    say which variant to ask for, rather than diffusers' missing-file error."""
+    if variant is not None:
+        return
+    present = variants_present(f.name for f in folder.glob("*.safetensors"))
+    if present and None not in present:
+        first = sorted(present)[0]
+        raise DiffpruneError(f"{folder}: holds only variant weights {sorted(present)} (e.g. *.{first}.safetensors), "
+                             f"no plain ones; allowed: --variant {first} (variant={first!r})")
+
+
+def check_models(models: dict[Path, tuple[type, bool]], torch_dtype: torch.dtype | None, where: Path,
+                 variant: str | None = None) -> None:
     """Check every model folder {folder: (class, pruned?)}, then their memory together, then the
     weights' values (a full read, done last: only for models that will be loaded)."""
-    needs = {folder / CONFIG_FILE: check_model_folder(folder, cls, torch_dtype, pruned)
+    needs = {folder / CONFIG_FILE: check_model_folder(folder, cls, torch_dtype, pruned, variant)
              for folder, (cls, pruned) in models.items()}
     check_memory(needs, where)
     for folder in models:
-        for f in weights_files(folder):
+        for f in weights_files(folder, variant):
             check_finite(f)
 
 
 def check_pipeline_folder(folder: Path, classes: dict[str, type | None], torch_dtype: torch.dtype | None,
-                          pruning_file: str) -> None:
+                          pruning_file: str, variant: str | None = None) -> None:
     """All checks for the components of a pipeline folder (see `read_model_index`) before any is built."""
     for name, cls in classes.items():
         if is_scheduler_class(cls):
             check_scheduler_folder(folder / name)
     models = {folder / name: (cls, (folder / name / pruning_file).is_file())
               for name, cls in classes.items() if is_model_class(cls)}
-    check_models(models, torch_dtype, folder)
+    check_models(models, torch_dtype, folder, variant)

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from ..errors import DiffpruneError
 from ..fsutil import read_json, write_json_atomic
+from .config_keys import accepted_config, quiet_ignored_config_keys
 from .folder_files import (  # noqa: F401  (the file names and format: public here too)
     CONFIG_FILE,
     FORMAT_NAME,
@@ -59,6 +60,8 @@ from .model_checks import (
     register_pruned_classes,
 )
 from .structure import apply_structure, record_structure
+from .variants import check_variant, copy_component, loaded_variant
+from .weight_checks import weights_files
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +107,10 @@ class PrunedModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, revision: str | None = None,
-                        **kwargs):
-        """Rebuild from config + pruning.json, then load the safetensors strictly."""
-        folder = resolve_folder(pretrained_model_name_or_path, subfolder, revision)
+                        variant: str | None = None, **kwargs):
+        """Rebuild from config + pruning.json, then load the safetensors strictly (a pruned folder has
+        one weights file, never a variant: `variant` only chooses what a hub download fetches)."""
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder, revision, variant)
         info = read_pruning_info(folder)
         expected = cls.base_class.__name__
         if info["base_class"] != expected:
@@ -127,7 +131,7 @@ def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Ten
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):  # buffers outside the file (e.g. DiT pos_embed) stay real
-        model = cls.from_config(config)
+        model = cls.from_config(accepted_config(cls, config))  # without keys an older diffusers wrote
     restore_saved_buffers(model, state, where)
     method = info.get("method")
     prune_heads = method.get("prune_heads") if isinstance(method, dict) else None
@@ -244,12 +248,16 @@ def to_pruned(model: torch.nn.Module, info: dict[str, Any]):
 
 
 def load_unet(name_or_path: str | Path, subfolder: str | None = None,
-              torch_dtype: torch.dtype | None = None, revision: str | None = None) -> torch.nn.Module:
+              torch_dtype: torch.dtype | None = None, revision: str | None = None,
+              variant: str | None = None) -> torch.nn.Module:
     """Load a denoiser folder: pruned (pruning.json present) or a plain diffusers model.
 
     The folder is checked first (`model_checks.check_models`): config values, memory, weights.
+    `revision`: a hub id's branch, tag or commit. `variant` (e.g. "fp16"): read x.fp16.safetensors
+    where the folder has them, else the plain files (a hub id downloads only those: folder_files.py).
     """
-    folder = resolve_folder(name_or_path, subfolder, revision)
+    variant = check_variant(variant)
+    folder = resolve_folder(name_or_path, subfolder, revision, variant)
     config = read_config(folder)
     class_name = config.get("_class_name")
     base = next((b for b in PRUNED_CLASSES if b.__name__ == class_name), None)
@@ -258,33 +266,38 @@ def load_unet(name_or_path: str | Path, subfolder: str | None = None,
         raise DiffpruneError(f"model family {class_name!r} in {folder / CONFIG_FILE} is not supported yet; "
                              f"supported: {supported}")
     pruned = (folder / PRUNING_FILE).exists()
-    if pruned or (folder / WEIGHTS_FILE).exists():
-        check_models({folder: (base, pruned)}, torch_dtype, folder)
+    variant = None if pruned else loaded_variant([folder], variant)
+    if pruned or weights_files(folder, variant):
+        check_models({folder: (base, pruned)}, torch_dtype, folder, variant)
     if pruned:
         return PRUNED_CLASSES[base].from_pretrained(folder, torch_dtype=torch_dtype)
-    if not (folder / WEIGHTS_FILE).exists():
+    if not weights_files(folder, variant):
         raise DiffpruneError(f"{folder}: no {WEIGHTS_FILE}; diffprune reads safetensors weights only")
     try:
-        return base.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True)
+        with quiet_ignored_config_keys():
+            return base.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True, variant=variant)
     except (OSError, ValueError, RuntimeError) as err:
         raise DiffpruneError(f"{folder}: could not load {class_name} ({str(err).splitlines()[0]})") from None
 
 
 def load_pipeline(name_or_path: str | Path, device: str | torch.device = "cpu",
                   torch_dtype: torch.dtype | None = None, revision: str | None = None,
-                  text_encoders: bool = True) -> DiffusionPipeline:
+                  text_encoders: bool = True, variant: str | None = None) -> DiffusionPipeline:
     """A pipeline from a pipeline folder, a bare model folder, or a hub id.
 
     A bare UNet folder gets its `scheduler_config.json` if present (beside it or in ../scheduler),
     else diffusers' default DDPMScheduler (1000 linear steps), with a warning.
     `text_encoders=False` (prompts from a prompt-embeddings file): the text encoders and tokenizers
-    are neither checked nor loaded (None); `save_pipeline` copies their folders back unchanged.
+    are neither checked nor loaded (None); `save_pipeline` copies their folders back (variants.py).
+    `revision`: a hub id's branch, tag or commit. `variant` (e.g. "fp16"): each component reads its
+    x.fp16.safetensors if it has them, else its plain files (a hub id downloads only those files).
     """
-    folder = resolve_folder(name_or_path, revision=revision)
-    if (folder / "model_index.json").is_file():
-        pipe = _from_pipeline_folder(folder, torch_dtype, text_encoders)
+    variant = check_variant(variant)
+    folder = resolve_folder(name_or_path, revision=revision, variant=variant)
+    if (folder / "model_index.json").is_file() and not _flat_layout(folder):
+        pipe = _from_pipeline_folder(folder, torch_dtype, text_encoders, variant)
     elif (folder / CONFIG_FILE).is_file():
-        unet = load_unet(folder, torch_dtype=torch_dtype)
+        unet = load_unet(folder, torch_dtype=torch_dtype, variant=variant)
         pipe = DDPMPipeline(unet=unet, scheduler=_scheduler_near(folder))
     else:
         raise DiffpruneError(f"{str(folder)!r} holds neither model_index.json (a pipeline) nor "
@@ -292,7 +305,14 @@ def load_pipeline(name_or_path: str | Path, device: str | torch.device = "cpu",
     return pipe.to(device)
 
 
-def _from_pipeline_folder(folder: Path, torch_dtype, text_encoders: bool = True) -> DiffusionPipeline:
+def _flat_layout(folder: Path) -> bool:
+    """A pipeline whose model and scheduler configs sit in the root, no unet/ or transformer/ folder
+    (google/ddpm-cifar10-32 and its siblings): loaded like a bare model folder."""
+    return (folder / CONFIG_FILE).is_file() and not any((folder / c).is_dir() for c in ("unet", "transformer"))
+
+
+def _from_pipeline_folder(folder: Path, torch_dtype, text_encoders: bool = True,
+                          variant: str | None = None) -> DiffusionPipeline:
     classes = read_model_index(folder)
     unloaded = [] if text_encoders else [n for n, c in classes.items() if c is not None and n.startswith(TEXT_PARTS)]
     classes = {n: None if n in unloaded else c for n, c in classes.items()}
@@ -305,7 +325,9 @@ def _from_pipeline_folder(folder: Path, torch_dtype, text_encoders: bool = True)
             raise DiffpruneError(f"{folder / 'model_index.json'}: {component} has pruning.json but is "
                                  f"declared as {cls.__name__}; expected ['diffprune.io' or "
                                  "'diffprune_pruned_model' (--portable), 'Pruned...']")
-    check_pipeline_folder(folder, classes, torch_dtype, PRUNING_FILE)
+    # diffusers refuses a variant that no component has (e.g. a folder diffprune wrote): then none
+    asked, variant = variant, loaded_variant([folder / n for n, c in classes.items() if c is not None], variant)
+    check_pipeline_folder(folder, classes, torch_dtype, PRUNING_FILE, variant)
     from diffusers.utils import logging as diffusers_logging
 
     from .portable import portable_loading
@@ -313,32 +335,31 @@ def _from_pipeline_folder(folder: Path, torch_dtype, text_encoders: bool = True)
     bars_were_on = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # a per-component bar is noise in our commands' output
     try:  # a portable folder's shipped code is never run: its pruned components load with our classes
-        with portable_loading(folder, classes, torch_dtype) as passed:
+        with portable_loading(folder, classes, torch_dtype) as passed, quiet_ignored_config_keys():
             # a component saved as null (SD3 without its T5 encoder) is passed as None: diffusers requires
             # every non-optional component by name, even one the pipeline runs without
             absent = {name: None for name, cls in classes.items() if cls is None and name not in passed}
             pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True,
-                                                     **absent, **passed)
-            pipe._diffprune_unloaded = (folder, unloaded)  # for save_pipeline: copied back as they are
+                                                     variant=variant, **absent, **passed)
+            pipe._diffprune_unloaded = (folder, unloaded, asked)  # for save_pipeline: copied back
             return pipe
     except DiffpruneError:
         raise
-    except (OSError, ValueError, RuntimeError, AttributeError) as err:
+    except (OSError, ValueError, RuntimeError, AttributeError, IndexError) as err:  # IndexError: a variant scan
         raise DiffpruneError(f"{folder}: could not load pipeline ({str(err).splitlines()[0]})") from None
     finally:
         if bars_were_on:
             diffusers_logging.enable_progress_bar()
 
 
-def _copy_unloaded(source: Path, names: list[str], folder: Path) -> None:
+def _copy_unloaded(source: Path, names: list[str], folder: Path, variant: str | None = None) -> None:
     """Components loaded as None (`text_encoders=False`) and still None: their folders and
-    model_index.json entries copied from the folder they were not loaded from."""
-    import shutil
-
+    model_index.json entries copied from the folder they were not loaded from (the weights of the
+    variant loading would have read, under the plain names: the copy loads without a variant)."""
     index, theirs = (read_json(f / "model_index.json", "pipeline index") for f in (folder, source))
     for name in names:
         if index.get(name) in (None, [None, None]) and (source / name).is_dir():
-            shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+            copy_component(source / name, folder / name, variant)
             index[name] = theirs[name]
     write_json_atomic(folder / "model_index.json", index)  # keys keep the sorted order diffusers wrote
 
@@ -359,7 +380,7 @@ def save_pipeline(pipe: DiffusionPipeline, folder: str | Path, portable: bool = 
     so the folder loads with `trust_remote_code=True` where diffprune is not installed.
     """
     folder = Path(folder)
-    source, unloaded = getattr(pipe, "_diffprune_unloaded", (None, []))
+    source, unloaded, variant = getattr(pipe, "_diffprune_unloaded", (None, [], None))
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
@@ -370,7 +391,7 @@ def save_pipeline(pipe: DiffusionPipeline, folder: str | Path, portable: bool = 
     finally:
         diffusers_logging.set_verbosity(level)
     if unloaded:
-        _copy_unloaded(Path(source), unloaded, folder)
+        _copy_unloaded(Path(source), unloaded, folder, variant)
     if portable:
         from .portable import make_portable
 

@@ -121,7 +121,13 @@ def make_portable(folder: str | Path) -> list[str]:
 
 
 def describe(folder: str | Path) -> str:
-    """The two lines that load a portable folder with plain diffusers (printed by the stages)."""
-    folder = json.dumps(str(folder))
-    return (f"portable: DiffusionPipeline.from_pretrained({folder}, trust_remote_code=True) loads it without "
-            f"diffprune (AutoModel.from_pretrained(<folder>/unet, trust_remote_code=True) for the model alone)")
+    """The two lines that load a portable folder with plain diffusers (printed by the stages), naming the
+    folder of its pruned model (unet/ or transformer/: the component model_index.json names)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():  # a bare pruned model folder
+        return (f"portable: AutoModel.from_pretrained({json.dumps(str(folder))}, trust_remote_code=True) loads it "
+                "without diffprune")
+    models = " / ".join(f"AutoModel.from_pretrained({json.dumps(str(folder / name))}, trust_remote_code=True)"
+                        for name in portable_components(folder))
+    return (f"portable: DiffusionPipeline.from_pretrained({json.dumps(str(folder))}, trust_remote_code=True) loads it "
+            f"without diffprune" + (f" ({models} for the model alone)" if models else ""))

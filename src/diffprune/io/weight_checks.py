@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DiffpruneError
+from .variants import variant_of
 
 MEMORY_ENV = "DIFFPRUNE_MAX_MODEL_BYTES"
 
@@ -27,9 +28,14 @@ _DTYPES = {"F64": (8, True), "F32": (4, True), "F16": (2, True), "BF16": (2, Tru
 # --------------------------------------------------------------------------- weights files
 
 
-def weights_files(folder: Path) -> list[Path]:
-    """The safetensors files a loader reads: those without a variant infix (x.fp16.safetensors)."""
+def weights_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files a loader reads: those of `variant` (x.fp16.safetensors, variants.py) when
+    the folder has them, else those without a variant infix."""
     files = sorted(folder.glob("*.safetensors"))
+    if variant is not None:
+        chosen = [f for f in files if variant_of(f.name) == (True, variant)]
+        if chosen:
+            return chosen
     plain = [f for f in files if f.name.count(".") == 1]
     return plain or files
 

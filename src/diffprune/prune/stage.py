@@ -6,6 +6,8 @@ smallest size there and plans after the sweep, from the scores), then reads the 
 runs the importance sweep (importance.py), prunes once (pruning.py), and writes atomically: the pruned
 pipeline (diffusers layout + pruning.json + safetensors), `prune_config.json`, `prune_report.json`
 and `loss_over_timesteps.png`. `dry_run` stops after the size: nothing read but the model, nothing written.
+The data-free methods (magnitude, random, reinit) read no calibration images when `config.data` is None
+(the CLI's default for them): neither images nor text encoders are loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..data import batch_indices, first_batch, make_dataset
 from ..errors import DiffpruneError
 from ..families import family_for
 from ..families.conditioning import attach_dataset, context_for, load_prompt_embeds
+from ..families.latent import codec_of
 from ..families.pipeline_parts import denoiser_of
 from ..fsutil import atomic_dir, check_output_dir, check_output_location, output_lock, write_json_atomic
 from ..io.pipeline import (
@@ -33,7 +36,7 @@ from ..io.structure import record_structure, widths
 from ..plots import plot_timestep_losses
 from .allocation import MAX_GROUP_RATIO, group_widths
 from .config import PruneConfig
-from .importance import PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
+from .importance import GRADIENT_METHODS, PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
 from .pruning import prune
 from .size_search import check_reachable, search_sizes
 
@@ -41,16 +44,20 @@ STAGE = PruneConfig.stage
 
 
 def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
-              progress: bool = True, importance: ImportanceResult | None = None) -> dict:
+              progress: bool = True, importance: ImportanceResult | None = None,
+              revision: str | None = None, variant: str | None = None) -> dict:
     """Run the whole prune stage; returns the report dict (also written as prune_report.json).
 
     `importance` may carry a sweep already made for this config (e.g. one of
     `importance.estimate_many`'s results); it must name the same method and threshold.
+    `revision` / `variant`: how `config.model` is loaded (io.load_pipeline); recorded in the report
+    ("model_source") and in pruning.json's base_model.
     """
     output_dir = check_output_location(output_dir, prune_inputs(config))
     with output_lock(output_dir):  # held for the whole run, not only while writing
         check_output_dir(output_dir, overwrite, STAGE)
-        return _run_prune(config, output_dir, overwrite, progress, importance)
+        return _run_prune(config, output_dir, overwrite, progress, importance, {"revision": revision,
+                                                                                "variant": variant})
 
 
 def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
@@ -60,11 +67,16 @@ def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
 
 
 def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, progress: bool,
-               importance: ImportanceResult | None) -> dict:
+               importance: ImportanceResult | None, source: dict) -> dict:
     start = time.perf_counter()
     device = torch.device(config.device)
+    gradients = config.method in GRADIENT_METHODS
+    if config.data is None and gradients:
+        raise DiffpruneError(f"data=None: method {config.method!r} scores with gradients on calibration images; "
+                             "allowed: an image folder or 'digits' (only magnitude, random and reinit need none)")
     embeds = load_prompt_embeds(config.prompt_embeds)  # a bad file fails before any model loads
-    pipe = load_pipeline(config.model, device=device, text_encoders=embeds is None)
+    reads_data = config.data is not None
+    pipe = load_pipeline(config.model, device=device, text_encoders=embeds is None and reads_data, **source)
     component, model = denoiser_of(pipe)
     family = family_for(model)
     plan = None  # decided before any calibration work: the size, or (global/isomorphic) that it is reachable
@@ -73,18 +85,12 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     elif config.ratio is None:
         check_reachable(model, family, config)
     model.requires_grad_(True)
-    ctx = context_for(pipe, family, model, embeds)
     if not family.conditional and (config.prompt or config.captions or config.class_labels):
         raise DiffpruneError(f"--prompt/--captions/--class-labels apply to conditional models; "
                              f"{type(model).__name__} is unconditional")
-    size, channels = ctx.data_size()
-    dataset = make_dataset(config.data, size, channels)
-    attach_dataset(ctx, dataset, str(config.data), prompt=config.prompt, captions=config.captions,
-                   class_labels=config.class_labels, seed=config.seed)
-    images = first_batch(dataset, config.batch_size, config.seed)
-    idx = batch_indices(len(dataset), config.batch_size, config.seed)
-    cond = ctx.cond_for(idx, device)
-    samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
+    samples, cond, calibration = None, None, {"images": 0, "skipped_files": 0}  # data-free: nothing read
+    if reads_data:
+        samples, cond, calibration = _calibration(config, pipe, family, model, embeds, device)
 
     precomputed = importance is not None
     if importance is None and config.estimator == "fast":
@@ -100,14 +106,15 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     outcome = prune(model, family, config, importance, progress=progress, plan=plan)
     info = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
-        "base_model": {"id": _model_id(config.model), "revision": None},
+        "base_model": {"id": _model_id(config.model), **source},
         "method": {"name": config.method, "threshold": importance.threshold, "ratio": outcome.ratio,
                    "ratio_rule": config.ratio_rule, "target_macs": config.target_macs,
                    "target_params": config.target_params, "round_to": config.round_to,
-                   "calibration_images": int(images.shape[0]), "data": str(config.data), "seed": config.seed,
+                   "calibration_images": calibration["images"],
+                   "data": None if config.data is None else str(config.data), "seed": config.seed,
                    "estimator": importance.estimator, "allocation": config.allocation,
                    "prune_heads": config.prune_heads, "head_pruning_ratio": config.head_pruning_ratio,
-                   "latent": ctx.codec is not None,
+                   "latent": codec_of(pipe) is not None,
                    "residual_pruned": family.configured(config.prune_residual).residual_prunable},
         "kept_timesteps": importance.summary()["kept_timesteps"],
         "versions": library_versions(),
@@ -120,7 +127,8 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         "config": config.to_dict(),
         "output_dir": str(Path(output_dir).absolute()),
         "family": family.name,
-        "calibration": {"images": int(images.shape[0]), "skipped_files": getattr(dataset, "skipped", 0)},
+        "model_source": source,
+        "calibration": calibration,
         "ratio": outcome.ratio,
         "params": {"before": outcome.params[0], "after": outcome.params[1],
                    "fraction": outcome.params[1] / outcome.params[0]},
@@ -148,6 +156,20 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     return report
 
 
+def _calibration(config: PruneConfig, pipe, family, model, embeds, device) -> tuple:
+    """(samples in model space, their conditioning, {"images", "skipped_files"}) of the calibration batch."""
+    ctx = context_for(pipe, family, model, embeds)
+    size, channels = ctx.data_size()
+    dataset = make_dataset(config.data, size, channels)
+    attach_dataset(ctx, dataset, str(config.data), prompt=config.prompt, captions=config.captions,
+                   class_labels=config.class_labels, seed=config.seed)
+    images = first_batch(dataset, config.batch_size, config.seed)
+    idx = batch_indices(len(dataset), config.batch_size, config.seed)
+    cond = ctx.cond_for(idx, device)
+    samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
+    return samples, cond, {"images": int(images.shape[0]), "skipped_files": getattr(dataset, "skipped", 0)}
+
+
 def allocation_report(config: PruneConfig, outcome) -> dict:
     """prune_report.json's "allocation": how widths were spread, and each ranked group's kept/total width."""
     before, after = widths(outcome.widths_before), widths(outcome.widths_after)
@@ -156,14 +178,16 @@ def allocation_report(config: PruneConfig, outcome) -> dict:
             "groups": group_widths(outcome.plan.groups, before, after)}
 
 
-def dry_run(config: PruneConfig, progress: bool = True) -> dict:
+def dry_run(config: PruneConfig, progress: bool = True, revision: str | None = None,
+            variant: str | None = None) -> dict:
     """The size `config` gives (widths, params, MACs and the search), without calibration data,
-    importance sweep or output: only the model is read."""
+    importance sweep or output: only the model is read (`revision` / `variant`: as in `run_prune`)."""
     if config.allocation != "uniform":
         raise DiffpruneError(f"--dry-run needs --allocation uniform: {config.allocation!r} widths follow the "
                              f"importance scores, known only after the calibration sweep")
     start = time.perf_counter()
-    pipe = load_pipeline(config.model, device=torch.device(config.device), text_encoders=False)  # denoiser only
+    pipe = load_pipeline(config.model, device=torch.device(config.device), text_encoders=False,  # denoiser only
+                         revision=revision, variant=variant)
     _, model = denoiser_of(pipe)
     family = family_for(model)
     plan = search_sizes(model, family, config, progress=progress)

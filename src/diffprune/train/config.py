@@ -88,6 +88,8 @@ class FinetuneConfig(TrainingConfig):
     class_labels: str | None = None  # DiT: labels cycled over images (default: class folders, else null)
     cond_drop_prob: float | None = None  # caption dropout: the empty prompt / DiT null class with this prob.
     prompt_embeds: str | None = None  # a prompt-embeddings file read instead of the text encoders (not loaded)
+    revision: str | None = None  # a hub id's branch, tag or commit (io.load_pipeline); None: main
+    variant: str | None = None  # weights variant read by model and teacher, e.g. "fp16" (io/variants.py)
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,7 +2,7 @@
 
 Run folder: `<out>/checkpoints/step_XXXXXX/` (checkpoints.py), `<out>/logs/` (TensorBoard),
 `<out>/train_log.json`, `<out>/<stage>_config.json`, and at the end the pipeline files
-(model_index.json, unet/, scheduler/) with the EMA weights.
+(model_index.json, the denoiser's unet/ or transformer/, scheduler/, ...) with the EMA weights.
 """
 
 from __future__ import annotations

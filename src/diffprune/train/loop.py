@@ -326,6 +326,11 @@ def _finish(run: _Run) -> None:
         raise write_error(err, f"could not write the final pipeline to {run.work}",
                           "; checkpoints are kept") from None
     out = run.output_dir
-    print(f"wrote pipeline (EMA weights) to {out} (model_index.json, unet/, scheduler/)")
+    component = run.ctx.family.component if run.ctx is not None else "unet"  # transformer/ for DiT, PixArt, SD3
+    print(f"wrote pipeline (EMA weights) to {out} (model_index.json, {component}/, scheduler/)")
+    if run.config.portable:
+        from ..io.portable import describe
+
+        print(describe(out))
     print(f"wrote checkpoints to {out / CHECKPOINTS}, log to {out / TRAIN_LOG}, TensorBoard to {out / 'logs'}, "
           f"config to {out / (run.config.stage + '_config.json')}")

@@ -92,7 +92,8 @@ def _load_model(config: TrainingConfig):
     if isinstance(config, FinetuneConfig):
         from ..families.pipeline_parts import denoiser_of
 
-        pipe = load_pipeline(config.model, device="cpu", text_encoders=config.prompt_embeds is None)
+        pipe = load_pipeline(config.model, device="cpu", text_encoders=config.prompt_embeds is None,
+                             revision=config.revision, variant=config.variant)
         _, unet = denoiser_of(pipe)  # any supported family; raises naming the supported ones
         if config.reinit:
             reinit_weights(unet, config.seed)
@@ -117,7 +118,8 @@ def _load_teacher(config: FinetuneConfig, unet, device):
                                  f"base model folder (base_model id={path!r})")
     from ..families.pipeline_parts import denoiser_of
 
-    _, teacher = denoiser_of(load_pipeline(path, device="cpu", text_encoders=False))  # its denoiser only
+    _, teacher = denoiser_of(load_pipeline(path, device="cpu", text_encoders=False,  # its denoiser only
+                                           variant=config.variant))
     for key in ("in_channels", "out_channels", "sample_size"):
         if teacher.config[key] != unet.config[key]:
             raise DiffpruneError(f"teacher {path!r} has {key}={teacher.config[key]!r}, the student "
