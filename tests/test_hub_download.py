@@ -423,6 +423,8 @@ def test_unloaded_text_encoders_are_copied_as_plain_files(tmp_path):
      "diffprune.io.pipeline.load_pipeline"),
     (["encode-prompts", "--prompt", "a cat", "--output", "{tmp}/e.safetensors"],
      "diffprune.io.pipeline.load_pipeline"),
+    (["sample", "--output-dir", "{tmp}/o"], "diffprune.io.pipeline.load_pipeline"),
+    (["evaluate", "--output", "{tmp}/e.json"], "diffprune.io.pipeline.load_pipeline"),
 ])
 def test_revision_and_variant_reach_the_loader(monkeypatch, tmp_path, capsys, argv, target):
     import importlib

@@ -6,6 +6,7 @@ import argparse
 
 from .common import (
     add_device_seed,
+    add_hub_options,
     at_least_two_int,
     non_negative_int,
     positive_int,
@@ -174,6 +175,7 @@ def register(subparsers) -> None:
         "wrote (never an input) (default: off, existing files are refused)",
     )
     add_device_seed(p)
+    add_hub_options(p)  # for --model and --teacher-model
     show_defaults(p)
     p.set_defaults(func=run)
 
@@ -190,6 +192,8 @@ def run(args: argparse.Namespace) -> dict:
         teacher_samples=args.teacher_samples,
         model=args.model,
         teacher_model=args.teacher_model,
+        revision=args.revision,
+        variant=args.variant,
         prompt_embeds=args.prompt_embeds,
         feature_net=args.feature_net,
         inception_weights=args.inception_weights,

@@ -8,6 +8,7 @@ import argparse
 from .common import (
     add_conditioning_options,
     add_device_seed,
+    add_hub_options,
     add_output_dir,
     add_prompt_embeds_option,
     non_negative_float,
@@ -72,6 +73,7 @@ def register(subparsers) -> None:
     group.add_argument("--guidance-rescale", "--guidance_rescale", dest="guidance_rescale", type=unit_closed,
                        default=0.0, help="diffusers' guidance_rescale in [0, 1] (Lin et al. 2024, sec. 3.4; "
                                          "0.7 for zero-terminal-SNR v-prediction models)")
+    add_hub_options(p)
     show_defaults(p)
     p.set_defaults(func=run)
 
@@ -86,4 +88,4 @@ def run(args: argparse.Namespace) -> None:
                      progress=args.progress, prompt=args.prompt, class_labels=args.class_labels,
                      clip_sample=args.clip_sample, guidance_scale=args.guidance_scale,
                      negative_prompt=args.negative_prompt, guidance_rescale=args.guidance_rescale,
-                     prompt_embeds=args.prompt_embeds)
+                     prompt_embeds=args.prompt_embeds, revision=args.revision, variant=args.variant)

@@ -42,7 +42,7 @@ class _Denoiser:
         }
 
 
-def _load_denoiser(path: str, device, seed: int, embeds=None) -> _Denoiser:
+def _load_denoiser(path: str, device, seed: int, embeds=None, revision=None, variant=None) -> _Denoiser:
     """The denoiser of any supported pipeline (UNet, SD UNet, DiT; pixel or latent), via the families.
 
     `embeds` (families.prompt_embeds.PromptEmbeds): text models are conditioned from the file and the
@@ -54,7 +54,7 @@ def _load_denoiser(path: str, device, seed: int, embeds=None) -> _Denoiser:
     from ..families.pipeline_parts import denoiser_of
     from ..io.pipeline import load_pipeline
 
-    pipe = load_pipeline(path, device="cpu", text_encoders=embeds is None)
+    pipe = load_pipeline(path, device="cpu", text_encoders=embeds is None, revision=revision, variant=variant)
     component, model = denoiser_of(pipe)
     family = family_for(model)
     ctx = context_for(pipe, family, model, embeds)
@@ -98,8 +98,9 @@ def cost(config: EvaluateConfig) -> dict[str, Any]:
     device = torch.device(config.device)
     models: dict[str, _Denoiser] = {}
     if config.teacher_model:
-        models["teacher"] = _load_denoiser(config.teacher_model, device, config.seed, embeds)
-    models["student"] = _load_denoiser(config.model, device, config.seed, embeds)
+        models["teacher"] = _load_denoiser(config.teacher_model, device, config.seed, embeds, config.revision,
+                                            config.variant)
+    models["student"] = _load_denoiser(config.model, device, config.seed, embeds, config.revision, config.variant)
     out: dict[str, Any] = {}
     shapes = {}
     for name, d in models.items():

@@ -54,6 +54,8 @@ class EvaluateConfig(StageConfig):
     teacher_samples: str | None = None
     model: str | None = None
     teacher_model: str | None = None
+    revision: str | None = None  # hub ids of model / teacher_model: branch, tag or commit
+    variant: str | None = None  # weights variant (e.g. fp16) read where a folder has it
     prompt_embeds: str | None = None  # text models' throughput without text encoders (families/prompt_embeds.py)
     feature_net: str = "auto"  # auto: digits for grayscale images <= 32 px, else refused (metrics/feature_choice.py)
     inception_weights: str | None = None

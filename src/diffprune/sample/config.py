@@ -54,6 +54,8 @@ class SampleConfig(StageConfig):
     negative_prompt: str | None = None  # text-conditional UNets: the unconditional branch's prompt
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2024, sec. 3.4)
     prompt_embeds: str | None = None  # the prompt-embeddings file read instead of the text encoders
+    revision: str | None = None  # the hub revision of a hub-id model (recorded; the fingerprint decides content)
+    variant: str | None = None  # the weights variant read, e.g. "fp16" (recorded; the fingerprint decides content)
     scheduler: str = ""  # what ran, e.g. "PNDMScheduler (the folder's own), 50 steps" (scheduler_loop.sampler_label)
 
     def __post_init__(self):

@@ -242,7 +242,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                      overwrite: bool = False, progress: bool = True, prompt: str | None = None,
                      class_labels: str | None = None, clip_sample: str = "auto", guidance_scale: float = 1.0,
                      negative_prompt: str | None = None, guidance_rescale: float = 0.0,
-                     prompt_embeds: str | Path | None = None) -> Path:
+                     prompt_embeds: str | Path | None = None, revision: str | None = None,
+                     variant: str | None = None) -> Path:
     """Sample a pipeline folder into `output_dir` (layout in the module docstring); returns it.
 
     `clip_sample`: "auto" clips / thresholds predicted x0 as the scheduler config says, "on" clamps
@@ -254,6 +255,7 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     unconditional branch of text models, default the empty prompt; DiT: the null class;
     `guidance_rescale`: diffusers' option of that name). The default 1.0 is unguided. `prompt_embeds`:
     a prompt-embeddings file (families/prompt_embeds.py) instead of the text encoders (not loaded).
+    `revision` / `variant`: which hub revision and weights variant (e.g. "fp16") to load (io.load_pipeline).
 
     Under `accelerate launch` with N processes, rank r generates the indices i with i % N == r;
     the main process writes samples.npz and grid.png once every rank is done.
@@ -270,7 +272,7 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
     from ..families.conditioning import attach_for_sampling, context_for, load_prompt_embeds
 
     embeds = load_prompt_embeds(prompt_embeds)
-    pipe = load_pipeline(model, device="cpu", text_encoders=embeds is None)
+    pipe = load_pipeline(model, device="cpu", text_encoders=embeds is None, revision=revision, variant=variant)
 
     _, unet = denoiser_of(pipe)
     scheduler = pipe.scheduler
@@ -284,7 +286,8 @@ def sample_to_folder(model: str | Path, output_dir: str | Path, num_images: int,
                           guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                           guidance_rescale=guidance_rescale,
                           prompt_embeds=None if embeds is None else str(Path(embeds.path).absolute()),
-                          scheduler=sampler_label(type(scheduler).__name__, sampler, spacing, steps, eta))
+                          scheduler=sampler_label(type(scheduler).__name__, sampler, spacing, steps, eta),
+                          revision=revision, variant=variant)
     _check_sampling_args(unet, scheduler, num_images, batch_size, steps, eta, sampler, spacing, clip_sample)
     pixels, channels = ctx.data_size()
     if channels not in (1, 3, 4):
