@@ -14,7 +14,6 @@ tolerance.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 
 import numpy as np
@@ -36,12 +35,8 @@ from diffprune.io import load_pipeline, load_unet, to_pruned
 from diffprune.io.structure import record_structure, validate_structure
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import PruneConfig, prune_with_ratio
+from diffprune.prune.pruning import prune_with_ratio
 
-# The option is wired through prune/pruning.py / prune/size_search.py / the CLI (issue 16); until then these skip.
-WIRED = "prune_residual" in inspect.signature(prune_with_ratio).parameters \
-    and "prune_residual" in PruneConfig.__dataclass_fields__
-pytestmark = pytest.mark.skipif(not WIRED, reason="--prune-residual is not wired into prune/pruning.py yet")
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id": "test", "revision": None},
         "method": {"name": "magnitude"}, "kept_timesteps": [], "base_class": "DiTTransformer2DModel"}
 MAGNITUDE = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)

@@ -5,7 +5,6 @@ and generate bit-identical images to `diffprune.load_pipeline`; the default stay
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -29,14 +28,10 @@ from diffprune.prune.importance import ImportanceResult
 from diffprune.prune.pruning import prune_with_ratio
 
 MAGNITUDE = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-RESIDUAL = "prune_residual" in inspect.signature(prune_with_ratio).parameters  # issue 16 (DiT hidden width)
-try:
-    from test_sdxl import tiny_sdxl  # issue 15 part 2: the tiny SDXL pipeline built in that test
-except ImportError:
-    tiny_sdxl = None
-from test_sd3 import tiny_pipeline as tiny_sd3_pipeline  # noqa: E402 - issue 16: SD3 (flow matching, MMDiT)
+from test_sd3 import tiny_pipeline as tiny_sd3_pipeline  # noqa: E402 - SD3 (flow matching, MMDiT)
+from test_sdxl import tiny_sdxl  # noqa: E402 - the tiny SDXL pipeline built in that test
 
-KINDS = ("ddpm", "sd", "dit") + (("dit_residual",) if RESIDUAL else ()) + (("sdxl",) if tiny_sdxl else ()) + ("sd3",)
+KINDS = ("ddpm", "sd", "dit", "dit_residual", "sdxl", "sd3")
 # How each kind generates: the same call in the subprocess (plain diffusers) and here (diffprune).
 CALLS = {"ddpm": "dict(batch_size=2, num_inference_steps=3)",
          "sd": "dict(prompt=['a red cat', 'a dog'], negative_prompt=['blurry', ''], guidance_scale=3.0, "

@@ -117,9 +117,10 @@ def add_portable_option(parser: argparse.ArgumentParser) -> None:
 
 def variant_name(text: str) -> str:
     """A weights variant such as fp16 (the infix of diffusion_pytorch_model.fp16.safetensors)."""
-    if not text or not all(c.isascii() and (c.isalnum() or c == "_") for c in text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a weights variant name; allowed: letters, digits and "
-                                         "underscores, e.g. fp16")
+    if not text or not text[0].isascii() or not text[0].isalpha() \
+            or not all(c.isascii() and (c.isalnum() or c == "_") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weights variant name; allowed: a letter, then letters, "
+                                         "digits and underscores, e.g. fp16")
     return text
 
 
