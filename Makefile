@@ -36,7 +36,7 @@ demo: venv
 	$(BIN)/diffprune demo --output-dir runs/demo --overwrite
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
