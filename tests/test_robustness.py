@@ -87,7 +87,7 @@ def _generated_cases():
 
 
 def _required(name, sub, pipe_dir, tmp_path) -> list[str]:
-    values = {"model": pipe_dir, "data": "digits", "output_dir": tmp_path / "out"}
+    values = {"model": pipe_dir, "data": "digits", "output_dir": tmp_path / "out", "output": tmp_path / "out"}
     args = []
     for action in sub._actions:
         if action.required and action.option_strings:

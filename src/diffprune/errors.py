@@ -30,8 +30,9 @@ class EnvironmentFailure(DiffpruneError):
 ENVIRONMENT_ERRNOS = frozenset(
     getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG") if hasattr(errno, name))
 
-# safetensors reports Rust IO errors as text only: `IoError(Os { code: 28, kind: StorageFull, ... })`.
-_RUST_OS_CODE = re.compile(r"\bOs\s*\{\s*code:\s*(\d+)")
+# safetensors reports Rust IO errors as text only: `IoError(Os { code: 28, kind: StorageFull, ... })`
+# (Debug form) or `I/O error: No space left on device (os error 28)` (Display form, safetensors 0.4+).
+_RUST_OS_CODE = re.compile(r"\bOs\s*\{\s*code:\s*(\d+)|\(os error (\d+)\)")
 
 
 def os_errno(err: BaseException) -> int | None:
@@ -40,7 +41,7 @@ def os_errno(err: BaseException) -> int | None:
         return err.errno
     if type(err).__name__ == "SafetensorError":
         match = _RUST_OS_CODE.search(str(err))
-        return int(match.group(1)) if match else None
+        return int(match.group(1) or match.group(2)) if match else None
     return None
 
 

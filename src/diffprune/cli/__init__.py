@@ -92,28 +92,40 @@ QUIET_LOGGERS = ("transformers.utils.import_utils",)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = requested_command(argv)
-    args = build_parser({command} if command else ()).parse_args(argv)
-    try:
+    name = f"diffprune {command}" if command else "diffprune"
+    args = None
+    try:  # parsing imports the subcommand's module (torch, diffusers: seconds): an interrupt there is one line too
         with _sigterm_as_interrupt():
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+            for logger_name in QUIET_LOGGERS:
+                logging.getLogger(logger_name).setLevel(logging.ERROR)
+            args = build_parser({command} if command else ()).parse_args(argv)
             args.func(args)
     except Terminated:
-        print(f"diffprune {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        _forget_interrupt()
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"diffprune {args.command}: interrupted", file=sys.stderr)
+        _forget_interrupt()
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the one boundary: every failure becomes one line
         if os.environ.get(DEBUG_ENV) and not isinstance(err, DiffpruneError):
             raise
-        code, message = failure_line(err, _output_of(args))
-        print(f"diffprune {args.command}: error: {message}", file=sys.stderr)
+        code, message = failure_line(err, None if args is None else _output_of(args))
+        print(f"{name}: error: {message}", file=sys.stderr)
         return code
     return 0
+
+
+def _forget_interrupt() -> None:
+    """Exit with our code after an interrupt we handled. CPython remembers a KeyboardInterrupt that
+    ended a string `exec` (dataclasses and other libraries build code that way while torch and
+    diffusers import) even when a caller caught it, and `python -m` then ends the process by SIGINT
+    after ours returned (Py_RunMain checks the flag); each string `exec` clears the flag first."""
+    exec("None")  # a constant string: only to clear that flag
 
 
 def failure_line(err: Exception, output: str | None) -> tuple[int, str]:

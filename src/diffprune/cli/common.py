@@ -46,6 +46,8 @@ positive_float = _number(float, 0.0, low_open=True)
 non_negative_float = _number(float, 0.0)
 fraction = _number(float, 0.0, 1.0, low_open=True)  # (0, 1]
 at_least_two_int = _number(int, 2)  # [2, inf): e.g. KID subset size
+# classifier-free guidance scale: [0, families.guidance.MAX_GUIDANCE_SCALE] (that module imports torch)
+guidance_scale_float = _number(float, 0.0, 100.0)
 
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True, unless: str = "") -> None:

@@ -11,6 +11,7 @@ from .common import (
     add_hub_options,
     add_output_dir,
     add_prompt_embeds_option,
+    guidance_scale_float,
     non_negative_float,
     positive_int,
     resolve_device,
@@ -63,10 +64,10 @@ def register(subparsers) -> None:
     add_prompt_embeds_option(p)
     group = p.add_argument_group("classifier-free guidance (Stable Diffusion, PixArt, SD3, DiT; as diffusers' "
                                  "pipelines)")
-    group.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=non_negative_float,
-                       default=1.0, help="CFG scale s, a number >= 0: uncond + s * (cond - uncond), on when s > 1 "
-                                         "(diffusers' pipelines use 7.5 for SD, 5.0 for SDXL, 4.0 for DiT, 7.0 for "
-                                         "SD3); 1 = unguided")
+    group.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=guidance_scale_float,
+                       default=1.0, help="CFG scale s, a number in [0, 100]: uncond + s * (cond - uncond), on when "
+                                         "s > 1 (diffusers' pipelines use 7.5 for SD, 5.0 for SDXL, 4.0 for DiT, 7.0 "
+                                         "for SD3); 1 = unguided")
     group.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None,
                        help="prompt of the unconditional branch (text models; default: the empty prompt, or "
                             "zeros for SDXL pipelines with force_zeros_for_empty_prompt)")

@@ -162,7 +162,7 @@ def labels_for_dataset(dataset, data: str, labels: list[int] | None, num_classes
 
         root = Path(data)
         names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths]
-        if all(s.isdigit() and int(s) < num_classes for s in names):
+        if all(s.isdecimal() and int(s) < num_classes for s in names):  # isdigit() takes '²', which int() refuses
             return [int(s) for s in names]
     if fallback == "null":
         return [num_classes] * n

@@ -25,12 +25,22 @@ def guidance_on(scale: float) -> bool:
     return float(scale) > 1.0
 
 
+# The largest guidance scale accepted: 10x the largest any diffusers pipeline or paper recipe uses (7.5 SD,
+# 5 SDXL, 4.5 PixArt, 7 SD3, 4 DiT; sweeps go to ~20-30). The guided prediction is uncond + s * (cond -
+# uncond): far beyond that it is s times a difference of two predictions, samples saturate (1e30 gave
+# all-black PNGs) and half precision overflows, so a larger value is a typo, not a setting.
+MAX_GUIDANCE_SCALE = 100.0
+
+
 def check_guidance(scale: float, rescale: float, negative_prompt: str | None = None) -> None:
-    """guidance_scale in [0, inf) (finite), guidance_rescale in [0, 1]; a negative prompt or a
+    """guidance_scale in [0, MAX_GUIDANCE_SCALE], guidance_rescale in [0, 1]; a negative prompt or a
     rescale only with guidance on (diffusers would silently ignore them)."""
     check_range("guidance_scale", scale, 0.0)
     if not math.isfinite(float(scale)):
-        raise DiffpruneError(f"guidance_scale={scale!r} is not finite; allowed: [0, inf)")
+        raise DiffpruneError(f"guidance_scale={scale!r} is not finite; allowed: [0, {MAX_GUIDANCE_SCALE:g}]")
+    if float(scale) > MAX_GUIDANCE_SCALE:
+        raise DiffpruneError(f"guidance_scale={scale!r} is out of range; allowed: [0, {MAX_GUIDANCE_SCALE:g}] "
+                             "(diffusers' pipelines use 4-7.5; far larger scales saturate the samples)")
     check_range("guidance_rescale", rescale, 0.0, 1.0)
     if not guidance_on(scale) and (negative_prompt is not None or float(rescale) > 0):
         what = "negative_prompt" if negative_prompt is not None else f"guidance_rescale={rescale}"

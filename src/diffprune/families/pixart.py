@@ -121,7 +121,7 @@ class PixArtPromptEncoder(CachedPrompts):
         self.micro, self._cache = micro, {}
         self.tokenizer = self.text_encoder = None
         if embeds is not None:
-            self.use_file(embeds, {"prompt_embeds": ("caption_channels", int(model.config.caption_channels))})
+            self.use_file(embeds, {"prompt_embeds": ("caption_channels", int(model.config.caption_channels))}, model)
             self.max_length = int(embeds.tensors["prompt_embeds"].shape[1])
             return
         tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)

@@ -19,6 +19,12 @@ family's encoder gives prompt i (PixArt: after its caption cleaning; SDXL / SD3:
 projection of the CLIP encoder(s); SD3 without T5: zero T5 tokens), so conditioning read from the
 file equals encoding with the same encoders bit for bit.
 
+Dtypes: `prompt_embeds` / `pooled_prompt_embeds` are float16, bfloat16, float32 or float64 and finite;
+they are cast to the denoiser's dtype when a stage uses them (said once on stderr), and refused if a
+value does not fit that dtype (e.g. 1e5 in float16). `prompt_attention_mask` holds 0 / 1 as bool, an
+integer or a float dtype (the tokenizer gives int64; PixArt turns it into a bias of (1 - mask) * -10000
+in the denoiser's dtype), read as int64. Anything else is refused in one line when the file is read.
+
 Required prompts: the empty prompt "" always (the unconditional branch of guidance and caption
 dropout), every caption / --prompt a stage uses, and a --negative-prompt when one is given. A
 prompt that is not in the file is refused in one line naming it, before any work where possible.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -40,6 +47,9 @@ LAYOUTS = {"sd": ("prompt_embeds",), "sdxl": ("prompt_embeds", "pooled_prompt_em
            "pixart": ("prompt_embeds", "prompt_attention_mask"), "sd3": ("prompt_embeds", "pooled_prompt_embeds")}
 RANKS = {"prompt_embeds": 3, "pooled_prompt_embeds": 2, "prompt_attention_mask": 2}  # with the prompt axis
 EMPTY = ""  # the unconditional prompt: must be in every file
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK = "prompt_attention_mask"
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,21 @@ class PromptEmbeds:
             if p is not None and p not in known:
                 raise self.missing(p)
 
+    def cast(self, dtype: torch.dtype) -> PromptEmbeds:
+        """The embeddings in the denoiser's float `dtype` (the mask as int64, the tokenizer's dtype); a
+        value that does not fit `dtype` (1e5 in float16) is refused."""
+        floats = {n: t for n, t in self.tensors.items() if n != MASK}
+        cast = {n: t.to(dtype) for n, t in floats.items()}
+        for name, t in cast.items():
+            if not bool(torch.isfinite(t).all()):
+                big = float(floats[name].double().abs().max())
+                raise DiffpruneError(f"{self.path}: {name} holds values up to {big:.3g} in magnitude, beyond the "
+                                     f"range of the denoiser's {_dtype_name(dtype)} (largest "
+                                     f"{torch.finfo(dtype).max:.3g}); allowed: values that fit it")
+        if MASK in self.tensors:
+            cast[MASK] = self.tensors[MASK].to(torch.int64)
+        return dataclasses.replace(self, tensors=cast)
+
     def check(self, layout: str, widths: Mapping[str, tuple[str, int]]) -> None:
         """The file is for `layout` and each tensor's last dim equals the denoiser's: widths[name] =
         (config key, width), e.g. {"prompt_embeds": ("cross_attention_dim", 768)}."""
@@ -103,12 +128,34 @@ def _validate(e: PromptEmbeds) -> None:
         if t.dim() != RANKS[name] or t.shape[0] != len(prompts) or 0 in t.shape:
             raise DiffpruneError(f"{where}: {name} has shape {tuple(t.shape)}; allowed: {RANKS[name]} non-empty dims, "
                                  f"the first = the {len(prompts)} prompts")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise DiffpruneError(f"{where}: {name} holds non-finite values")
+        _check_values(where, name, t)
     mask = e.tensors.get("prompt_attention_mask")
     if mask is not None and tuple(mask.shape) != tuple(e.tensors["prompt_embeds"].shape[:2]):
         raise DiffpruneError(f"{where}: prompt_attention_mask has shape {tuple(mask.shape)}, prompt_embeds "
                              f"{tuple(e.tensors['prompt_embeds'].shape)}; they must agree on (prompts, tokens)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_values(where: str, name: str, t: torch.Tensor) -> None:
+    """Embeddings: a float dtype of FLOAT_DTYPES, finite; the mask: 0 / 1 in bool, an integer or a float dtype."""
+    if name != MASK:
+        if t.dtype not in FLOAT_DTYPES:
+            raise DiffpruneError(f"{where}: {name} is {_dtype_name(t.dtype)}; allowed: "
+                                 f"{', '.join(_dtype_name(d) for d in FLOAT_DTYPES)} (cast to the denoiser's dtype)")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise DiffpruneError(f"{where}: {name} holds non-finite values ({bad} NaN/inf of {t.numel()}); "
+                                 "allowed: finite values only")
+        return
+    if t.is_complex():
+        raise DiffpruneError(f"{where}: {name} is {_dtype_name(t.dtype)}; allowed: bool or an integer / float dtype "
+                             "holding 0 and 1")
+    if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
+        raise DiffpruneError(f"{where}: {name} holds values other than 0 and 1; allowed: 1 for a token the "
+                             "denoiser attends to, 0 for padding")
 
 
 def write_prompt_embeds(path: str | Path, layout: str, prompts: Sequence[str], tensors: Mapping[str, torch.Tensor],
@@ -170,10 +217,19 @@ class CachedPrompts:
 
     layout: str
     embeds: PromptEmbeds | None = None
+    _cast_note: str | None = None  # what use_file cast, logged on first use
 
-    def use_file(self, embeds: PromptEmbeds, widths: Mapping[str, tuple[str, int]]) -> None:
+    def use_file(self, embeds: PromptEmbeds, widths: Mapping[str, tuple[str, int]], model: torch.nn.Module) -> None:
+        """Conditioning from `embeds`, checked against the denoiser `model` (layout, widths) and cast to its
+        float dtype (PromptEmbeds.cast)."""
         embeds.check(self.layout, widths)
-        self.embeds, self._cache = embeds, embeds.by_prompt()
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.embeds = embeds.cast(dtype)
+        self._cache = self.embeds.by_prompt()
+        changed = sorted({_dtype_name(t.dtype) for n, t in embeds.tensors.items() if n != MASK and t.dtype != dtype})
+        if changed:  # said once, when the run first uses them (a run refused before that stays one line)
+            self._cast_note = f"prompt embeddings {embeds.path} are {', '.join(changed)}; cast to the denoiser's " \
+                              f"{_dtype_name(dtype)}"
 
     def _encode_missing(self, prompts: list[str]) -> None:
         raise NotImplementedError
@@ -183,6 +239,9 @@ class CachedPrompts:
         alone (a batch of one): float matmuls round differently at other batch sizes, so a prompt's
         embedding would otherwise depend on the prompts it happened to be batched with, and a file
         written elsewhere could not equal it bit for bit."""
+        if self._cast_note:
+            logger.warning("%s", self._cast_note)
+            self._cast_note = None
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing and self.embeds is not None:
             raise self.embeds.missing(missing[0])

@@ -136,7 +136,7 @@ class SD3PromptEncoder(CachedPrompts):
         self.max_length, self.width = int(max_sequence_length), int(model.config.joint_attention_dim)
         if embeds is not None:
             self.use_file(embeds, {"prompt_embeds": ("joint_attention_dim", self.width), "pooled_prompt_embeds": (
-                "pooled_projection_dim", int(model.config.pooled_projection_dim))})
+                "pooled_projection_dim", int(model.config.pooled_projection_dim))}, model)
             return
         pairs = [(getattr(pipe, f"tokenizer{s}", None), getattr(pipe, f"text_encoder{s}", None)) for s in ("", "_2")]
         if any(t is None or e is None for t, e in pairs):

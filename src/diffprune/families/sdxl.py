@@ -67,7 +67,7 @@ class SDXLPromptEncoder(CachedPrompts):
         if embeds is not None:
             self.use_file(embeds, {"prompt_embeds": ("cross_attention_dim", int(unet.config.cross_attention_dim)),
                                    "pooled_prompt_embeds": ("pooled width (projection_class_embeddings_input_dim"
-                                                            " - 6 x addition_time_embed_dim)", pooled_dim(unet))})
+                                                            " - 6 x addition_time_embed_dim)", pooled_dim(unet))}, unet)
             return
         tok, enc = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
         tok2, enc2 = getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None)

@@ -97,7 +97,8 @@ class PromptEncoder(CachedPrompts):
         self._cache: dict[str, tuple[torch.Tensor]] = {}
         self.tokenizer = self.text_encoder = None
         if embeds is not None:
-            self.use_file(embeds, {"prompt_embeds": ("cross_attention_dim", int(model.config.cross_attention_dim))})
+            self.use_file(embeds, {"prompt_embeds": ("cross_attention_dim", int(model.config.cross_attention_dim))},
+                          model)
             return
         if tokenizer is None or text_encoder is None:
             raise DiffpruneError("UNet2DConditionModel needs the pipeline's tokenizer and text_encoder to encode "

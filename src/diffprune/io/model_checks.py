@@ -38,6 +38,7 @@ from .weight_checks import (  # noqa: F401  (public here too)
     check_finite,
     check_memory,
     check_one_float_dtype,
+    largest_parameter_bytes,
     memory_limit,
     model_bytes,
     read_header,
@@ -51,6 +52,7 @@ MAX_SAMPLE_SIZE = 4096
 MAX_MODULES = 20_000  # an SDXL UNet has ~2k; a meta-built module costs ~5 KB and ~0.2 ms
 MAX_TRAIN_TIMESTEPS = 100_000  # released schedulers use 1000; each step costs a few floats per table
 MAX_INT = 2**31 - 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Config keys that are sizes: an integer >= 1, or a (nested) list of them; None = the class default.
 SIZE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
@@ -305,12 +307,20 @@ def check_model_folder(folder: Path, cls: type, torch_dtype: torch.dtype | None 
     meta = meta_model(cls, config, path)
     check_variant_weights(folder, variant)
     files = weights_files(folder, variant)
+    if not files:  # refused here, before diffusers' own "error while trying to fetch" line and any loading
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        what = f"holds only pickled weights ({', '.join(pickled)})" if pickled else "holds no weights file"
+        raise DiffpruneError(f"{folder}: {what}; allowed: *.safetensors (diffprune never loads pickled checkpoints; "
+                             "convert with save_pretrained(safe_serialization=True))")
     headers = {f: read_header(f) for f in files}
     for f, header in headers.items():
         check_one_float_dtype(f, header)
     shapes = {k: shape for h in headers.values() for k, (_, shape) in h.items()} if pruned else None
     dtype = torch_dtype or next((p.dtype for p in meta.parameters() if p.is_floating_point()), None)
-    return model_bytes(meta, dtype, shapes) + sum(f.stat().st_size for f in files)
+    # pruned: the tensors the file holds at their pruned widths (structure.apply_structure checks they agree
+    # with pruning.json), plus the one base-width parameter building the base allocates at a time
+    building = largest_parameter_bytes(meta) if pruned else 0
+    return model_bytes(meta, dtype, shapes) + building + sum(f.stat().st_size for f in files)
 
 
 def check_variant_weights(folder: Path, variant: str | None) -> None:

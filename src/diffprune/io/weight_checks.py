@@ -105,6 +105,13 @@ def model_bytes(model: torch.nn.Module, dtype: torch.dtype | None,
     return total
 
 
+def largest_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s largest parameter as built (its config's dtype). Loading a pruned folder builds
+    the base architecture with accelerate's `init_empty_weights`, which allocates each base-width
+    parameter before moving it to the meta device: an absurd base config costs that much at once."""
+    return max((p.numel() * p.element_size() for p in model.parameters()), default=0)
+
+
 def memory_limit() -> tuple[int | None, str]:
     """(bytes a model may need, where that number comes from); None when it cannot be known."""
     text = os.environ.get(MEMORY_ENV, "").strip()

@@ -79,6 +79,9 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     pipe = load_pipeline(config.model, device=device, text_encoders=embeds is None and reads_data, **source)
     component, model = denoiser_of(pipe)
     family = family_for(model)
+    if config.prune_residual and family.residual_prunable:  # UNets: every channel is pruned already
+        raise DiffpruneError(f"prune_residual=True applies to DiT, whose residual width is protected by default; "
+                             f"{type(model).__name__} prunes every channel without it; allowed: drop --prune-residual")
     plan = None  # decided before any calibration work: the size, or (global/isomorphic) that it is reachable
     if config.allocation == "uniform":
         plan = search_sizes(model, family, config, progress=progress)

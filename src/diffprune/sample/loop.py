@@ -181,6 +181,17 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def check_finite_images(x: torch.Tensor, indices: Sequence[int]) -> None:
+    """Never write an image from a non-finite sample (NaN/inf: a diverging model, guidance or conditioning):
+    one line naming the first bad image of the batch `indices`."""
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        i = int(indices[int(bad.nonzero()[0, 0])])
+        raise DiffpruneError(f"image {i} ({png_name(i)}) is not finite after sampling (NaN/inf in the model output); "
+                             "nothing was written for it; lower --guidance-scale or check the model / prompt "
+                             "embeddings")
+
+
 def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int = 0, steps: int = 100,
            eta: float = 0.0, sampler: str = PIPELINE, spacing: str = "uniform",
            device: str | torch.device = "cpu", indices: Sequence[int] | None = None,
@@ -208,7 +219,9 @@ def sample(unet, scheduler, num_images: int, *, batch_size: int = 64, seed: int 
         noise = _randn(gens, shape, device, dtype)
         x = denoise(unet, scheduler, noise, gens, steps=steps, eta=eta, sampler=sampler, spacing=spacing,
                     clip_sample=clip_sample, **({} if ctx is None else _guided(ctx, batch, device)))
-        out.append(to_uint8(x if ctx is None else ctx.to_image_space(x)))
+        images = x if ctx is None else ctx.to_image_space(x)
+        check_finite_images(images, batch)
+        out.append(to_uint8(images))
     if not out:
         if ctx is not None:
             size, channels = ctx.data_size()

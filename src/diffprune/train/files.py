@@ -52,6 +52,23 @@ def plan_run_dir(output_dir: Path, overwrite: bool, resume: bool,
     return output_dir, None
 
 
+def discard_unresumable(work: Path, output_dir: Path, existed: bool) -> None:
+    """A run that failed or was interrupted before its first checkpoint leaves nothing behind (a folder
+    without a checkpoint could not be resumed): a staging folder is removed, and so is what the run
+    wrote into the output folder (the folder itself too, unless it existed, empty, before the run)."""
+    if not work.is_dir() or checkpoint_dirs(work):
+        return
+    if work != output_dir or not existed:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for item in work.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                item.unlink()
+
+
 def training_inputs(config: TrainingConfig) -> dict[str, str | None]:
     """Every path a finetune/train run reads, by option name (fsutil.check_output_location).
 

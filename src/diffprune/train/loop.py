@@ -39,7 +39,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .config import TrainingConfig
-from .files import LOG_KEYS, TRAIN_LOG, export_pipeline, training_inputs
+from .files import LOG_KEYS, TRAIN_LOG, discard_unresumable, export_pipeline, training_inputs
 from .parts import batch_stream, derive_seed, lr_at
 from .setup import _on_main, _Run, _setup
 
@@ -81,6 +81,8 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     finally:
         _remove_taps(run)
         _release(run, barrier=finished)
+        if not finished and acc.is_main_process:
+            discard_unresumable(run.work, run.output_dir, run.existed)  # no checkpoint yet: leave nothing
         locks.close()
     return run.output_dir
 

@@ -25,7 +25,7 @@ from .checkpoints import (
 )
 from .config import COND_DROP_TEXT, FinetuneConfig, TrainingConfig
 from .distillation import FeatureTap, Student, _size, feature_points, make_adapters
-from .files import plan_run_dir
+from .files import discard_unresumable, plan_run_dir
 from .fresh_model import build_unet
 from .parts import EMA, IndexedDataset, derive_seed, make_optimizer, reinit_weights, set_dropout
 
@@ -51,6 +51,7 @@ class _Run:
     history: list = dataclasses.field(default_factory=list)
     fingerprint: str = ""
     ctx: Any = None  # families.conditioning.PipelineContext: family, latent codec, conditioning
+    existed: bool = True  # the work folder existed before this run (files.discard_unresumable keeps it)
 
 
 def _on_main(acc, fn, what: str) -> None:
@@ -133,6 +134,7 @@ def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: co
     if single:  # lock before planning, so a second run names the lock, not the half-written folder
         locks.enter_context(output_lock(output_dir))
     work, ckpt = plan_run_dir(output_dir, overwrite, resume, config.stage)
+    existed = work == output_dir and work.is_dir()  # an empty folder the user made stays
     acc = _make_accelerator(config, device, work, tensorboard)
     if not single:  # every process learns if the main one could not lock (no hang)
         _on_main(acc, lambda: locks.enter_context(output_lock(output_dir)), "could not lock the output dir")
@@ -143,7 +145,7 @@ def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: co
     config = resolve_cond_drop(config, ctx)
     dataset = _dataset(config, unet, ctx)
     run = _Run(config, acc, work, output_dir, pipe, unet, scheduler, dataset,
-               fingerprint=model_fingerprint(unet), ctx=ctx)
+               fingerprint=model_fingerprint(unet), ctx=ctx, existed=existed)
     state = tensors = meta = None
     if ckpt is not None:
         state, tensors, meta = read_checkpoint(ckpt)
@@ -167,13 +169,18 @@ def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: co
         _apply_checkpoint(run, state, tensors, meta)
     run.ema = run.ema or EMA(unet, config.ema_decay, config.ema_warmup)
     run.optimizer = run.optimizer or make_optimizer(run.student, config.lr)
-    if acc.is_main_process:
-        (work / "logs").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(work / f"{config.stage}_config.json", config.to_dict())
-    acc.wait_for_everyone()
-    run.student, run.optimizer = acc.prepare(run.student, run.optimizer)
-    if tensorboard:
-        acc.init_trackers("diffprune")
+    try:
+        if acc.is_main_process:
+            (work / "logs").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(work / f"{config.stage}_config.json", config.to_dict())
+        acc.wait_for_everyone()
+        run.student, run.optimizer = acc.prepare(run.student, run.optimizer)
+        if tensorboard:
+            acc.init_trackers("diffprune")
+    except BaseException:
+        if acc.is_main_process:
+            discard_unresumable(work, output_dir, existed)
+        raise
     return run
 
 
