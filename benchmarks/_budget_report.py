@@ -283,7 +283,7 @@ def write_report(found: dict, meta: dict, stem: Path) -> None:
                                            "commands": found["commands"]} for n in table}
     reach = {d: steps_to_target(found, table, steps, teacher["fid"] + d) for d in TARGET_DELTAS}
     notes, lead = compare(table)
-    stem.parent.mkdir(exist_ok=True)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stem.with_suffix(".json"), {
         "table": {n: {str(k): v for k, v in by_k.items()} for n, by_k in table.items()}, "teacher": teacher,
         "steps_to_target": {f"teacher + {d}": {"fid": teacher["fid"] + d, **r} for d, r in reach.items()},

@@ -1,9 +1,10 @@
-"""Helpers shared by the seeded digits benchmarks (table1.py, budget_curve.py, importance_cost.py).
+"""Helpers shared by the seeded digits benchmarks (table1.py, budget_curve.py, importance_cost.py, ...).
 
 One definition of each protocol step, so that every benchmark prunes, post-trains, samples and
 evaluates a row the same way: prune to 56% of the teacher's MACs (the paper's 3.4G/6.1G), post-train
 with the teacher's own recipe (train_config.json), sample from the same initial noise (DDIM, eta 0,
 seed 0) so SSIM pairs image i of the teacher with image i of each student, and score digits-FID/KID.
+`--smoke` runs put `smoke_teacher` in the embedded teacher's place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from diffprune.train import FinetuneConfig, run_training
 
 TARGET_MACS = 0.56
 FAST_POOL = 512  # calibration images the fast estimator draws its (image, t) pairs from
+# --smoke's stand-in teacher: the embedded teacher's image size and channels (16x16 grayscale, so digits-FID/KID
+# and SSIM apply), 2 levels of 16/32 channels, random weights, 20 training timesteps (the sweeps cost 1/50 of the
+# real ones), and the teacher's recipe with 100 steps (post-training fractions of 1-2% stay >= 1 distinct step).
+SMOKE_UNET = dict(sample_size=16, in_channels=1, block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,),
+                  norm_num_groups=4, attention_head_dim=8)
+SMOKE_TIMESTEPS = 20
+SMOKE_RECIPE = {"steps": 100, "batch_size": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,32 @@ def teacher_recipe(teacher: Path) -> dict:
     import json
 
     return json.loads((teacher / "train_config.json").read_text())
+
+
+def smoke_teacher(folder: Path) -> Path:
+    """A tiny random-weight digits-shaped teacher pipeline in `folder` (made once) for --smoke runs: every
+    protocol step (sweeps, prune, post-training, sampling, evaluation) runs in seconds; its numbers mean nothing."""
+    import json
+
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffprune.cli.demo_job import embedded_teacher
+    from diffprune.io import save_pipeline
+    from diffprune.train.fresh_model import build_unet, unet_config
+
+    if (folder / "train_config.json").exists():
+        return folder
+    real = embedded_teacher()
+    config = unet_config(**SMOKE_UNET)
+    scheduler = DDPMScheduler.from_pretrained(real / "scheduler")
+    scheduler = DDPMScheduler.from_config(scheduler.config, num_train_timesteps=SMOKE_TIMESTEPS)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_pipeline(DDPMPipeline(unet=build_unet(config, seed=0).eval(), scheduler=scheduler), folder)
+    recipe = teacher_recipe(real)
+    recipe.update(SMOKE_RECIPE, model_config=config,
+                  scheduler_config={**recipe["scheduler_config"], "num_train_timesteps": SMOKE_TIMESTEPS})
+    write_text_atomic(folder / "train_config.json", json.dumps(recipe, indent=2) + "\n")
+    return folder
 
 
 def machine(threads: bool = False) -> str:

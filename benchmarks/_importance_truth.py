@@ -21,11 +21,9 @@ from _common import machine
 from importance_cost import (
     FAST_BUDGET,
     FAST_VARIANTS,
-    FULL,
-    QUICK,
-    RESULTS,
     TARGET_MACS,
     THRESHOLD,
+    chosen_budget,
     group_scores,
     iou,
     kept_sets,
@@ -66,15 +64,15 @@ def mean_of(scorings: list[ImportanceResult]) -> ImportanceResult:
                             sum(s.sample_gradient_evals for s in scorings), 0.0)
 
 
-def main_truth(args: argparse.Namespace) -> None:
-    budget = QUICK if args.quick else FULL
-    n = args.seeds or (3 if args.quick else 9)
+def main_truth(args: argparse.Namespace, teacher: Path, out_dir: Path) -> None:
+    budget = chosen_budget(args)
+    n = args.seeds or (3 if args.quick or args.smoke else 9)
     if n < 3:
         raise SystemExit(f"--truth needs --seeds >= 3 (a truth of >= 2 other sweeps), got {n}")
     start = time.perf_counter()
-    model, family, scheduler, dataset, magnitude, size = teacher_at_target()
+    model, family, scheduler, dataset, magnitude, size = teacher_at_target(teacher)
     ratio = size.ratio
-    work = args.work / ("truth_quick" if args.quick else "truth")
+    work = args.work / ("truth_smoke" if args.smoke else "truth_quick" if args.quick else "truth")
     exact, fast = [], []
     for seed in args.compute_seeds or range(n):  # --compute-seeds: fill the cache only (a parallel process)
         images = first_batch(dataset, budget.exact_batch, seed)
@@ -122,12 +120,15 @@ def main_truth(args: argparse.Namespace) -> None:
                       f"each, own noise and cut)", "exact_batch": budget.exact_batch, "fast_pool": budget.pool,
                       "fast_cut_batch": FAST_VARIANTS["fast"]["cut_batch"], "fast_budget": FAST_BUDGET,
                       "threshold": THRESHOLD, "target_macs": TARGET_MACS, "ratio": ratio, "quick": args.quick,
+                      **({"smoke": True} if args.smoke else {}),
                       "date": datetime.date.today().isoformat(), "machine": machine(threads=True),
                       "command": "python benchmarks/importance_cost.py --truth" + (" --quick" if args.quick else "")
+                      + (" --smoke" if args.smoke else "")
                       + (f" --seeds {args.seeds}" if args.seeds else ""),
                       "wall_time_s": time.perf_counter() - start, "versions": library_versions()}
     print(truth_table(result))
-    out = RESULTS / f"importance_cost{'_quick' if args.quick else ''}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"importance_cost{'_quick' if args.quick and not args.smoke else ''}.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     data["truth"] = result
     write_json_atomic(out, data)

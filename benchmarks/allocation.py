@@ -14,10 +14,13 @@ on a fixed batch. Labelled as such in the results.
     python benchmarks/allocation.py                 # Table 1 protocol: 500 samples, DDIM 100 steps
     python benchmarks/allocation.py --reduced       # 200 samples, DDIM 20 steps (labelled reduced)
     python benchmarks/allocation.py --resume        # keep the finished runs in runs/allocation/
+    python benchmarks/allocation.py --smoke --out DIR   # the code path in seconds: tiny random teacher, 1 seed,
+                                                        # then --search-timing's path on a tiny UNet
 
-Writes benchmarks/results/allocation.{json,md,png} (allocation_reduced.* with --reduced): the command, date,
-machine, versions. `--reuse-models runs/allocation/reduced` evaluates the reduced run's post-trained models at
-the Table 1 protocol instead of training them again (the prune and post-training do not depend on it).
+Writes benchmarks/results/allocation.{json,md,png} (allocation_reduced.* with --reduced; --out: into that
+folder): the command, date, machine, versions. `--reuse-models runs/allocation/reduced` evaluates the reduced run's
+post-trained models at the Table 1 protocol instead of training them again (the prune and post-training do not
+depend on it).
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import FAST_POOL, TARGET_MACS, aggregate, finetune, sample_and_evaluate, teacher_recipe
-from table1 import FULL, Plan
+from _common import FAST_POOL, TARGET_MACS, aggregate, finetune, sample_and_evaluate, smoke_teacher, teacher_recipe
+from bench_args import add_smoke_options, results_dir
+from size_search import ARCHS as SEARCH_ARCHS
+from size_search import SMOKE_ARCH
+from table1 import FULL, SMOKE, Plan
 
 from diffprune.cli.demo_job import embedded_teacher
 from diffprune.io import library_versions
 
-RESULTS = Path(__file__).parent / "results"
 ALLOCATIONS = ("uniform", "global", "isomorphic")
 THRESHOLD = 0.05
 METRICS = (("fid", "digits-FID", "{:.3f}"), ("kid", "KID", "{:.4f}"), ("ssim", "SSIM", "{:.4f}"))
@@ -170,8 +175,9 @@ def paired(results: dict[str, list[dict]]) -> dict:
     return out
 
 
-def run_dit(seed: int = 0) -> dict:
-    """Structure on a tiny random DiT: widths, params/MACs and the loss at the same MACs target, no post-training."""
+def run_dit(seed: int = 0, smoke: bool = False) -> dict:
+    """Structure on a tiny random DiT: widths, params/MACs and the loss at the same MACs target, no post-training.
+    `smoke`: 2 layers, a pool of 16 latents, 2 importance passes (seconds; numbers meaningless)."""
     import torch
     from diffusers import DDPMScheduler, DiTTransformer2DModel
 
@@ -182,8 +188,9 @@ def run_dit(seed: int = 0) -> dict:
     from diffprune.prune.pruning import PruneConfig, prune
 
     torch.manual_seed(seed)
+    layers, size = (2, 16) if smoke else (4, 64)
     model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
-                                  num_layers=4, sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+                                  num_layers=layers, sample_size=16, patch_size=2, num_embeds_ada_norm=10)
     with torch.no_grad():  # diffusers zero-initialises adaLN-Zero: give every tensor a say in the output
         for p in model.parameters():
             if not p.abs().sum():
@@ -191,10 +198,10 @@ def run_dit(seed: int = 0) -> dict:
     model.requires_grad_(True)
     family, scheduler = family_for(model), DDPMScheduler(num_train_timesteps=100)
     g = torch.Generator().manual_seed(seed)
-    pool = torch.randn(64, 4, 16, 16, generator=g)
-    labels = torch.randint(0, 10, (64,), generator=g)
+    pool = torch.randn(size, 4, 16, 16, generator=g)
+    labels = torch.randint(0, 10, (size,), generator=g)
     imp = estimate_fast(model, family, scheduler, pool, THRESHOLD, seed, progress=False,
-                        cond={"class_labels": labels})
+                        cond={"class_labels": labels}, passes=2 if smoke else None)
     x0, noise = pool[:16], torch.randn(16, 4, 16, 16, generator=g)
     t = torch.linspace(0, 99, 16).long()
     x_t, target = noisy_and_target(scheduler, x0, noise, t)
@@ -202,7 +209,7 @@ def run_dit(seed: int = 0) -> dict:
     model.eval()
     with torch.no_grad():
         ref = family.predict(model, x_t, t, cond)
-    out = {"model": "DiTTransformer2DModel(heads 4 x 16, 4 layers, 16x16x4 latents, patch 2, 10 classes), "
+    out = {"model": f"DiTTransformer2DModel(heads 4 x 16, {layers} layers, 16x16x4 latents, patch 2, 10 classes), "
                     "random init with adaLN-Zero weights drawn N(0, 0.2)",
            "teacher_loss": float(torch.nn.functional.mse_loss(ref[:, :4], target)), "rows": {}}
     for allocation in ALLOCATIONS:
@@ -344,7 +351,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reduced", action="store_true", help="200 samples, DDIM 20 steps (labelled reduced)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=None, help="default 3 (--smoke: 1)")
     parser.add_argument("--jobs", type=int, default=1, choices=(1,), help="runs one after another on one thread")
     parser.add_argument("--work", type=Path, default=Path("runs/allocation"))
     parser.add_argument("--resume", action="store_true", help="keep the finished runs in the work folder")
@@ -355,34 +362,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--skip-digits", action="store_true",
                         help="only the DiT structure measurement, printed (no results files written)")
-    parser.add_argument("--search-timing", choices=("cifar10-ddpm-unet", "sd-v1.5-unet", "dit-xl-2"), default=None,
-                        help="only time a global plan on this full-size architecture (prints JSON)")
+    parser.add_argument("--search-timing", choices=tuple(SEARCH_ARCHS), default=None,
+                        help=f"only time a global plan on this full-size architecture (prints JSON; {SMOKE_ARCH}: "
+                             "benchmarks/size_search.py's tiny smoke UNet)")
+    add_smoke_options(parser, "a tiny random teacher with 20 timesteps, 1 seed, 10 images, DDIM 2, 2 post-training "
+                              f"steps; then --search-timing {SMOKE_ARCH}")
     args = parser.parse_args()
+    out_dir = results_dir(parser, args)
     import torch
 
     torch.set_num_threads(args.threads)
     if args.search_timing:  # one architecture per call, collected in results/allocation_search_timing.json
-        row = {**search_timing(args.search_timing), "date": datetime.date.today().isoformat(), "machine": machine(),
-               "threads": args.threads, "command": "python " + " ".join(sys.argv)}
-        path = RESULTS / "allocation_search_timing.json"
-        rows = json.loads(path.read_text()) if path.exists() else {}
-        rows[args.search_timing] = row
-        path.write_text(json.dumps(rows, indent=2) + "\n")
-        print(json.dumps(row, indent=2))
+        write_search_timing(args.search_timing, args.threads, out_dir)
         return
     start = time.perf_counter()
-    budget = dataclasses.replace(FULL, seeds=args.seeds)
-    if args.reduced:
+    budget = dataclasses.replace(SMOKE if args.smoke else FULL, seeds=args.seeds or (1 if args.smoke else 3))
+    if args.reduced and not args.smoke:
         budget = dataclasses.replace(budget, num_images=200, sample_steps=20)
-    teacher = embedded_teacher()
+    teacher = smoke_teacher(out_dir / "teacher") if args.smoke else embedded_teacher()
     recipe = teacher_recipe(teacher)
-    work = args.work / ("reduced" if args.reduced else "full")
+    work = args.work / ("smoke" if args.smoke else "reduced" if args.reduced else "full")
     if work.exists() and not args.resume and not args.skip_digits:
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
     plan = Plan(teacher, recipe, budget, work)
     meta = {"command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
             "machine": machine(), "seeds": budget.seeds, "num_images": budget.num_images,
-            "sample_steps": budget.sample_steps, "protocol": "REDUCED protocol: 200 samples, DDIM 20 steps"
+            "sample_steps": budget.sample_steps, "protocol": "SMOKE run: tiny random teacher, numbers meaningless"
+            if args.smoke else "REDUCED protocol: 200 samples, DDIM 20 steps"
             if args.reduced else "Table 1 protocol: 500 samples, DDIM 100 steps",
             "finetune_steps": max(1, round(budget.finetune_fraction * recipe["steps"])), "jobs": 1,
             "threads": args.threads, "models_from": str(args.reuse_models) if args.reuse_models else None,
@@ -398,20 +404,35 @@ def main() -> None:
         meta["wall_time_s"] = time.perf_counter() - start
         meta["rows_wall_s"] = sum(r["wall_s"] for runs in results.values() for r in runs)  # across resumes
         md = table_md(results, stats, diffs, meta)
-    dit = run_dit()
+    dit = run_dit(smoke=args.smoke)
     out["dit"] = dit
     meta["wall_time_s"] = time.perf_counter() - start
     md += dit_md(dit)
     if args.skip_digits:  # a look at the DiT alone: printed, the results files stay those of a whole run
         print(md)
         return
-    RESULTS.mkdir(exist_ok=True)
-    stem = "allocation_reduced" if args.reduced else "allocation"  # the reduced run keeps its own files
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2, default=_np) + "\n")
-    plot_widths(out["digits"]["runs"], dit, RESULTS / f"{stem}.png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the reduced run keeps its own files
+    stem = "allocation_reduced" if args.reduced and not args.smoke else "allocation"
+    (out_dir / f"{stem}.json").write_text(json.dumps(out, indent=2, default=_np) + "\n")
+    plot_widths(out["digits"]["runs"], dit, out_dir / f"{stem}.png")
     md += f"\n![kept width per group]({stem}.png)\n"
-    (RESULTS / f"{stem}.md").write_text(md)
+    (out_dir / f"{stem}.md").write_text(md)
     print(md)
+    if args.smoke:
+        write_search_timing(SMOKE_ARCH, args.threads, out_dir)
+
+
+def write_search_timing(arch: str, threads: int, out_dir: Path) -> None:
+    """Time a global plan on `arch` and record it under its name in out_dir/allocation_search_timing.json."""
+    row = {**search_timing(arch), "date": datetime.date.today().isoformat(), "machine": machine(),
+           "threads": threads, "command": "python " + " ".join(sys.argv)}
+    path = out_dir / "allocation_search_timing.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    rows[arch] = row
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(json.dumps(row, indent=2))
 
 
 def _np(v):

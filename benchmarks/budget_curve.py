@@ -18,8 +18,10 @@ once (a fresh run of the second budget against the resumed one, weight digest) a
     python benchmarks/budget_curve.py --seeds 3 --jobs 2   # the full curve (many hours on CPU)
     python benchmarks/budget_curve.py ... --only taylor --merge --work runs/budget_curve_taylor
         # add one row to finished results: run it alone, merge it into the JSON's per-seed records
+    python benchmarks/budget_curve.py --smoke --out DIR    # the code path in seconds (tiny random teacher)
 
-Writes benchmarks/results/budget_curve{_quick}.{json,md,png} (_budget_report.py tabulates).
+Writes benchmarks/results/budget_curve{_quick}.{json,md,png} (_budget_report.py tabulates; --out: into that
+folder).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from pathlib import Path
 import torch
 from _budget_report import merge_found, write_report
 from _common import Plan as BasePlan
-from _common import finetune, machine, prune_row, sample_and_evaluate, teacher_recipe, worker_init
-from bench_args import add_budget_options, chosen_budget
+from _common import finetune, machine, prune_row, sample_and_evaluate, smoke_teacher, teacher_recipe, worker_init
+from bench_args import add_budget_options, add_smoke_options, chosen_budget, results_dir
 from safetensors.torch import load_file
 
 from diffprune.cli.demo_job import embedded_teacher
@@ -65,6 +67,9 @@ class Budget:
 FULL = Budget(seeds=3, calibration_batch=64, fractions=(0.01, 0.02, 0.05, 0.15, 0.5), num_images=500,
               sample_steps=100)
 QUICK = Budget(seeds=1, calibration_batch=16, fractions=(0.01, 0.02), num_images=64, sample_steps=20)
+SMOKE = Budget(seeds=1, calibration_batch=4, fractions=(0.01, 0.02), num_images=10, sample_steps=2)
+# --smoke: magnitude (the identity check's row) and a Diff-Pruning reference row (its lead over the others)
+SMOKE_ROWS = ("magnitude", "diff-pruning thr=0.05")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Plan(BasePlan):
     """_common.Plan with the budgets' step counts, the task records and the exact-sweep cache."""
 
     exact_cache: Path | None = None  # importance_cost.py --truth's folder of exact sweeps, reused if there
+    rows: tuple[str, ...] | None = None  # the row names this run may cover (None: all; --smoke: SMOKE_ROWS)
 
     @property
     def steps(self) -> list[int]:
@@ -162,15 +168,16 @@ def _verify_task(plan: Plan, steps: int, resumed_digest: str) -> dict:
             "identical": digest == resumed_digest}
 
 
-def selected(only: str | None, skip: str | None) -> list[str]:
-    """The row names that --only / --skip leave."""
-    return [r[0] for r in ROWS if (only is None or only in r[0]) and (skip is None or skip not in r[0])]
+def selected(only: str | None, skip: str | None, rows: tuple[str, ...] | None = None) -> list[str]:
+    """The row names that --only / --skip leave (of `rows`, if given)."""
+    return [r[0] for r in ROWS if (only is None or only in r[0]) and (skip is None or skip not in r[0])
+            and (rows is None or r[0] in rows)]
 
 
 def task_list(plan: Plan, only: str | None, skip: str | None) -> list[tuple]:
     """Every task, budget by budget so that short budgets finish first."""
     seeds = range(plan.budget.seeds)
-    names = selected(only, skip)
+    names = selected(only, skip, plan.rows)
     keys = [("prune", n, s) for s in seeds for n in names if n == HEAVY] + [("teacher",)]
     keys += [("prune", n, s) for s in seeds for n in names if n != HEAVY]
     keys += [("stage", n, s, k) for k in plan.steps for s in seeds for n in names]
@@ -272,8 +279,10 @@ def main() -> None:
                              "0.15,0.5); a resumed run may add larger ones")
     parser.add_argument("--num-images", type=int, default=None, help="samples per model (default 500; quick 64)")
     parser.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 100; quick 20)")
+    add_smoke_options(parser, "a tiny random teacher with 20 timesteps, 1 seed, 2 rows, 10 images, DDIM 2")
     args = parser.parse_args()
-    budget = chosen_budget(parser, args, QUICK, FULL)
+    budget = chosen_budget(parser, args, QUICK, FULL, SMOKE)
+    out = results_dir(parser, args)
     try:
         fractions = tuple(sorted(float(f) for f in args.fractions.split(","))) if args.fractions else budget.fractions
     except ValueError:
@@ -286,25 +295,25 @@ def main() -> None:
     budget = dataclasses.replace(budget, fractions=fractions, num_images=args.num_images or budget.num_images,
                                  sample_steps=args.sample_steps or budget.sample_steps)
     start = time.perf_counter()
-    teacher = embedded_teacher()
-    work = args.work / ("quick" if args.quick else "full")
+    teacher = smoke_teacher(out / "teacher") if args.smoke else embedded_teacher()
+    work = args.work / ("smoke" if args.smoke else "quick" if args.quick else "full")
     if work.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
-    plan = Plan(teacher, teacher_recipe(teacher), budget, work, args.exact_cache)
+    plan = Plan(teacher, teacher_recipe(teacher), budget, work, args.exact_cache, SMOKE_ROWS if args.smoke else None)
     command = "python benchmarks/budget_curve.py " + " ".join(sys.argv[1:])
     if not args.report_only:
         log = work / "rows" / "commands.json"
         log.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(log, (json.loads(log.read_text()) if log.exists() else []) + [command])
         run_all(plan, args.jobs, args.only, args.skip)
-    found = collect(plan, selected(args.only, args.skip))
+    found = collect(plan, selected(args.only, args.skip, plan.rows))
     meta = {"budget": dataclasses.asdict(budget), "post_train_steps": plan.steps,
             "teacher_steps": plan.recipe["steps"], "table1_protocol": (budget.num_images, budget.sample_steps) == (
                 FULL.num_images, FULL.sample_steps), "date": datetime.date.today().isoformat(),
             "machine": machine(), "jobs": args.jobs, "wall_time_s": time.perf_counter() - start,
             "report_only": args.report_only, "command": command,
             "versions": library_versions()}
-    stem = Path(__file__).parent / "results" / f"budget_curve{'_quick' if args.quick else ''}"
+    stem = out / f"budget_curve{'_quick' if args.quick and not args.smoke else ''}"
     if args.merge:
         if not stem.with_suffix(".json").exists():
             raise SystemExit(f"--merge: {stem.with_suffix('.json')} does not exist")

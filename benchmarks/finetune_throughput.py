@@ -17,8 +17,10 @@ torch.profiler table (top ops by self CPU time) for a few student steps.
 
     python benchmarks/finetune_throughput.py [--arch small|cifar10] [--steps N] [--batch-size B]
         [--threads N] [--data png|digits] [--profile] [--quick]
+    python benchmarks/finetune_throughput.py --smoke --out DIR   # the code path in seconds (tiny arch, 3 steps)
 
-Prints tables and writes benchmarks/results/finetune_throughput.json (--quick: ..._quick.json).
+Prints tables and writes benchmarks/results/finetune_throughput.json (--quick: ..._quick.json; --out: into that
+folder).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_args import add_smoke_options, results_dir  # noqa: E402
 from latency import cpu_model  # noqa: E402
 
 import diffprune.train as training  # noqa: E402
@@ -45,12 +48,14 @@ from diffprune.io import library_versions, save_pipeline, to_pruned  # noqa: E40
 from diffprune.prune.importance import ImportanceResult  # noqa: E402
 from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
 from diffprune.train import loop as train_loop  # noqa: E402
-from diffprune.train import setup as train_setup
+from diffprune.train import setup as train_setup  # noqa: E402
 
 ARCHS = {  # UNet2DModel kwargs via training.unet_config
     "small": dict(sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(1,),
                   norm_num_groups=8),
     "cifar10": dict(),  # the DDPM CIFAR-10 architecture (35.7M params)
+    "tiny": dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,),
+                 norm_num_groups=4),  # --smoke's
 }
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "benchmark", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}
@@ -315,15 +320,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--micro-repeats", type=int, default=None, help="repeats of the micro-benchmarks (default 20)")
     p.add_argument("--quick", action="store_true", help="smoke run: small arch, 8 steps")
-    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=None, help="default OUT/finetune_throughput{_quick}.json")
+    add_smoke_options(p, "tiny arch, 3 steps (1 not counted), batch 2, 1 micro-repeat")
     args = p.parse_args(argv)
-    args.arch = args.arch or ("small" if args.quick else "cifar10")
-    args.steps = args.steps or (8 if args.quick else 30)
-    args.batch_size = args.batch_size or 8
-    args.micro_repeats = args.micro_repeats or (5 if args.quick else 20)
+    smoke = args.smoke
+    args.arch = args.arch or ("tiny" if smoke else "small" if args.quick else "cifar10")
+    args.steps = args.steps or (3 if smoke else 8 if args.quick else 30)
+    args.batch_size = args.batch_size or (2 if smoke else 8)
+    args.micro_repeats = args.micro_repeats or (1 if smoke else 5 if args.quick else 20)
     args.skip = min(args.skip, args.steps - 2)
-    results = Path(__file__).parent / "results"
-    args.output = args.output or results / ("finetune_throughput_quick.json" if args.quick else
+    results = results_dir(p, args)
+    args.output = args.output or results / ("finetune_throughput_quick.json" if args.quick and not smoke else
                                             "finetune_throughput.json")
     return args
 
@@ -350,7 +357,7 @@ def main(argv=None) -> None:
         alt = alternatives(folders, png, args)
     print(f"\nCPU: {cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}, arch {args.arch}, "
           f"batch {args.batch_size}, data {args.data}, {args.steps} steps (first {args.skip} not counted)"
-          + ("  [--quick: smoke numbers, not results]" if args.quick else ""))
+          + ("  [--quick/--smoke: smoke numbers, not results]" if args.quick or args.smoke else ""))
     print_breakdown(runs)
     print(f"pruned / teacher steps/s: {runs['pruned']['steps_per_s'] / runs['teacher']['steps_per_s']:.2f}")
     print(f"pruned, this loop / pre-fix loop steps/s: "

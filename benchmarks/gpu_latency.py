@@ -15,8 +15,11 @@ error) is recorded and skipped.
 
     python benchmarks/gpu_latency.py                 # on the GPU machine
     python benchmarks/gpu_latency.py --device cpu --quick   # smoke test of the code path
+    python benchmarks/gpu_latency.py --smoke --out DIR      # the same on a tiny UNet, seconds, no GPU needed
 
-Prints one table; writes $OUT/gpu_latency.json if $OUT is set, else benchmarks/results/gpu_latency.json.
+Prints one table; writes --output, else DIR/gpu_latency.json (--out DIR), else $OUT/gpu_latency.json if $OUT is
+set, else benchmarks/results/gpu_latency.json. Without a CUDA device (and no --device cpu / --smoke) it refuses
+with a one-line message.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from diffprune.families import family_for
-from diffprune.io import library_versions
-from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import PruneConfig, prune
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_args import add_smoke_options, results_dir  # noqa: E402
+
+from diffprune.families import family_for  # noqa: E402
+from diffprune.io import library_versions  # noqa: E402
+from diffprune.prune.importance import ImportanceResult  # noqa: E402
+from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
 
 DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 MODELS = {  # name: (UNet2DModel kwargs, batch sizes)
@@ -52,11 +58,13 @@ MODELS = {  # name: (UNet2DModel kwargs, batch sizes)
                        down_block_types=(DOWN, DOWN, DOWN, DOWN, ATTN_DOWN, DOWN),
                        up_block_types=(UP, ATTN_UP, UP, UP, UP, UP)), (1, 16)),
 }
+SMOKE_MODELS = {"tiny": (dict(sample_size=16, block_out_channels=(64, 64), down_block_types=(DOWN, ATTN_DOWN),
+                              up_block_types=(ATTN_UP, UP)), (1,))}  # --smoke only
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(name: str) -> UNet2DModel:
-    kwargs, _ = MODELS[name]
+    kwargs, _ = {**MODELS, **SMOKE_MODELS}[name]
     torch.manual_seed(0)
     return UNet2DModel(in_channels=3, out_channels=3, layers_per_block=2, norm_num_groups=32,
                        attention_head_dim=None, **kwargs).eval()
@@ -185,9 +193,11 @@ def _row_line(r: dict) -> str:
     return cfg + f"{r['teacher_ms']:>10.2f}{r['student_ms']:>10.2f}{r['speedup']:>7.2f}{r['efficiency']:>6.2f}"
 
 
-def output_path(arg: str | None) -> Path:
+def output_path(arg: str | None, out_dir: Path | None = None) -> Path:
     if arg:
         return Path(arg)
+    if out_dir is not None:
+        return out_dir / "gpu_latency.json"
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"]) / "gpu_latency.json"
     return Path(__file__).parent / "results" / "gpu_latency.json"
@@ -206,8 +216,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode (default, reduce-overhead, max-autotune-no-cudagraphs, ...)")
     p.add_argument("--budget-s", type=float, default=250.0, help="stop starting configurations after this")
-    p.add_argument("--output", default=None, help="default $OUT/gpu_latency.json or benchmarks/results/")
+    p.add_argument("--output", default=None, help="default OUT/gpu_latency.json, $OUT/gpu_latency.json or "
+                                                   "benchmarks/results/")
+    add_smoke_options(p, "--device cpu --quick on a tiny 16x16 UNet, 2 repeats")
     args = p.parse_args(argv)
+    args.out_dir = None if args.out is None and not args.smoke else results_dir(p, args)
+    if args.smoke:
+        args.device, args.quick, args.models = "cpu", True, args.models or list(SMOKE_MODELS)
+        args.repeats = args.repeats or 2
     q = args.quick
     args.models = args.models or (["cifar10"] if q else list(MODELS))
     args.dtypes = args.dtypes or (["bf16"] if q else ["fp16", "bf16"])
@@ -221,9 +237,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()  # the "modules to keep in float32: []" note on every .to(dtype)
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_latency.py: no CUDA device here (torch.cuda.is_available() is False): run it on a GPU "
+                         "machine, or pass --smoke --out DIR (or --device cpu --quick) to check the code path on CPU")
+    diffusers_logging.set_verbosity_error()  # the "modules to keep in float32: []" note on every .to(dtype)
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:5.0f}s] {msg}", flush=True)  # noqa: E731
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (cpu)"
@@ -237,7 +256,7 @@ def main(argv=None) -> None:
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(device), "gpu": gpu,
               "torch": torch.__version__, "cuda": torch.version.cuda, "versions": library_versions(),
               "settings": vars(args), "teachers": info, "rows": rows, "wall_s": time.perf_counter() - start}
-    path = output_path(args.output)
+    path = output_path(args.output, args.out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path} ({result['wall_s']:.0f}s)")

@@ -20,8 +20,10 @@ fine-tuning, SSIM against the teacher (same initial noise, DDIM) of every pruned
     python benchmarks/importance_cost.py --quick      # < 8 min on 2 cores (OMP_NUM_THREADS=1)
     python benchmarks/importance_cost.py --seeds 3    # the full run
     python benchmarks/importance_cost.py --truth      # exact-64 and fast against the "truth" (9 seeds)
+    python benchmarks/importance_cost.py [--truth] --smoke --out DIR   # the code path in seconds (tiny teacher)
 
-Writes benchmarks/results/importance_cost{_quick}.json (--truth: its "truth" key, _importance_truth.py).
+Writes benchmarks/results/importance_cost{_quick}.json (--truth: its "truth" key, _importance_truth.py; --out:
+into that folder).
 
 --truth: which estimate is closer to the importance Diff-Pruning tries to compute (its expectation over
 calibration images and noise)? Exact sweep (batch 64) and fast (pool 512, 10% of the exact sweep's
@@ -50,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_pruning as tp
-from _common import machine
+from _common import machine, smoke_teacher
+from bench_args import add_smoke_options, results_dir
 from scipy.stats import spearmanr
 
 from diffprune.cli.demo_job import embedded_teacher
@@ -62,7 +65,6 @@ from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast
 from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
 from diffprune.sample.loop import sample
 
-RESULTS = Path(__file__).parent / "results"
 THRESHOLD = 0.05
 TARGET_MACS = 0.56
 FAST_BUDGET = 0.10  # fast's sample-gradient evaluations <= this fraction of the exact sweep's
@@ -84,12 +86,18 @@ class Budget:
 
 FULL = Budget(seeds=3, exact_batch=64, pool=512, pairs_per_pass=64, ssim_images=256, sample_steps=50)
 QUICK = Budget(seeds=2, exact_batch=32, pool=512, pairs_per_pass=64, ssim_images=64, sample_steps=20)
+SMOKE = Budget(seeds=2, exact_batch=4, pool=16, pairs_per_pass=4, ssim_images=2, sample_steps=2)  # smoke_teacher
 
 
-def teacher_at_target():
+def chosen_budget(args) -> Budget:
+    """SMOKE, QUICK or FULL as --smoke / --quick select (--seeds is applied by each mode)."""
+    return SMOKE if args.smoke else QUICK if args.quick else FULL
+
+
+def teacher_at_target(teacher: Path):
     """The digits teacher (grad on), its family, scheduler and dataset, the magnitude importance, and the
     magnitude prune at TARGET_MACS whose uniform ratio every row of this benchmark uses."""
-    pipe = load_pipeline(embedded_teacher())
+    pipe = load_pipeline(teacher)
     model = pipe.unet.requires_grad_(True)
     family, scheduler = family_for(model), pipe.scheduler
     dataset = make_dataset("digits", family.sample_size(model), family.in_channels(model))
@@ -166,18 +174,21 @@ def main() -> None:
     parser.add_argument("--compute-seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         metavar="S,S", help="--truth: only compute and cache these seeds' scorings (run beside "
                                             "the main --truth process to share the work), then exit")
+    add_smoke_options(parser, "a tiny random teacher with 20 timesteps, exact batch 4, pool 16, 2 images")
     args = parser.parse_args()
+    out_dir = results_dir(parser, args)
+    teacher = smoke_teacher(out_dir / "teacher") if args.smoke else embedded_teacher()
     if args.truth:
         from _importance_truth import main_truth
 
-        return main_truth(args)
-    budget = QUICK if args.quick else FULL
+        return main_truth(args, teacher, out_dir)
+    budget = chosen_budget(args)
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=args.seeds)
     if budget.seeds < 2:
         raise SystemExit("--seeds must be >= 2 (run-to-run agreement needs two seeds)")
     start = time.perf_counter()
-    model, family, scheduler, dataset, magnitude, size = teacher_at_target()
+    model, family, scheduler, dataset, magnitude, size = teacher_at_target(teacher)
     ratio = size.ratio
     print(f"ratio {ratio:.4f} -> MACs {size.macs[1] / size.macs[0]:.3f}, params {size.params[1] / size.params[0]:.3f}",
           flush=True)
@@ -245,14 +256,15 @@ def main() -> None:
     ratios = {f"{key}_{name}_over_exact": stats([f[field] / e[field] for f, e in zip(runs[name], runs["exact"],
                                                                                     strict=True)])
               for name in FAST_VARIANTS for key, field in (("evals", "sample_gradient_evals"), ("wall", "wall_time_s"))}
-    meta = {"quick": args.quick, "budget": dataclasses.asdict(budget), "threshold": THRESHOLD,
+    meta = {"quick": args.quick, **({"smoke": True} if args.smoke else {}),
+            "budget": dataclasses.asdict(budget), "threshold": THRESHOLD,
             "target_macs": TARGET_MACS, "ratio": ratio, "macs_fraction": size.macs[1] / size.macs[0],
             "params_fraction": size.params[1] / size.params[0], "fast_budget": FAST_BUDGET,
             "date": datetime.date.today().isoformat(), "machine": machine(threads=True),
             "wall_time_s": time.perf_counter() - start, "versions": library_versions()}
     print(table(cost, ratios, agreement, meta))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"importance_cost{'_quick' if args.quick else ''}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"importance_cost{'_quick' if args.quick and not args.smoke else ''}.json"
     out.write_text(json.dumps({"cost": cost, "ratios": ratios, "agreement": agreement, "runs": runs,
                                "meta": meta}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -11,8 +11,10 @@ values), prunes it to several sizes, each with round_to None/8/16/32, and measur
 The issue's goal: efficiency >= 0.9 at ~56% MACs on CPU; the script prints where it stands.
 
     python benchmarks/latency.py [--quick] [--threads N] [--repeats R] [--channels-last] [--sizes ...]
+    python benchmarks/latency.py --smoke --out DIR   # the code path in seconds (anchor_cifar10.smoke_unet)
 
-Prints a table and writes benchmarks/results/latency.json (torch version, threads, CPU model, date).
+Prints a table and writes benchmarks/results/latency.json (torch version, threads, CPU model, date; --out: into
+that folder).
 Target rows (target_macs) search the ratio once with round_to None; the round_to variants reuse
 that ratio, so their MACs show what rounding costs or saves. Architectures that come out identical
 are measured once (`same_as`).
@@ -31,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from anchor_cifar10 import cifar10_unet  # noqa: E402
+from anchor_cifar10 import cifar10_unet, smoke_unet  # noqa: E402
+from bench_args import add_smoke_options, results_dir  # noqa: E402
 
 from diffprune.families import family_for  # noqa: E402
 from diffprune.io import library_versions  # noqa: E402
@@ -167,17 +170,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pruned sizes: macs=F (target MACs fraction) or paper=R (ratio R, paper rule); "
                         "default macs=0.7 macs=0.56 paper=0.3 paper=0.45 (quick: paper=0.3)")
     p.add_argument("--output", type=Path, default=None,
-                   help="default benchmarks/results/latency.json (--quick: latency_quick.json)")
+                   help="default OUT/latency.json (--quick: latency_quick.json)")
+    add_smoke_options(p, "anchor_cifar10.smoke_unet() instead of the CIFAR-10 UNet, --quick's settings, 2 repeats, "
+                         "round_to None/8, 1 image x 1 DDIM step")
     args = p.parse_args(argv)
-    results = Path(__file__).parent / "results"
-    args.output = args.output or results / ("latency_quick.json" if args.quick else "latency.json")
-    quick = args.quick
-    args.repeats = args.repeats or (5 if quick else 20)
+    results = results_dir(p, args)
+    quick = args.quick or args.smoke
+    args.output = args.output or results / ("latency_quick.json" if args.quick and not args.smoke else "latency.json")
+    args.repeats = args.repeats or (2 if args.smoke else 5 if quick else 20)
     args.warmup = 1 if quick and args.warmup == 3 else args.warmup
     args.batch_sizes = args.batch_sizes or ([1] if quick else [1, 8])
-    args.round_to = [r or None for r in (args.round_to or ([0, 32] if quick else [0, 8, 16, 32]))]
-    args.sample_images = (2 if quick else 16) if args.sample_images is None else args.sample_images
-    args.sample_steps = 2 if quick and args.sample_steps == 10 else args.sample_steps
+    args.round_to = [r or None for r in (args.round_to or ([0, 8] if args.smoke else [0, 32] if quick else
+                                                            [0, 8, 16, 32]))]
+    args.sample_images = (1 if args.smoke else 2 if quick else 16) if args.sample_images is None else args.sample_images
+    args.sample_steps = (1 if args.smoke else 2) if quick and args.sample_steps == 10 else args.sample_steps
     args.sample_repeats = 1 if quick and args.sample_repeats == 3 else args.sample_repeats
     default_sizes = QUICK_SIZES if quick else FULL_SIZES
     args.sizes = [parse_size(p, token) for token in args.sizes] if args.sizes else default_sizes
@@ -204,7 +210,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - start:6.0f}s] {msg}", flush=True)  # noqa: E731
     torch.manual_seed(0)
-    teacher = cifar10_unet().eval()
+    teacher = (smoke_unet() if args.smoke else cifar10_unet()).eval()
     rows = build_students(teacher, args.sizes, args.round_to, log)
     teacher = prepare(teacher, args.channels_last)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -216,7 +222,7 @@ def main(argv=None) -> None:
     print(f"\nCPU: {cpu_model()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"channels_last {args.channels_last}, repeats {args.repeats}, DDIM {args.sample_images} images x "
           f"{args.sample_steps} steps; T/S = teacher/student, x = speed-up, eff = x / MACs x"
-          + ("  [--quick: smoke numbers, not results]" if args.quick else ""))
+          + ("  [--quick/--smoke: smoke numbers, not results]" if args.quick or args.smoke else ""))
     print_table(rows, args.batch_sizes)
     goal = goal_summary(rows, args.batch_sizes)
     for bs, g in goal["per_batch_size"].items():

@@ -13,9 +13,10 @@ Machines here are shared: each row is the median-wall run of --repeat fresh proc
 Default: the CIFAR-10 DDPM UNet (google/ddpm-cifar10-32's config, fp32). `--slow` adds the Stable
 Diffusion v1.5 UNet and DiT-XL/2 (full-size configs as in tests/test_families.py), in bf16 so that
 a model and its pruned copy fit in a shared 24 GB machine. Prints a table and
-writes benchmarks/results/size_search.json (default) or size_search_slow.json (--slow).
+writes benchmarks/results/size_search.json (default) or size_search_slow.json (--slow); --out: into that folder.
 
     OMP_NUM_THREADS=1 python benchmarks/size_search.py [--slow]
+    OMP_NUM_THREADS=1 python benchmarks/size_search.py --smoke --out DIR   # the code path on a tiny UNet, 1 repeat
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from bench_args import add_smoke_options, results_dir
+
+SMOKE_ARCH = "tiny-unet"  # --smoke only: a 16x16 two-level UNet2DModel, fp32
 ARCHS = {  # name: (ratio, target MACs fraction)
     "cifar10-ddpm-unet": (0.3, 0.56),
     "sd-v1.5-unet": (0.3, 0.5),
     "dit-xl-2": (0.3, 0.5),
+    SMOKE_ARCH: (0.3, 0.56),
 }
 MODES = ("ratio", "target", "dry-run")
-RESULTS = Path(__file__).parent / "results"
 
 
 def build(arch: str):
@@ -44,8 +47,13 @@ def build(arch: str):
     from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
     torch.manual_seed(0)
-    if arch != "cifar10-ddpm-unet":  # bf16 throughout (weights and example inputs): fits next to other jobs
-        torch.set_default_dtype(torch.bfloat16)
+    if arch not in ("cifar10-ddpm-unet", SMOKE_ARCH):  # bf16 throughout (weights and example inputs): fits next
+        torch.set_default_dtype(torch.bfloat16)  # to other jobs
+    if arch == SMOKE_ARCH:
+        return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                           layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
     if arch == "cifar10-ddpm-unet":
         return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
                            layers_per_block=2, norm_num_groups=32, attention_head_dim=None, dropout=0.1,
@@ -90,6 +98,9 @@ def child(arch: str, mode: str) -> dict:
                ratio=plan.ratio, macs_fraction=plan.chosen.macs_fraction, params_fraction=plan.chosen.params_fraction,
                macs_before=plan.macs0, params_before=plan.params0, candidates=len(plan.candidates),
                graph_s=plan.setup_s)
+    from diffprune.io import library_versions  # after the measurement: it does not count
+
+    row["versions"] = library_versions()  # the parent reports them without importing diffusers itself
     return row
 
 
@@ -101,9 +112,10 @@ def measure(arch: str, mode: str, repeat: int) -> dict:
         if out.returncode:
             raise SystemExit(f"{arch} {mode} failed:\n{out.stderr[-3000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    versions = [r.pop("versions") for r in runs][0]
     row = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
     return {**row, "repeats": repeat, "all_wall_s": [r["wall_s"] for r in runs],
-            "max_peak_rss_gb": max(r["peak_rss_gb"] for r in runs)}
+            "max_peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "versions": versions}
 
 
 def table(rows: list[dict]) -> str:
@@ -134,28 +146,34 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None,
                         help="fresh processes per (architecture, mode), median wall reported (default 3, --slow 1)")
     parser.add_argument("--child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
+    add_smoke_options(parser, f"the {SMOKE_ARCH} architecture only, 1 fresh process per mode")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
-    from diffprune.io import library_versions
-
-    archs = [args.only] if args.only else ["cifar10-ddpm-unet"] + (["sd-v1.5-unet", "dit-xl-2"] if args.slow else [])
+    out_dir = results_dir(parser, args)
+    archs = ([args.only] if args.only else [SMOKE_ARCH] if args.smoke else
+             ["cifar10-ddpm-unet"] + (["sd-v1.5-unet", "dit-xl-2"] if args.slow else []))
     load = os.getloadavg()
     rows = []
     for arch in archs:
         for mode in MODES:
-            rows.append(measure(arch, mode, args.repeat or (3 if arch == "cifar10-ddpm-unet" else 1)))
+            repeat = args.repeat or (3 if arch == "cifar10-ddpm-unet" and not args.smoke else 1)
+            rows.append(measure(arch, mode, repeat))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
+    versions = rows[0]["versions"]
+    for r in rows:
+        r.pop("versions")
     result = {"rows": rows, "goals": goals(rows), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.platform(), "cpus": os.cpu_count(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "load_average_at_start": load, "load_average_at_end": os.getloadavg(), "python": sys.version.split()[0],
-              "versions": library_versions()}
-    path = RESULTS / ("size_search_slow.json" if args.slow else "size_search.json")
+              "versions": versions}
+    path = out_dir / ("size_search_slow.json" if args.slow and not args.smoke else "size_search.json")
     if args.only:
         path = path.with_name(f"size_search_{args.only}.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["goals"], indent=2))
     print(f"wrote {path}")

@@ -10,8 +10,9 @@ each threshold sees exactly the gradients a separate run would have accumulated.
 
     python benchmarks/table1.py --quick            # smoke check, < 15 min on 2 cores
     python benchmarks/table1.py --seeds 3          # the full table (hours on CPU)
+    python benchmarks/table1.py --smoke --out DIR  # the code path in seconds (tiny random teacher), into DIR
 
-Writes benchmarks/results/table1{_quick}.json and .md.
+Writes benchmarks/results/table1{_quick}.json and .md (--out: into that folder).
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ import time
 from pathlib import Path
 
 from _common import Plan as BasePlan
-from _common import aggregate, finetune, machine, prune_row, sample_and_evaluate, teacher_recipe, worker_init
-from bench_args import add_budget_options, chosen_budget
+from _common import (
+    aggregate,
+    finetune,
+    machine,
+    prune_row,
+    sample_and_evaluate,
+    smoke_teacher,
+    teacher_recipe,
+    worker_init,
+)
+from bench_args import add_budget_options, add_smoke_options, chosen_budget, results_dir
 
 from diffprune.cli.demo_job import embedded_teacher
 from diffprune.io import library_versions
 from diffprune.prune.importance import estimate_many
 
-RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.0, 0.02, 0.05, 0.10)
 
 
@@ -51,6 +60,10 @@ FULL = Budget(seeds=3, calibration_batch=64, finetune_fraction=0.15, num_images=
               scratch_full=True)
 QUICK = Budget(seeds=1, calibration_batch=16, finetune_fraction=0.02, num_images=200, sample_steps=20,
                scratch_full=False)
+SMOKE = Budget(seeds=1, calibration_batch=4, finetune_fraction=0.02, num_images=10, sample_steps=2,
+               scratch_full=False)  # with smoke_teacher: 2 post-training steps; FID/KID need >= 10 images
+# --smoke runs one row of each kind: scratch (no importance), the shared exact sweep, the fast estimator
+SMOKE_ROWS = ("scratch (same budget)", "diff-pruning thr=0.05", "diff-pruning thr=0.05, fast estimator")
 
 
 def row_specs(budget: Budget) -> list[dict]:
@@ -155,15 +168,17 @@ def main() -> None:
                         help="run only the rows whose name contains TEXT (the others are tabulated if finished)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: tabulate the finished rows in the work folder (cells say how many seeds)")
+    add_smoke_options(parser, "a tiny random teacher with 20 timesteps, 1 seed, 10 images, DDIM 2")
     args = parser.parse_args()
-    budget = chosen_budget(parser, args, QUICK, FULL)
+    budget = chosen_budget(parser, args, QUICK, FULL, SMOKE)
+    out = results_dir(parser, args)
     start = time.perf_counter()
-    teacher = embedded_teacher()
+    teacher = smoke_teacher(out / "teacher") if args.smoke else embedded_teacher()
     recipe = teacher_recipe(teacher)
-    work = args.work / ("quick" if args.quick else "full")
+    work = args.work / ("smoke" if args.smoke else "quick" if args.quick else "full")
     if work.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
-    plan = Plan(teacher, recipe, budget, work)
+    plan = Plan(teacher, recipe, budget, work, SMOKE_ROWS if args.smoke else None)
     results = finished_rows(plan) if args.report_only else run_all(plan, args.jobs, args.only)
     table = {name: {k: aggregate([r[k] for r in runs]) for k, *_ in COLUMNS} for name, runs in results.items()}
     meta = {"seeds": budget.seeds, "num_images": budget.num_images, "sample_steps": budget.sample_steps,
@@ -174,18 +189,23 @@ def main() -> None:
             "seeds_per_row": {name: len(runs) for name, runs in results.items()},
             "budget": dataclasses.asdict(budget), "versions": library_versions()}
     notes = spread_notes(table)
-    suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"table1{suffix}.json").write_text(json.dumps({"table": table, "runs": results, "meta": meta,
-                                                              "spread_notes": notes}, indent=2) + "\n")
+    suffix = "_quick" if args.quick and not args.smoke else ""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"table1{suffix}.json").write_text(json.dumps({"table": table, "runs": results, "meta": meta,
+                                                          "spread_notes": notes}, indent=2) + "\n")
     md = markdown(table, meta) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    (RESULTS / f"table1{suffix}.md").write_text(md)
+    (out / f"table1{suffix}.md").write_text(md)
     print(md)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan(BasePlan):
-    """_common.Plan with where each finished row is recorded."""
+    """_common.Plan with the rows it runs and where each finished row is recorded."""
+
+    rows: tuple[str, ...] | None = None  # the names of row_specs this run covers (None: all)
+
+    def specs(self) -> list[dict]:
+        return [s for s in row_specs(self.budget) if self.rows is None or s["name"] in self.rows]
 
     def row_file(self, name: str, seed: int | None) -> Path:
         tag = name.replace(" ", "_").replace("=", "") + ("" if seed is None else f"_s{seed}")
@@ -217,16 +237,16 @@ def run_all(plan: Plan, jobs: int, only: str | None = None) -> dict[str, list[di
     done: dict[tuple, object] = {}
     for key, path in [(("teacher",), plan.row_file("teacher", None))] + [
             (("row", spec["name"], seed), plan.row_file(spec["name"], seed))
-            for seed in range(plan.budget.seeds) for spec in row_specs(plan.budget)]:
+            for seed in range(plan.budget.seeds) for spec in plan.specs()]:
         if path.exists():
             done[key] = json.loads(path.read_text())
     pending = [("sweep", seed) for seed in range(plan.budget.seeds)] + [("teacher",)]
-    pending += [("row", s["name"], seed) for s in row_specs(plan.budget) if s["train"] == "full"
+    pending += [("row", s["name"], seed) for s in plan.specs() if s["train"] == "full"
                 for seed in range(plan.budget.seeds)]
-    pending += [("row", s["name"], seed) for seed in range(plan.budget.seeds) for s in row_specs(plan.budget)
+    pending += [("row", s["name"], seed) for seed in range(plan.budget.seeds) for s in plan.specs()
                 if s["train"] != "full"]
     pending = [k for k in pending if k not in done and (only is None or k[0] != "row" or only in k[1])]
-    specs = {s["name"]: s for s in row_specs(plan.budget)}
+    specs = {s["name"]: s for s in plan.specs()}
     needs_sweep = {k[2] for k in pending if k[0] == "row" and uses_sweep(specs[k[1]])}
     pending = [k for k in pending if k[0] != "sweep" or k[1] in needs_sweep]
 
@@ -271,7 +291,7 @@ def run_all(plan: Plan, jobs: int, only: str | None = None) -> dict[str, list[di
 def finished_rows(plan: Plan) -> dict[str, list[dict]]:
     """Row name -> the per-seed results found in work/rows (all of them after a complete run)."""
     results: dict[str, list[dict]] = {}
-    for name, seed in [("teacher", None)] + [(spec["name"], seed) for spec in row_specs(plan.budget)
+    for name, seed in [("teacher", None)] + [(spec["name"], seed) for spec in plan.specs()
                                               for seed in range(plan.budget.seeds)]:
         path = plan.row_file(name, seed)
         if path.exists():

@@ -9,8 +9,9 @@ per seed serves every k (`importance.estimate_many(prefixes=...)`).
 
     python benchmarks/threshold_sweep.py --quick      # 1 seed, coarse grid, ~5 min
     python benchmarks/threshold_sweep.py --jobs 2     # 3 seeds (about 35 CPU-minutes)
+    python benchmarks/threshold_sweep.py --smoke --out DIR   # the code path in seconds (tiny random teacher)
 
-Writes benchmarks/results/threshold_sweep{_quick}.json and .png.
+Writes benchmarks/results/threshold_sweep{_quick}.json and .png (--out: into that folder).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_args import add_budget_options, chosen_budget
+from _common import smoke_teacher
+from bench_args import add_budget_options, add_smoke_options, chosen_budget, results_dir
 
 from diffprune.cli.demo_job import embedded_teacher
 from diffprune.evaluate.stage import EvaluateConfig, evaluate
@@ -35,7 +37,6 @@ from diffprune.prune.pruning import PruneConfig
 from diffprune.prune.stage import run_prune
 from diffprune.sample.loop import sample_to_folder
 
-RESULTS = Path(__file__).parent / "results"
 THRESHOLDS = (0.02, 0.05, 0.10)
 TARGET_MACS = 0.56
 
@@ -52,6 +53,7 @@ class Budget:
 FULL = Budget(seeds=3, calibration_batch=64, num_images=128, sample_steps=50,
               prefixes=(5, 10, 25, 50, 100, 200, 300, 400, 500, 600, 800, 1000))
 QUICK = Budget(seeds=1, calibration_batch=16, num_images=128, sample_steps=20, prefixes=(10, 100, 300, 600, 1000))
+SMOKE = Budget(seeds=1, calibration_batch=4, num_images=10, sample_steps=2, prefixes=(10,))  # smoke_teacher: 20 t
 
 
 def measure(name: str, method: str, importance, seed: int, budget: Budget, work: Path, teacher: Path,
@@ -77,7 +79,7 @@ def measure(name: str, method: str, importance, seed: int, budget: Budget, work:
     return {"ssim": ev["consistency"]["ssim"]["mean"], "fid": ev["fid"]["value"]}
 
 
-def run_seed(seed: int, budget: Budget, work: Path) -> dict:
+def run_seed(seed: int, budget: Budget, work: Path, teacher: Path) -> dict:
     """One calibration sweep, then every prefix k, the threshold cuts and the magnitude/random lines."""
     import torch
 
@@ -87,7 +89,6 @@ def run_seed(seed: int, budget: Budget, work: Path) -> dict:
     from diffprune.prune.importance import estimate_many
 
     torch.set_num_threads(1)
-    teacher = embedded_teacher()
     teacher_samples = work / "samples" / "teacher"
     pipe = load_pipeline(teacher)
     model = pipe.unet.requires_grad_(True)
@@ -118,8 +119,8 @@ def summarize(runs: list[dict], budget: Budget) -> dict:
 
     return {
         "prefix": {k: {m: stat([r["prefix"][k][m] for r in runs]) for m in ("ssim", "fid")} for k in budget.prefixes},
-        "threshold": {thr: {"cut": stat([999 if r["threshold"][thr]["cut"] is None else r["threshold"][thr]["cut"]
-                                            for r in runs]),
+        "threshold": {thr: {"cut": stat([r["losses"][-1][0] if r["threshold"][thr]["cut"] is None  # all kept
+                                            else r["threshold"][thr]["cut"] for r in runs]),
                             **{m: stat([r["threshold"][thr][m] for r in runs]) for m in ("ssim", "fid")}}
                       for thr in THRESHOLDS},
         **{method: {m: stat([r[method][m] for r in runs]) for m in ("ssim", "fid")}
@@ -128,9 +129,9 @@ def summarize(runs: list[dict], budget: Budget) -> dict:
 
 
 def plot(summary: dict, runs: list[dict], path: Path) -> None:
-    from diffprune.plots import _pyplot
+    from diffprune.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=120, sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]})
     ks = sorted(summary["prefix"])
@@ -162,28 +163,32 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_budget_options(parser, "1 seed, coarse grid, small batches", "runs/threshold_sweep")
+    add_smoke_options(parser, "a tiny random teacher with 20 timesteps, 1 seed, k = 10, 10 images, DDIM 2")
     args = parser.parse_args()
-    budget = chosen_budget(parser, args, QUICK, FULL)
-    work = args.work / ("quick" if args.quick else "full")
+    budget = chosen_budget(parser, args, QUICK, FULL, SMOKE)
+    out = results_dir(parser, args)
+    work = args.work / ("smoke" if args.smoke else "quick" if args.quick else "full")
     start = time.perf_counter()
-    sample_to_folder(embedded_teacher(), work / "samples" / "teacher", budget.num_images, batch_size=256,
+    teacher = smoke_teacher(out / "teacher") if args.smoke else embedded_teacher()
+    sample_to_folder(teacher, work / "samples" / "teacher", budget.num_images, batch_size=256,
                      steps=budget.sample_steps, sampler="ddim", seed=0, overwrite=True, progress=False)
     if args.jobs == 1:
-        runs = [run_seed(seed, budget, work) for seed in range(budget.seeds)]
+        runs = [run_seed(seed, budget, work, teacher) for seed in range(budget.seeds)]
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(run_seed, range(budget.seeds), [budget] * budget.seeds, [work] * budget.seeds))
+            runs = list(pool.map(run_seed, range(budget.seeds), [budget] * budget.seeds, [work] * budget.seeds,
+                                 [teacher] * budget.seeds))
     summary = summarize(runs, budget)
-    suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(exist_ok=True)
-    plot(summary, runs, RESULTS / f"threshold_sweep{suffix}.png")
+    suffix = "_quick" if args.quick and not args.smoke else ""
+    out.mkdir(parents=True, exist_ok=True)
+    plot(summary, runs, out / f"threshold_sweep{suffix}.png")
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
             "wall_time_s": time.perf_counter() - start, "jobs": args.jobs, "target_macs": TARGET_MACS,
             "budget": dataclasses.asdict(budget), "versions": library_versions()}
-    (RESULTS / f"threshold_sweep{suffix}.json").write_text(
+    (out / f"threshold_sweep{suffix}.json").write_text(
         json.dumps({"summary": summary, "runs": runs, "meta": meta}, indent=2) + "\n")
     print(f"{'k':>6} | SSIM (no post-training) | digits-FID")
     for k, row in summary["prefix"].items():
@@ -192,7 +197,7 @@ def main() -> None:
         print(f"thr {thr}: cut {row['cut']['mean']:.0f}, SSIM {row['ssim']['mean']:.3f} ± {row['ssim']['std']:.3f}")
     for method in ("magnitude", "random"):
         print(f"{method}: SSIM {summary[method]['ssim']['mean']:.3f} ± {summary[method]['ssim']['std']:.3f}")
-    print(f"wrote {RESULTS / f'threshold_sweep{suffix}.json'} and .png in {meta['wall_time_s'] / 60:.1f} min")
+    print(f"wrote {out / f'threshold_sweep{suffix}.json'} and .png in {meta['wall_time_s'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
