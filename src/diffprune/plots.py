@@ -22,7 +22,6 @@ def pyplot():
     return plt
 
 
-_pyplot = pyplot  # the old private name (benchmarks/threshold_sweep.py)
 
 
 def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Path:
