@@ -128,7 +128,7 @@ def test_prune_report_records_the_paper_loops_kept_steps_and_cut(tmp_path):
 
 def _synthetic(curve):
     """Replace the calibration loss by `curve[t]`, still connected to the model so backward runs."""
-    def calibration_loss(model, family, sched, images, seed, cond):
+    def calibration_loss(model, family, sched, images, seed, cond, runtime=None):
         w = next(model.parameters())
         return lambda t, grad=True: (w.sum() * 0 if grad else 0) + torch.tensor(curve[t])
     return calibration_loss

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..prune.config import ALLOCATIONS, RATIO_RULES, PruneConfig
 from ..prune.importance import GRADIENT_METHODS, METHODS
+from ..prune.sweep_runtime import PRECISIONS
 from .common import (
     add_conditioning_options,
     add_device_seed,
@@ -65,6 +66,18 @@ def register(subparsers) -> None:
                         "measured closer to a many-image truth than 'exact' on 64 images); 'exact' backpropagates "
                         "every kept timestep on the whole batch: the paper's loop (use it to reproduce the paper) "
                         "(default: fast for --method diff-pruning; the other methods have only exact)")
+    p.add_argument("--micro-batch-size", type=positive_int, default=None,
+                   help="process the calibration batch (and each fast-estimator pass) in micro-batches of this "
+                        "many images, integer >= 1, accumulating their gradients: the same importance and pruned "
+                        "model as one batch (up to float rounding) with activation memory for M images "
+                        "(default: the whole batch at once)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward during the calibration sweep (less memory, ~1.3x "
+                        "the time); switched off again before pruning; same result")
+    p.add_argument("--sweep-precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: run the sweep's forward passes under bfloat16 autocast (about half the activation "
+                        "memory; weights and gradient sums stay fp32; agreement with fp32 measured in "
+                        "benchmarks/full_size_sweep.py, not guaranteed)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="how the budget is spread over the layers: 'uniform' prunes every channel group by the "
                         "same ratio (the paper); 'global' ranks all groups' (mean-normalized) scores together; "
@@ -112,15 +125,20 @@ def run(args: argparse.Namespace) -> None:
                          round_to=args.round_to,
                          ratio_rule=args.ratio_rule, allocation=args.allocation, seed=args.seed, device=args.device,
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
-                         prune_residual=args.prune_residual,
+                         prune_residual=args.prune_residual, micro_batch_size=args.micro_batch_size,
+                         gradient_checkpointing=args.gradient_checkpointing, sweep_precision=args.sweep_precision,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
                          prompt_embeds=None if args.prompt_embeds is None else str(Path(args.prompt_embeds).absolute()),
                          portable=args.portable)
     source = {"revision": args.revision, "variant": args.variant}
     if args.dry_run:
-        print(dry_run_table(dry_run(config, **source)))
+        result = dry_run(config, **source)
+        if result is not None:  # None: not the main process of an accelerate launch
+            print(dry_run_table(result))
         return
     report = run_prune(config, args.output_dir, overwrite=args.overwrite, **source)  # locks the output meanwhile
+    if report is None:  # another process of an accelerate launch: the main one reports
+        return
     print(summary_table(report))
     print(f"wrote pruned pipeline: {report['output_dir']}")
     print(f"      report: {report['output_dir']}/prune_report.json")

@@ -3,6 +3,9 @@
 Version 2 (issue 16/18) added `allocation` and made `estimator="fast"` the default. A version-1
 config reads as it was meant: its `estimator` as saved (absent: "exact", the old default) and
 `allocation="uniform"` (the only allocation version 1 had).
+Version 3 (issue 24) added how the sweep runs: `micro_batch_size`, `gradient_checkpointing`,
+`sweep_precision` (sweep_runtime.py). Versions 1 and 2 read with their defaults: the whole batch at
+once, no checkpointing, fp32, which is how those runs swept.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 from ..config import StageConfig
 from ..errors import DiffpruneError, check_range
 from .importance import ESTIMATORS
+from .sweep_runtime import PRECISIONS
 
 RATIO_RULES = ("torch-pruning", "paper")
 # How the pruned channels are spread over the layers (prune/allocation.py): "uniform" = the paper
@@ -26,7 +30,7 @@ class PruneConfig(StageConfig):
     """Settings of one pruning run (written as prune_config.json next to the result)."""
 
     stage = "prune"
-    version = 2
+    version = 3
     model: str = ""
     data: str = "digits"
     method: str = "diff-pruning"
@@ -44,6 +48,12 @@ class PruneConfig(StageConfig):
     allocation: str = "uniform"
     seed: int = 0
     device: str = "cpu"
+    # How the calibration sweep runs (sweep_runtime.SweepRuntime): micro-batches of this many images
+    # (None: the whole batch at once), activation checkpointing, and "bf16" autocast. Memory, not result:
+    # micro-batches and checkpointing give the one-batch sweep's importance up to float rounding.
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    sweep_precision: str = "fp32"
     prune_heads: bool = False
     head_pruning_ratio: float | None = None
     prune_residual: bool = False  # transformers (DiT): also prune the residual width (Family.configured)
@@ -81,6 +91,10 @@ class PruneConfig(StageConfig):
             check_range("head_pruning_ratio", self.head_pruning_ratio, 0.0, 1.0, high_open=True)
         if self.round_to is not None and self.round_to < 1:
             raise DiffpruneError(f"round_to={self.round_to} must be an integer >= 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise DiffpruneError(f"micro_batch_size={self.micro_batch_size} must be an integer >= 1")
+        if self.sweep_precision not in PRECISIONS:
+            raise DiffpruneError(f"sweep_precision={self.sweep_precision!r} is not one of {PRECISIONS}")
 
     @classmethod
     def from_dict(cls, data):
@@ -88,9 +102,12 @@ class PruneConfig(StageConfig):
 
 
 def upgrade_prune_config(data: dict) -> dict:
-    """A version-1 prune config as the version-2 one of the same run (see the module docstring)."""
+    """A version-1 or -2 prune config as the version-3 one of the same run (see the module docstring)."""
     data = dict(data)
-    if data.get("stage", PruneConfig.stage) == PruneConfig.stage and data.get("version") == 1:
-        data.update(version=PruneConfig.version, estimator=data.get("estimator", "exact"),
-                    allocation=data.get("allocation", "uniform"))
+    if data.get("stage", PruneConfig.stage) != PruneConfig.stage:
+        return data
+    if data.get("version") == 1:
+        data.update(version=2, estimator=data.get("estimator", "exact"), allocation=data.get("allocation", "uniform"))
+    if data.get("version") == 2:  # the new fields' defaults are how a version-2 run swept
+        data.update(version=PruneConfig.version)
     return data

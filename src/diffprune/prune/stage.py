@@ -8,10 +8,17 @@ pipeline (diffusers layout + pruning.json + safetensors), `prune_config.json`, `
 and `loss_over_timesteps.png`. `dry_run` stops after the size: nothing read but the model, nothing written.
 The data-free methods (magnitude, random, reinit) read no calibration images when `config.data` is None
 (the CLI's default for them): neither images nor text encoders are loaded.
+
+Under `accelerate launch --num_processes N` every process loads the model and the calibration batch
+and sweeps its share of the micro-batches (sweep_runtime.py: losses and gradients all-reduced, so
+every process holds the one-process importance); the main process alone holds the output lock,
+searches the size, prunes and writes. A dry run is the main process's alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -39,25 +46,52 @@ from .config import PruneConfig
 from .importance import GRADIENT_METHODS, PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
 from .pruning import prune
 from .size_search import check_reachable, search_sizes
+from .sweep_runtime import ONE_PROCESS, SweepRuntime, Workers
 
 STAGE = PruneConfig.stage
 
 
 def run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool = False,
               progress: bool = True, importance: ImportanceResult | None = None,
-              revision: str | None = None, variant: str | None = None) -> dict:
+              revision: str | None = None, variant: str | None = None) -> dict | None:
     """Run the whole prune stage; returns the report dict (also written as prune_report.json).
 
     `importance` may carry a sweep already made for this config (e.g. one of
     `importance.estimate_many`'s results); it must name the same method and threshold.
     `revision` / `variant`: how `config.model` is loaded (io.load_pipeline); recorded in the report
-    ("model_source") and in pruning.json's base_model.
+    ("model_source") and in pruning.json's base_model. Under `accelerate launch` with several
+    processes, the others share the sweep and return None; the main process returns the report.
     """
     output_dir = check_output_location(output_dir, prune_inputs(config))
-    with output_lock(output_dir):  # held for the whole run, not only while writing
-        check_output_dir(output_dir, overwrite, STAGE)
-        return _run_prune(config, output_dir, overwrite, progress, importance, {"revision": revision,
-                                                                                "variant": variant})
+    workers, device = process_group(config.device)
+    with contextlib.ExitStack() as held:  # the main process holds the lock for the whole run
+        on_main(workers, device, lambda: (held.enter_context(output_lock(output_dir)),
+                                          check_output_dir(output_dir, overwrite, STAGE)))
+        return _run_prune(config, output_dir, overwrite, progress, importance,
+                          {"revision": revision, "variant": variant}, workers, device)
+
+
+def process_group(device: str) -> tuple[Workers, torch.device]:
+    """The processes of an `accelerate launch` (one process without it) and this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ONE_PROCESS, torch.device(device)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=torch.device(device).type == "cpu")
+    return Workers(state.process_index, state.num_processes), torch.device(state.device)
+
+
+def on_main(workers: Workers, device: torch.device, fn):
+    """`fn()` on the main process only; a DiffpruneError there is raised on every process (no hang)."""
+    result, error = None, None
+    if workers.is_main:
+        try:
+            result = fn()
+        except DiffpruneError as err:
+            error = err
+    if workers.agree(error is not None, device):
+        raise error or DiffpruneError("the main process refused this run; see its message")
+    return result
 
 
 def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
@@ -67,13 +101,18 @@ def prune_inputs(config: PruneConfig) -> dict[str, str | None]:
 
 
 def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, progress: bool,
-               importance: ImportanceResult | None, source: dict) -> dict:
+               importance: ImportanceResult | None, source: dict, workers: Workers = ONE_PROCESS,
+               device: torch.device | None = None) -> dict | None:
     start = time.perf_counter()
-    device = torch.device(config.device)
+    device = torch.device(config.device) if device is None else device
     gradients = config.method in GRADIENT_METHODS
     if config.data is None and gradients:
         raise DiffpruneError(f"data=None: method {config.method!r} scores with gradients on calibration images; "
                              "allowed: an image folder or 'digits' (only magnitude, random and reinit need none)")
+    if workers.world > 1 and not (gradients and importance is None):  # no sweep to share
+        if not workers.is_main:
+            return None
+        workers = ONE_PROCESS  # the main process does it all, as one process
     embeds = load_prompt_embeds(config.prompt_embeds)  # a bad file fails before any model loads
     reads_data = config.data is not None
     pipe = load_pipeline(config.model, device=device, text_encoders=embeds is None and reads_data, **source)
@@ -82,11 +121,8 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     if config.prune_residual and family.residual_prunable:  # UNets: every channel is pruned already
         raise DiffpruneError(f"prune_residual=True applies to DiT, whose residual width is protected by default; "
                              f"{type(model).__name__} prunes every channel without it; allowed: drop --prune-residual")
-    plan = None  # decided before any calibration work: the size, or (global/isomorphic) that it is reachable
-    if config.allocation == "uniform":
-        plan = search_sizes(model, family, config, progress=progress)
-    elif config.ratio is None:
-        check_reachable(model, family, config)
+    # The size (or, for global/isomorphic, that it is reachable) is decided before any calibration work.
+    plan = on_main(workers, device, lambda: _size_first(model, family, config, progress))
     model.requires_grad_(True)
     if not family.conditional and (config.prompt or config.captions or config.class_labels):
         raise DiffpruneError(f"--prompt/--captions/--class-labels apply to conditional models; "
@@ -96,16 +132,20 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         samples, cond, calibration = _calibration(config, pipe, family, model, embeds, device)
 
     precomputed = importance is not None
+    runtime = SweepRuntime(config.micro_batch_size, config.gradient_checkpointing, config.sweep_precision, workers)
     if importance is None and config.estimator == "fast":
         importance = estimate_fast(model, family, pipe.scheduler, samples, config.threshold, config.seed,
-                                   progress=progress, cond=cond)
+                                   progress=progress, cond=cond, runtime=runtime)
     elif importance is None:
         importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
-                              config.seed, progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond)
+                              config.seed, progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond,
+                              runtime=runtime)
     elif importance.method != config.method or (
             config.method == "diff-pruning" and importance.threshold != config.threshold):
         raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
                              f"threshold={importance.threshold}, not for {config.method!r} {config.threshold}")
+    if not workers.is_main:
+        return None  # its share of the sweep is done; the main process prunes and writes
     outcome = prune(model, family, config, importance, progress=progress, plan=plan)
     info = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
@@ -159,6 +199,15 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     return report
 
 
+def _size_first(model, family, config: PruneConfig, progress: bool):
+    """The size plan (uniform allocation), or None after checking a global/isomorphic target is reachable."""
+    if config.allocation == "uniform":
+        return search_sizes(model, family, config, progress=progress)
+    if config.ratio is None:
+        check_reachable(model, family, config)
+    return None
+
+
 def _calibration(config: PruneConfig, pipe, family, model, embeds, device) -> tuple:
     """(samples in model space, their conditioning, {"images", "skipped_files"}) of the calibration batch."""
     ctx = context_for(pipe, family, model, embeds)
@@ -169,7 +218,9 @@ def _calibration(config: PruneConfig, pipe, family, model, embeds, device) -> tu
     images = first_batch(dataset, config.batch_size, config.seed)
     idx = batch_indices(len(dataset), config.batch_size, config.seed)
     cond = ctx.cond_for(idx, device)
-    samples = ctx.to_model_space(images.to(device))  # latents for latent pipelines (posterior mean)
+    step = config.micro_batch_size or len(images)  # the autoencoder sees micro-batches too (memory)
+    with torch.no_grad():  # latents for latent pipelines (posterior mean)
+        samples = torch.cat([ctx.to_model_space(images[i:i + step].to(device)) for i in range(0, len(images), step)])
     return samples, cond, {"images": int(images.shape[0]), "skipped_files": getattr(dataset, "skipped", 0)}
 
 
@@ -182,12 +233,16 @@ def allocation_report(config: PruneConfig, outcome) -> dict:
 
 
 def dry_run(config: PruneConfig, progress: bool = True, revision: str | None = None,
-            variant: str | None = None) -> dict:
+            variant: str | None = None) -> dict | None:
     """The size `config` gives (widths, params, MACs and the search), without calibration data,
-    importance sweep or output: only the model is read (`revision` / `variant`: as in `run_prune`)."""
+    importance sweep or output: only the model is read (`revision` / `variant`: as in `run_prune`).
+    Under `accelerate launch` only the main process searches (the others return None)."""
     if config.allocation != "uniform":
         raise DiffpruneError(f"--dry-run needs --allocation uniform: {config.allocation!r} widths follow the "
                              f"importance scores, known only after the calibration sweep")
+    workers, _ = process_group(config.device)
+    if not workers.is_main:
+        return None  # the size search is one process's work
     start = time.perf_counter()
     pipe = load_pipeline(config.model, device=torch.device(config.device), text_encoders=False,  # denoiser only
                          revision=revision, variant=variant)
