@@ -105,7 +105,7 @@ def group_scores(model: torch.nn.Module, family: Family, importance: ImportanceR
         scored.disable_gradient_checkpointing()
     if importance.grads is not None:
         for name, p in scored.named_parameters():
-            p.grad = importance.grads[name].clone() if name in importance.grads else torch.zeros_like(p)
+            p.grad = importance.grads[name] if name in importance.grads else torch.zeros_like(p)  # read, never changed
     device = next(scored.parameters()).device
     example = family.example_inputs(scored, device=device)
     num_heads = family.num_heads(scored)

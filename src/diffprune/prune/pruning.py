@@ -93,7 +93,9 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
         return pruned
     if importance.grads is not None:
         for name, p in pruned.named_parameters():
-            p.grad = importance.grads[name].clone() if name in importance.grads else torch.zeros_like(p)
+            # Not copied (one model-size tensor less at full size): torch-pruning reads .grad and slices
+            # it into new tensors, never in place, so `importance` can serve another prune.
+            p.grad = importance.grads[name] if name in importance.grads else torch.zeros_like(p)
     before = record_structure(pruned)
     device = next(pruned.parameters()).device
     example = family.example_inputs(pruned, device=device)
