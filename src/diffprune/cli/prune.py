@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     p.add_argument("--sweep-precision", choices=PRECISIONS, default="fp32",
                    help="bf16: run the sweep's forward passes under bfloat16 autocast (about half the activation "
                         "memory; weights and gradient sums stay fp32; agreement with fp32 measured in "
-                        "benchmarks/full_size_sweep.py, not guaranteed)")
+                        "benchmarks/sweep_precision.py, not guaranteed)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="how the budget is spread over the layers: 'uniform' prunes every channel group by the "
                         "same ratio (the paper); 'global' ranks all groups' (mean-normalized) scores together; "

@@ -129,7 +129,7 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
                              f"{type(model).__name__} is unconditional")
     samples, cond, calibration = None, None, {"images": 0, "skipped_files": 0}  # data-free: nothing read
     if reads_data:
-        samples, cond, calibration = _calibration(config, pipe, family, model, embeds, device)
+        samples, cond, calibration = calibration_batch(config, pipe, family, model, embeds, device)
 
     precomputed = importance is not None
     runtime = SweepRuntime(config.micro_batch_size, config.gradient_checkpointing, config.sweep_precision, workers)
@@ -208,7 +208,7 @@ def _size_first(model, family, config: PruneConfig, progress: bool):
     return None
 
 
-def _calibration(config: PruneConfig, pipe, family, model, embeds, device) -> tuple:
+def calibration_batch(config: PruneConfig, pipe, family, model, embeds, device) -> tuple:
     """(samples in model space, their conditioning, {"images", "skipped_files"}) of the calibration batch."""
     ctx = context_for(pipe, family, model, embeds)
     size, channels = ctx.data_size()
