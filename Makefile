@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PROBE = import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)
 
-.PHONY: venv demo test test-slow lint clean
+.PHONY: venv demo test test-slow lint check-claims clean
 
 $(BIN)/diffprune: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ test-slow: venv
 # pushes four modules past the 450-line limit that tests/test_layout.py enforces (docs/ARCHITECTURE.md, "Style").
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
+
+# Every README figure quoted from benchmarks/results re-read from its JSON (benchmarks/check_claims.py;
+# tests/test_claims.py runs it in `make test` too).
+check-claims: venv
+	$(BIN)/python benchmarks/check_claims.py
 
 clean:
 	rm -rf $(VENV) runs
