@@ -108,12 +108,10 @@ def steps_to_target(found: dict, table: dict, steps: list[int], target: float) -
 
 
 def plot(table: dict, teacher: dict, target: float, path: Path) -> None:
-    import matplotlib
+    from diffprune.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = figure((11, 4.2))
+    axes = fig.subplots(1, 2)
     for name, by_k in table.items():
         ks = sorted(by_k)
         for ax, m in zip(axes, ("fid", "ssim"), strict=True):
@@ -133,7 +131,6 @@ def plot(table: dict, teacher: dict, target: float, path: Path) -> None:
     fig.suptitle("mean over seeds, band = +- std")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cell(stat: dict, fmt: str, seeds: int) -> str:

@@ -136,7 +136,8 @@ def sample_and_evaluate(plan: Plan, model: Path, name: str, against_teacher: boo
     pair = ({"teacher_samples": str(plan.work / "samples" / "teacher"), "teacher_model": str(plan.teacher)}
             if against_teacher else {})
     return evaluate(EvaluateConfig(samples=str(samples), reference="digits", model=str(model), allow_download=False,
-                                   output=str(plan.work / "evaluation" / f"{name}.json"), **pair))
+                                   output=str(plan.work / "evaluation" / f"{name}.json"), **pair),
+                    overwrite=True)  # a rerun in the same work folder re-evaluates, as it re-samples
 
 
 def write_text_atomic(path: Path, text: str) -> None:

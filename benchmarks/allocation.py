@@ -259,10 +259,10 @@ def search_timing(arch: str, allocation: str = "global") -> dict:
 
 def plot_widths(results: dict[str, list[dict]], dit: dict, path: Path) -> Path:
     """Kept fraction of each ranked group under each allocation: digits (mean over seeds) and the DiT."""
-    from diffprune.plots import pyplot
+    from diffprune.plots import figure
 
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7), dpi=90)
+    fig = figure((11, 7), dpi=90)
+    axes = fig.subplots(2, 1)
     names = [g["layer"] for g in results["uniform"][0]["groups"]]
     x = np.arange(len(names))
     for k, a in enumerate(ALLOCATIONS):
@@ -284,7 +284,6 @@ def plot_widths(results: dict[str, list[dict]], dit: dict, path: Path) -> Path:
     axes[1].set_title(f"tiny random DiT at {TARGET_MACS:.0%} MACs (structure only)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -123,11 +123,12 @@ class Hooks:
         from accelerate import Accelerator
         from accelerate.optimizer import AcceleratedOptimizer
 
-        targets = [(train_loop, "_train_step", "step"), (train_loop, "_micro_batch", "batch"),
-                   (train_loop, "_losses", "forward"), (train_loop, "_settle", "loss check"),
+        targets = [(train_loop, "train_step", "step"), (train_loop, "micro_batch", "batch"),
+                   (train_loop, "step_losses", "forward"), (train_loop, "settle", "loss check"),
                    (Accelerator, "backward", "backward"), (Accelerator, "clip_grad_norm_", "clip"),
                    (AcceleratedOptimizer, "step", "optimizer"), (AcceleratedOptimizer, "zero_grad", "zero_grad"),
-                   (training.EMA, "update", "EMA"), (train_loop, "_save", "checkpoint"), (train_loop, "_loop", "loop")]
+                   (training.EMA, "update", "EMA"), (train_loop, "save_checkpoint", "checkpoint"),
+                   (train_loop, "run_steps", "loop")]
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
         saved.append((train_loop, "batch_stream", train_loop.batch_stream))
         try:
@@ -207,7 +208,7 @@ def pre_fix_loop():
     """Swap the loop's fixed pieces back to what they were before the overhead fixes."""
     from diffprune import data as data_module
 
-    originals = (train_setup.make_optimizer, training.EMA.update, train_loop._train_step, data_module.make_dataset)
+    originals = (train_setup.make_optimizer, training.EMA.update, train_loop.train_step, data_module.make_dataset)
 
     def train_step_with_sync(run, batches, step):
         out = originals[2](run, batches, step)
@@ -222,12 +223,12 @@ def pre_fix_loop():
 
     train_setup.make_optimizer = lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr)
     training.EMA.update = ema_update_per_tensor
-    train_loop._train_step = train_step_with_sync
+    train_loop.train_step = train_step_with_sync
     data_module.make_dataset = uncached_dataset
     try:
         yield
     finally:
-        train_setup.make_optimizer, training.EMA.update, train_loop._train_step, data_module.make_dataset = originals
+        train_setup.make_optimizer, training.EMA.update, train_loop.train_step, data_module.make_dataset = originals
 
 
 def adam_costs(unet, repeats: int) -> dict:

@@ -129,11 +129,10 @@ def summarize(runs: list[dict], budget: Budget) -> dict:
 
 
 def plot(summary: dict, runs: list[dict], path: Path) -> None:
-    from diffprune.plots import pyplot
+    from diffprune.plots import figure
 
-    plt = pyplot()
-    fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(6.4, 6.0), dpi=120, sharex=True,
-                                      gridspec_kw={"height_ratios": [2, 1]})
+    fig = figure((6.4, 6.0), dpi=120)
+    ax, ax_loss = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     ks = sorted(summary["prefix"])
     mean = np.array([summary["prefix"][k]["ssim"]["mean"] for k in ks])
     std = np.array([summary["prefix"][k]["ssim"]["std"] for k in ks])
@@ -157,7 +156,6 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
     ax_loss.set_ylabel("calibration L_t")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -315,3 +315,20 @@ def test_cli_cost_every_family(kind, family_pipelines, tmp_path, capsys):
         assert c["throughput"][name]["images"] == 2
     assert c["ratios"]["params_student_over_teacher"] < 1 and c["ratios"]["macs_student_over_teacher"] < 1
     assert "speed-up" in printed.out
+
+
+def test_the_evaluate_api_refuses_an_existing_output_unless_overwrite(folders, tmp_path):
+    """Like prune/sample/finetune, `evaluate` (and `diffprune.evaluate`) writes over nothing by default."""
+    import diffprune
+    from diffprune.errors import DiffpruneError
+
+    out = tmp_path / "pair.json"
+    config = EvaluateConfig(samples=str(folders["student"]), teacher_samples=str(folders["teacher"]), output=str(out))
+    first = evaluate(config, progress=False)
+    saved = out.read_bytes()
+    for call in (evaluate, diffprune.evaluate):
+        with pytest.raises(DiffpruneError, match="already exists; pass --overwrite") as err:
+            call(config)
+        assert str(out) in str(err.value) and "\n" not in str(err.value) and out.read_bytes() == saved
+    again = evaluate(config, overwrite=True)  # its own JSON: replaced
+    assert again["consistency"]["ssim"] == first["consistency"]["ssim"] and json.loads(out.read_text())["format"]

@@ -58,7 +58,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def _bad_numbers(parse) -> list[str]:
-    """Values outside what `commands.common._number` type `parse` allows."""
+    """Values outside what `cli.common.number_type` allows."""
     bad = ["abc", "", "nan", "inf", "-inf", "1e30" if parse.kind is int or parse.high is not None else "-1e30"]
     if parse.kind is int:
         bad += ["1.5", "99999999999999999999"]

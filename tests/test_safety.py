@@ -290,7 +290,7 @@ def test_evaluate_never_writes_over_an_input(project, capsys):
 
 
 def test_the_evaluate_api_never_writes_over_an_input_either(project):
-    """Scripts calling `diffprune.evaluate` get the same guard as the CLI (overwrite defaults to True)."""
+    """Scripts calling `diffprune.evaluate` get the same guard as the CLI, even with overwrite=True."""
     from diffprune.errors import DiffpruneError
     from diffprune.evaluate.stage import EvaluateConfig, evaluate
 
@@ -298,7 +298,8 @@ def test_the_evaluate_api_never_writes_over_an_input_either(project):
     before = tree_hashes(project)
     for output in (teacher / "unet" / "config.json", project / "thesis.txt"):
         with pytest.raises(DiffpruneError, match="lies inside the --model input|not a diffprune evaluation JSON"):
-            evaluate(EvaluateConfig(model=str(teacher), latency_repeats=1, latency_warmup=0, output=str(output)))
+            evaluate(EvaluateConfig(model=str(teacher), latency_repeats=1, latency_warmup=0, output=str(output)),
+                     overwrite=True)
     assert tree_hashes(project) == before and not leftovers(project)
 
 

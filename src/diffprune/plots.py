@@ -2,6 +2,8 @@
 
 A shared layer: the prune stage (the loss-over-timesteps plot), the sample stage (grid.png) and the
 report draw with these. It imports numpy only; matplotlib and PIL are imported when first used.
+Figures are drawn with matplotlib's object-oriented API (`figure`: a Figure on an Agg canvas), never
+pyplot or `matplotlib.use`, so the backend of a program that imports diffprune stays its own.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ from pathlib import Path
 import numpy as np
 
 
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
+def figure(figsize: tuple[float, float], dpi: int = 100):
+    """A matplotlib Figure drawn by the non-interactive Agg canvas (no display needed): `fig.subplots(...)`
+    to draw, `fig.savefig(path)` to write. No pyplot: the global backend and figure list stay untouched,
+    and the figure is freed with its last reference (no `close`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Path:
@@ -29,8 +31,8 @@ def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Pa
 
     `summary` is `ImportanceResult.summary()` (losses, tail_losses, kept ranges, threshold).
     """
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig = figure((6.4, 3.6), dpi=120)
+    ax = fig.subplots()
     swept = np.array(summary["losses"], dtype=float).reshape(-1, 2)
     tail = np.array(summary["tail_losses"], dtype=float).reshape(-1, 2)
     ax.plot(swept[:, 0], swept[:, 1], color="C0", lw=1.2, label="L_t (with gradients)")
@@ -50,7 +52,6 @@ def plot_timestep_losses(summary: dict, path: str | Path, title: str = "") -> Pa
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 
-def _number(kind, low=None, high=None, low_open=False, high_open=False):
+def number_type(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse type accepting `kind` values inside an interval; the message names both."""
 
     lo = "(" if low_open else "["
@@ -38,16 +38,15 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
 MAX_INT = 2**31 - 1  # the largest integer an unbounded integer option takes
 
 
-positive_int = _number(int, 1)
-non_negative_int = _number(int, 0)
-unit_open = _number(float, 0.0, 1.0, low_open=True, high_open=True)  # (0, 1)
-unit_half_open = _number(float, 0.0, 1.0, high_open=True)  # [0, 1)
-positive_float = _number(float, 0.0, low_open=True)
-non_negative_float = _number(float, 0.0)
-fraction = _number(float, 0.0, 1.0, low_open=True)  # (0, 1]
-at_least_two_int = _number(int, 2)  # [2, inf): e.g. KID subset size
+positive_int = number_type(int, 1)
+non_negative_int = number_type(int, 0)
+unit_open = number_type(float, 0.0, 1.0, low_open=True, high_open=True)  # (0, 1)
+unit_half_open = number_type(float, 0.0, 1.0, high_open=True)  # [0, 1)
+non_negative_float = number_type(float, 0.0)
+fraction = number_type(float, 0.0, 1.0, low_open=True)  # (0, 1]
+at_least_two_int = number_type(int, 2)  # [2, inf): e.g. KID subset size
 # classifier-free guidance scale: [0, families.guidance.MAX_GUIDANCE_SCALE] (that module imports torch)
-guidance_scale_float = _number(float, 0.0, 100.0)
+guidance_scale_float = number_type(float, 0.0, 100.0)
 
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True, unless: str = "") -> None:

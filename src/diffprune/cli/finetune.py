@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from .common import (
-    _number,
     add_conditioning_options,
     add_device_seed,
     add_hub_options,
@@ -15,13 +14,14 @@ from .common import (
     fraction,
     non_negative_float,
     non_negative_int,
+    number_type,
     positive_int,
     resolve_device,
     show_defaults,
     unit_half_open,
 )
 
-unit_closed = _number(float, 0.0, 1.0)  # [0, 1]
+unit_closed = number_type(float, 0.0, 1.0)  # [0, 1]
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:

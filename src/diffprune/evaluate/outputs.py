@@ -1,6 +1,6 @@
 """Where `evaluate` may write: never over an input, and over an existing file only if it wrote it.
 
-Shared by the API (`evaluation.evaluate`) and the CLI, so a script calling `evaluate()` is protected
+Shared by the API (`evaluate.stage.evaluate`) and the CLI, so a script calling `evaluate()` is protected
 the same way as `diffprune evaluate`.
 """
 

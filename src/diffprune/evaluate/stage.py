@@ -245,12 +245,13 @@ def fidelity(config: EvaluateConfig, samples, warnings: list[str]) -> dict[str, 
 # --------------------------------------------------------------------------- stage
 
 
-def evaluate(config: EvaluateConfig, overwrite: bool = True) -> dict[str, Any]:
+def evaluate(config: EvaluateConfig, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every metric whose inputs `config` names; write the JSON (see `output_path`) and return it.
 
-    Before any work the outputs are checked (`evaluation_outputs.check_outputs`): never an input file
-    or one inside an input; an existing file only if `overwrite` and evaluate wrote it. The CLI passes
-    --overwrite (default off); scripts re-evaluating into their own JSON keep the default.
+    Before any work the outputs are checked (`outputs.check_outputs`): never an input file or one
+    inside an input; an existing file (the JSON, `save_stats`) only if `overwrite` and evaluate wrote
+    it, else one DiffpruneError line, as the other stages refuse an existing output folder.
+    `progress`: the CLIP score's progress bar (the one long loop evaluate shows).
     """
     from ..io.pipeline import library_versions
     from ..metrics.imageset import load_image_set
@@ -271,7 +272,7 @@ def evaluate(config: EvaluateConfig, overwrite: bool = True) -> dict[str, Any]:
         from ..metrics.clip_score import clip_result
 
         result["clip_score"] = clip_result(samples, config.samples, config.clip_model, config.device,
-                                           config.allow_download)
+                                           config.allow_download, progress=progress)
     if config.teacher_samples:
         teacher = load_image_set(config.teacher_samples)
         result["consistency"] = {

@@ -35,9 +35,4 @@ def family_for(model: torch.nn.Module) -> Family:
                          f"supported: {supported_names()}")
 
 
-def supported_components() -> tuple[str, ...]:
-    """Pipeline component names that hold a prunable denoiser ('unet', 'transformer')."""
-    return tuple(dict.fromkeys(fam.component for fam in FAMILIES))
-
-
-__all__ = ["FAMILIES", "Family", "family_for", "supported_components", "supported_names"]
+__all__ = ["FAMILIES", "Family", "family_for", "supported_names"]

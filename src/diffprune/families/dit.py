@@ -104,7 +104,7 @@ def removed_channels(group, module: torch.nn.Module) -> list[int] | None:
 @torch.no_grad()
 def slice_position_buffer(patch_embed: torch.nn.Module, removed: list[int] | None) -> None:
     """Drop the `removed` channels of a PatchEmbed's fixed position buffer (last dim) and make the
-    buffer persistent, so the pruned folder stores the sliced values (io.restore_saved_buffers)."""
+    buffer persistent, so the pruned folder stores the sliced values (io.structure.restore_saved_buffers)."""
     buffer = getattr(patch_embed, "pos_embed", None)
     if not removed or buffer is None:
         return

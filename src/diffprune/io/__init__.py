@@ -1,9 +1,10 @@
 """Pickle-free pipeline folders (layer 3, io): save, load, the checks before loading, the
 diffusers-only `--portable` loader, and module-tree shapes as JSON.
 
-Modules: `pipeline` (save/load, the Pruned* classes), `folder_files` (a component folder's files,
-hub ids), `model_checks` + `weight_checks` (what a folder must hold before anything is loaded), `structure`
-(record/apply layer widths, the weights fingerprint), `portable` + `portable_template`.
+Modules: `pipeline` (save/load, the Pruned* classes), `pretrained_options` (diffusers' save_pretrained /
+from_pretrained keyword arguments for them), `folder_files` (a component folder's files, hub ids),
+`model_checks` + `weight_checks` (what a folder must hold before anything is loaded), `structure`
+(record/apply layer widths, saved buffers, the weights fingerprint), `portable` + `portable_template`.
 May import the shared layers, `data` and `families` (never prune/train/sample/evaluate/report/cli).
 
 `diffprune.io` is a public name: model_index.json files name it as the library of pruned

@@ -61,11 +61,22 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of `folder`'s safetensors file; a file mixing float dtypes is refused."""
-    path = folder / WEIGHTS_FILE
+def weights_name(variant: str | None = None) -> str:
+    """The weights file of a pruned folder: diffusion_pytorch_model[.<variant>].safetensors."""
+    return WEIGHTS_FILE if variant is None else WEIGHTS_FILE.replace(".safetensors", f".{variant}.safetensors")
+
+
+def read_weights(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `folder`'s safetensors file (of `variant` if the folder has it, as diffusers falls
+    back to the plain file); a file mixing float dtypes is refused."""
+    path = folder / weights_name(variant)
     if not path.is_file():
-        raise DiffpruneError(f"{path}: missing weights file (only safetensors are read, never pickles)")
+        path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        present = sorted(v for v in variants_present(p.name for p in folder.glob("*.safetensors")) if v)
+        hint = f"; it holds variant weights {present}: allowed: variant={present[0]!r}" if present else \
+            " (only safetensors are read, never pickles)"
+        raise DiffpruneError(f"{folder / weights_name(variant)}: missing weights file{hint}")
     check_one_float_dtype(path, read_header(path))
     try:
         return load_file(str(path))

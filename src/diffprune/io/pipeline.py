@@ -51,6 +51,7 @@ from .folder_files import (  # noqa: F401  (the file names and format: public he
     read_pruning_info,
     read_weights,
     resolve_folder,
+    weights_name,
 )
 from .model_checks import (
     check_models,
@@ -59,7 +60,8 @@ from .model_checks import (
     read_model_index,
     register_pruned_classes,
 )
-from .structure import apply_structure, record_structure
+from .pretrained_options import check_fits_one_file, check_load_options, check_save_options, loading_info
+from .structure import apply_structure, record_structure, restore_saved_buffers
 from .variants import check_variant, copy_component, loaded_variant
 from .weight_checks import weights_files
 
@@ -89,18 +91,24 @@ class PrunedModelMixin:
     base_class: type = None  # the diffusers class this pruned class extends
     pruning_info: dict[str, Any]
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """Write config.json (base config), weights (safetensors) and pruning.json."""
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True,
+                        variant: str | None = None, max_shard_size: int | str | None = None, **kwargs) -> None:
+        """Write config.json (base config), the weights (one safetensors file, named for `variant`:
+        diffusion_pytorch_model.fp16.safetensors) and pruning.json. diffusers' other options are checked
+        (pretrained_options.py): pickles, shards the weights do not fit in, a hub upload are refused."""
+        variant = check_save_options(variant, max_shard_size, kwargs)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        check_fits_one_file(max_shard_size, sum(v.numel() * v.element_size() for v in state.values()))
+        if not is_main_process:
+            return
+        import diffusers
+
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in dict(self.config).items() if not k.startswith("_")}
-        import diffusers
-
-        config = {"_class_name": self.base_class.__name__, "_diffusers_version": diffusers.__version__,
-                  **config}
+        config = {"_class_name": self.base_class.__name__, "_diffusers_version": diffusers.__version__, **config}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(folder / weights_name(variant)), metadata={"format": "pt"})
         info = {**self.pruning_info, "structure": record_structure(self)}
         (folder / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -108,16 +116,22 @@ class PrunedModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, revision: str | None = None,
                         variant: str | None = None, **kwargs):
-        """Rebuild from config + pruning.json, then load the safetensors strictly (a pruned folder has
-        one weights file, never a variant: `variant` only chooses what a hub download fetches)."""
+        """Rebuild from config + pruning.json, then load the safetensors strictly: the `variant` file
+        (x.fp16.safetensors) if the folder has it, else the plain one. diffusers' other options are
+        checked (pretrained_options.py): `dtype`, `device_map` (one device) and `output_loading_info`
+        are honoured, options a strict one-file load cannot honour (pickles, offloading) refused."""
+        torch_dtype, rest = check_load_options(torch_dtype, kwargs)
         folder = resolve_folder(pretrained_model_name_or_path, subfolder, revision, variant)
         info = read_pruning_info(folder)
         expected = cls.base_class.__name__
         if info["base_class"] != expected:
             raise DiffpruneError(f"{folder / PRUNING_FILE}: base_class={info['base_class']!r}, "
                                  f"but {cls.__name__} needs {expected!r}")
-        return build_pruned(cls, read_config(folder), info, read_weights(folder), torch_dtype,
-                            where=str(folder / PRUNING_FILE))
+        model = build_pruned(cls, read_config(folder), info, read_weights(folder, variant), torch_dtype,
+                             where=str(folder / PRUNING_FILE))
+        if rest.get("device_map") is not None:
+            model = model.to(rest["device_map"])
+        return (model, loading_info()) if rest.get("output_loading_info") else model
 
 
 def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Tensor],
@@ -148,39 +162,6 @@ def build_pruned(cls: type, config: dict, info: dict, state: dict[str, torch.Ten
     model.pruning_info = {k: v for k, v in info.items() if k != "structure"}
     model.eval()
     return model.to(torch_dtype) if torch_dtype is not None else model
-
-
-# ---- restore_saved_buffers: H6 (issue 16, DiT residual width); self-contained, used by build_pruned only
-def restore_saved_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Buffers the architecture builds as non-persistent but the weights file holds load from the file.
-
-    A residual-pruned DiT stores its sliced sin-cos position buffer (`pos_embed.pos_embed`, see
-    families/dit.py): diffusers rebuilds that buffer from the base width at construction, and a fresh
-    sin-cos of the pruned width would be a different function. Only buffers the base model already
-    has are restored, differing from the base's shape in the last (channel) dimension alone, never
-    larger (pruning only slices), and as wide as the owner's `proj` output when it has one (the
-    PatchEmbed adds the buffer to it); anything else in the file is refused by the strict load.
-    """
-    for key, saved in state.items():
-        owner_name, _, leaf = key.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_name) if owner_name else model
-        except AttributeError:
-            continue
-        base = owner._buffers.get(leaf)
-        if base is None or leaf not in owner._non_persistent_buffers_set:
-            continue
-        proj = state.get(f"{owner_name}.proj.weight" if owner_name else "proj.weight")
-        width = int(proj.shape[0]) if proj is not None and proj.dim() > 0 else None
-        ok = saved.dim() == base.dim() and (saved.dim() == 0 or (
-            saved.shape[:-1] == base.shape[:-1] and 0 < saved.shape[-1] <= base.shape[-1]
-            and width in (None, saved.shape[-1])))
-        if not ok:
-            allowed = f"{tuple(base.shape[:-1]) + (width,)}" if width is not None else \
-                f"{tuple(base.shape)} with a last dimension of at most {base.shape[-1]}"
-            raise DiffpruneError(f"{where}: buffer {key!r} has shape {tuple(saved.shape)}; allowed: {allowed}")
-        owner.register_buffer(leaf, base, persistent=True)
-# ---- end restore_saved_buffers
 
 
 class PrunedUNet2DModel(PrunedModelMixin, UNet2DModel):
@@ -266,11 +247,11 @@ def load_unet(name_or_path: str | Path, subfolder: str | None = None,
         raise DiffpruneError(f"model family {class_name!r} in {folder / CONFIG_FILE} is not supported yet; "
                              f"supported: {supported}")
     pruned = (folder / PRUNING_FILE).exists()
-    variant = None if pruned else loaded_variant([folder], variant)
+    variant = loaded_variant([folder], variant)
     if pruned or weights_files(folder, variant):
         check_models({folder: (base, pruned)}, torch_dtype, folder, variant)
     if pruned:
-        return PRUNED_CLASSES[base].from_pretrained(folder, torch_dtype=torch_dtype)
+        return PRUNED_CLASSES[base].from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
     if not weights_files(folder, variant):
         raise DiffpruneError(f"{folder}: no {WEIGHTS_FILE}; diffprune reads safetensors weights only")
     try:

@@ -12,7 +12,7 @@ pruning.json (widths) and safetensors weights, and loading it needs diffprune (m
 and names that module as the component's library in model_index.json (a diffusers custom component),
 so `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads the pipeline. Both give
 the model `diffprune.load_pipeline` gives, bit for bit. diffprune itself never runs the shipped code:
-it reads a portable folder with its own classes (io.py), as it reads a code-free one.
+it reads a portable folder with its own classes (io/pipeline.py), as it reads a code-free one.
 
 The trade-off: anyone can load the folder, but only by allowing diffusers to execute Python from it
 (`trust_remote_code=True`), and plain `DiffusionPipeline.from_pretrained(folder)` without that flag

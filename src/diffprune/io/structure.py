@@ -226,3 +226,35 @@ def model_fingerprint(unet) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def restore_saved_buffers(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Buffers the architecture builds as non-persistent but the weights file holds load from the file.
+
+    A residual-pruned DiT stores its sliced sin-cos position buffer (`pos_embed.pos_embed`, see
+    families/dit.py): diffusers rebuilds that buffer from the base width at construction, and a fresh
+    sin-cos of the pruned width would be a different function. Only buffers the base model already
+    has are restored, differing from the base's shape in the last (channel) dimension alone, never
+    larger (pruning only slices), and as wide as the owner's `proj` output when it has one (the
+    PatchEmbed adds the buffer to it); anything else in the file is refused by the strict load.
+    Called by `pipeline.build_pruned` (H6, issue 16: the DiT residual width).
+    """
+    for key, saved in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue
+        base = owner._buffers.get(leaf)
+        if base is None or leaf not in owner._non_persistent_buffers_set:
+            continue
+        proj = state.get(f"{owner_name}.proj.weight" if owner_name else "proj.weight")
+        width = int(proj.shape[0]) if proj is not None and proj.dim() > 0 else None
+        ok = saved.dim() == base.dim() and (saved.dim() == 0 or (
+            saved.shape[:-1] == base.shape[:-1] and 0 < saved.shape[-1] <= base.shape[-1]
+            and width in (None, saved.shape[-1])))
+        if not ok:
+            allowed = f"{tuple(base.shape[:-1]) + (width,)}" if width is not None else \
+                f"{tuple(base.shape)} with a last dimension of at most {base.shape[-1]}"
+            raise DiffpruneError(f"{where}: buffer {key!r} has shape {tuple(saved.shape)}; allowed: {allowed}")
+        owner.register_buffer(leaf, base, persistent=True)

@@ -48,7 +48,6 @@ FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # URL without check_hash); this digest is the one public projects pin for that URL (e.g. genforce's
 # metrics/inception.py `_MODEL_URL_SHA256["tf_inception_v3"]`), and it starts with the file name's 6726825d.
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-FID_WEIGHTS_SHA256_PREFIX = FID_WEIGHTS_SHA256[:8]  # torch.hub convention: the file name carries the prefix
 MIN_TORCH_FOR_PICKLE = (2, 6)  # torch < 2.6: CVE-2025-32434, torch.load(weights_only=True) can run code
 DOWNLOAD_TIMEOUT_S = 20.0
 EXTRACTOR_NAME = PYTORCH_FID_EXTRACTOR  # "inception-v3-pytorch-fid"

@@ -1,6 +1,6 @@
 """The report's pictures: teacher/student sample pairs, layer widths, the training loss curve.
 
-Owns the report-only figures; shared picture helpers (`image_grid`, `save_png`, the Agg pyplot,
+Owns the report-only figures; shared picture helpers (`image_grid`, `save_png`, the Agg `figure`,
 the loss-over-timesteps plot of the prune stage) live in `diffprune.plots`. Every value drawn is
 read from an input; nothing is measured here.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import image_grid, pyplot
+from ..plots import figure, image_grid
 from .inputs import Samples, is_number
 
 # Per-layer width bars are drawn up to this many layers; beyond it, one bar pair per block.
@@ -91,9 +91,9 @@ def _width_bars(before: dict[str, int], after: dict[str, int]) -> tuple[list, li
 
 def plot_widths(before: dict[str, int], after: dict[str, int], path: Path) -> tuple[Path, str]:
     """Horizontal bars per layer (or per block for big models): width before (light) and after."""
-    plt = pyplot()
     labels, b, a, colors, per_block, how = _width_bars(before, after)
-    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.13 * len(labels) + 1.0)), dpi=90)
+    fig = figure((7.5, max(2.5, 0.13 * len(labels) + 1.0)), dpi=90)
+    ax = fig.subplots()
     y = np.arange(len(labels))
     ax.barh(y, b, color="#d9d9d9", label="before", height=0.85)
     ax.barh(y, a, color=colors, height=0.55, label="after")
@@ -104,7 +104,6 @@ def plot_widths(before: dict[str, int], after: dict[str, int], path: Path) -> tu
     ax.margins(y=0.005)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path), how
 
 
@@ -119,12 +118,12 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_training(log: dict, path: Path) -> tuple[Path, str]:
     """Training loss per logged record (raw and smoothed, plus the KD parts when logged)."""
-    plt = pyplot()
     recs = [r for r in log["records"] if is_number(r.get("step")) and is_number(r.get("loss"))]
     steps = np.array([r["step"] for r in recs], dtype=float)
     loss = np.array([r["loss"] for r in recs], dtype=float)
     window = max(1, round(len(recs) / 20))
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=120)
+    fig = figure((6.4, 3.4), dpi=120)
+    ax = fig.subplots()
     ax.plot(steps, loss, color="C0", lw=0.8, alpha=0.35, marker="." if len(recs) < 30 else None,
             label="loss (raw records)")
     if window > 1:
@@ -143,7 +142,6 @@ def plot_training(log: dict, path: Path) -> tuple[Path, str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     every = log.get("log_every")
     how = (f"each record is the mean loss over {every} optimizer steps" if every else "one point per record")
     smoothing = (f"thick line: trailing moving average over {window} records" if window > 1 else

@@ -35,7 +35,7 @@ def check_flow_args(scheduler, sampler: str, eta: float, spacing: str, clip_samp
         raise DiffpruneError(f"{name} with stochastic_sampling=True is not supported; allowed: false (SD3)")
 
 
-def _shift_mu(config, latent_hw: tuple[int, int], patch_size: int) -> float:
+def shift_mu(config, latent_hw: tuple[int, int], patch_size: int) -> float:
     """StableDiffusion3Pipeline's `calculate_shift` for dynamic shifting (its defaults for missing keys)."""
     seq = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
@@ -51,7 +51,7 @@ def flow_chain(scheduler, steps: int, latent_hw: tuple[int, int], patch_size: in
     fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # other FlowMatch* configs: read as Euler
     kwargs = {}
     if fresh.config.get("use_dynamic_shifting", False):
-        kwargs["mu"] = _shift_mu(fresh.config, latent_hw, patch_size)
+        kwargs["mu"] = shift_mu(fresh.config, latent_hw, patch_size)
     fresh.set_timesteps(int(steps), device="cpu", **kwargs)
     return fresh.sigmas.float(), fresh.timesteps.float()
 

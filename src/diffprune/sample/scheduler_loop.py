@@ -90,9 +90,9 @@ def _timestep_kwargs(scheduler, latent_hw: tuple[int, int], patch_size: int) -> 
     """`mu` for a flow scheduler with dynamic shifting, as StableDiffusion3Pipeline computes it."""
     if not scheduler.config.get("use_dynamic_shifting", False):
         return {}
-    from .flow import _shift_mu
+    from .flow import shift_mu
 
-    return {"mu": _shift_mu(scheduler.config, latent_hw, patch_size)}
+    return {"mu": shift_mu(scheduler.config, latent_hw, patch_size)}
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ import torch
 from ..diffusion import PREDICTION_TYPES
 from ..errors import DiffpruneError, check_range
 
-PAPER_SAMPLERS = ("ddim", "ddpm")  # the update rules of this module; the CLI adds "pipeline"
 SPACINGS = ("uniform", "quad")
 CLIP_MODES = ("auto", "on", "off")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

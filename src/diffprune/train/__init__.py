@@ -22,7 +22,7 @@ from .config import (  # noqa: F401
     FinetuneConfig,
     TrainConfig,
     TrainingConfig,
-    _make_config,
+    make_config,
 )
 from .files import LOG_KEYS, TRAIN_LOG, export_pipeline, plan_run_dir, training_inputs  # noqa: F401
 from .fresh_model import build_unet, read_unet_config, scheduler_config, unet_config  # noqa: F401
@@ -48,7 +48,7 @@ def finetune(model: str | Path, data: str | Path, output_dir: str | Path, **kwar
     for key in ("teacher", "prompt_embeds"):
         if kwargs.get(key) is not None and Path(kwargs[key]).exists():
             kwargs[key] = str(Path(kwargs[key]).absolute())
-    config = _make_config(FinetuneConfig, model=model, data=_data_str(data), **kwargs)
+    config = make_config(FinetuneConfig, model=model, data=_data_str(data), **kwargs)
     return run_training(config, output_dir, **run_kwargs)
 
 
@@ -65,7 +65,7 @@ def train(data: str | Path, output_dir: str | Path, model_config: dict | str | P
         model_config = unet_config()
     elif not isinstance(model_config, dict):
         model_config = read_unet_config(model_config)
-    config = _make_config(TrainConfig, data=_data_str(data), model_config=dict(model_config),
+    config = make_config(TrainConfig, data=_data_str(data), model_config=dict(model_config),
                           scheduler_config=dict(scheduler or scheduler_config()), **kwargs)
     return run_training(config, output_dir, **run_kwargs)
 

@@ -128,11 +128,11 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
             tensors[name] = load_file(str(path / name))
         except (OSError, SafetensorError, ValueError) as err:
             raise DiffpruneError(f"checkpoint file {path / name} is not a readable safetensors file "
-                                 f"({_first_line(err)}); {hint}") from None
+                                 f"({first_line(err)}); {hint}") from None
     return state, tensors, meta
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

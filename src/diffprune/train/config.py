@@ -57,8 +57,8 @@ class TrainingConfig(StageConfig):
         check_range("keep_checkpoints", self.keep_checkpoints, 1)
         check_range("log_every", self.log_every, 1)
         check_range("num_workers", self.num_workers, 0)
-        _check_choice("ema_warmup", self.ema_warmup, EMA_WARMUPS)
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("ema_warmup", self.ema_warmup, EMA_WARMUPS)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "seed", "checkpoint_every",
                      "keep_checkpoints", "log_every", "num_workers"):
             if int(getattr(self, name)) != getattr(self, name):
@@ -93,7 +93,7 @@ class FinetuneConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("distill", self.distill, DISTILL_MODES)
+        check_choice("distill", self.distill, DISTILL_MODES)
         check_range("distill_weight", self.distill_weight, 0.0)
         check_range("feature_weight", self.feature_weight, 0.0)
         if self.cond_drop_prob is not None:
@@ -122,12 +122,12 @@ class TrainConfig(TrainingConfig):
     scheduler_config: dict
 
 
-def _check_choice(name: str, value, allowed: tuple) -> None:
+def check_choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise DiffpruneError(f"{name}={value!r} is not supported; allowed: {allowed}")
 
 
-def _make_config(cls, **kwargs):
+def make_config(cls, **kwargs):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - names)
     if unknown:

@@ -53,7 +53,7 @@ def make_adapters(student, teacher, names: list[str], device, family=None) -> nn
     widths = []
     for model in (student, teacher):
         tap = FeatureTap(model, names)
-        shape = (1, model.config.in_channels, *_size(model))
+        shape = (1, model.config.in_channels, *sample_size_of(model))
         with torch.no_grad():
             x, t = torch.zeros(shape, device=device), torch.zeros(1, dtype=torch.long, device=device)
             if family is None:
@@ -97,7 +97,8 @@ class Student(nn.Module):
         return out, [self.adapters[_adapter_key(n)](f) for n, f in zip(self.names, feats, strict=True)]
 
 
-def _size(unet) -> tuple[int, int]:
+def sample_size_of(unet) -> tuple[int, int]:
+    """The (height, width) a model trains at: its config's sample_size (one int: square)."""
     s = unet.config.sample_size
     if s is None:
         raise DiffpruneError("the model's config has no sample_size; cannot choose the training size")

@@ -10,7 +10,7 @@ import torch
 from .. import diffusion
 from ..errors import DiffpruneError, check_range
 from ..fsutil import read_json
-from .config import BETA_SCHEDULES, _check_choice
+from .config import BETA_SCHEDULES, check_choice
 
 
 def unet_config(*, sample_size: int = 32, in_channels: int = 3, out_channels: int | None = None,
@@ -66,8 +66,8 @@ def read_unet_config(path: str | Path) -> dict[str, Any]:
 def scheduler_config(num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                      prediction_type: str = "epsilon") -> dict[str, Any]:
     check_range("num_train_timesteps", num_train_timesteps, 2)
-    _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-    _check_choice("prediction_type", prediction_type, diffusion.PREDICTION_TYPES)
+    check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    check_choice("prediction_type", prediction_type, diffusion.PREDICTION_TYPES)
     return {"num_train_timesteps": int(num_train_timesteps), "beta_schedule": beta_schedule,
             "prediction_type": prediction_type}
 

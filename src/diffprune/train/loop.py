@@ -41,7 +41,7 @@ from .checkpoints import (
 from .config import TrainingConfig
 from .files import LOG_KEYS, TRAIN_LOG, discard_unresumable, export_pipeline, training_inputs
 from .parts import batch_stream, derive_seed, lr_at
-from .setup import _on_main, _Run, _setup
+from .setup import Run, on_main, setup_run
 
 
 def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str | torch.device = "cpu",
@@ -57,8 +57,7 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     output_dir = check_output_location(output_dir, training_inputs(config))  # before any work, whatever the flags
     locks = contextlib.ExitStack()  # the output-dir lock (main process), held until the run ends
     try:
-        run = _setup(config, output_dir, torch.device(device), resume, overwrite, tensorboard,
-                     locks)
+        run = setup_run(config, output_dir, torch.device(device), resume, overwrite, tensorboard, locks)
     except BaseException:
         locks.close()
         raise
@@ -66,7 +65,7 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     end = config.steps if max_steps_this_run is None else min(config.steps, run.start_step + max_steps_this_run)
     finished = False
     try:
-        _loop(run, end, progress and acc.is_main_process)
+        run_steps(run, end, progress and acc.is_main_process)
         _remove_taps(run)
         if end < config.steps:
             if acc.is_main_process:
@@ -76,7 +75,7 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
             _check_in_sync(acc, acc.unwrap_model(run.student))
             for tracker in acc.trackers:
                 tracker.finish()  # close the TensorBoard files before the folder may be renamed
-            _on_main(acc, lambda: _finish(run), "could not write the final pipeline")
+            on_main(acc, lambda: _finish(run), "could not write the final pipeline")
         finished = True
     finally:
         _remove_taps(run)
@@ -87,7 +86,7 @@ def run_training(config: TrainingConfig, output_dir: str | Path, *, device: str 
     return run.output_dir
 
 
-def _release(run: _Run, barrier: bool) -> None:
+def _release(run: Run, barrier: bool) -> None:
     """Free the DDP-wrapped model on every process, then end the process group.
 
     Destroying DDP after the group is gone, or while a peer already tore its group down, can hang
@@ -103,7 +102,7 @@ def _release(run: _Run, barrier: bool) -> None:
     acc.end_training()
 
 
-def _remove_taps(run: _Run) -> None:
+def _remove_taps(run: Run) -> None:
     student = run.accelerator.unwrap_model(run.student) if run.student is not None else None
     for tap in (run.teacher_tap, getattr(student, "tap", None)):
         if tap is not None:
@@ -123,12 +122,12 @@ def _check_in_sync(acc, model: nn.Module) -> None:
         raise RuntimeError(f"processes ended with different weights: {gathered.tolist()}")
 
 
-def _micro_batch(run: _Run, batches, step: int, micro: int):
+def micro_batch(run: Run, batches, step: int, micro: int):
     """(x_t, t, target, cond) for one micro-step; all randomness from (seed, step, micro, rank).
 
     Latent pipelines train on encoded images (a posterior sample drawn from its own generator);
     conditional families look up each image's prompt / class label by dataset index, dropped
-    (`cond_drops`) with probability cond_drop_prob. The teacher sees the same `cond` (_losses).
+    (`cond_drops`) with probability cond_drop_prob. The teacher sees the same `cond` (step_losses).
     """
     acc, config = run.accelerator, run.config
     batch = next(batches)
@@ -162,7 +161,7 @@ def cond_drops(config, n: int, step: int, micro: int, rank: int) -> list[bool] |
     return (torch.rand(n, generator=g) < p).tolist()
 
 
-def _losses(run: _Run, x_t, t, target, cond=None) -> dict[str, torch.Tensor]:
+def step_losses(run: Run, x_t, t, target, cond=None) -> dict[str, torch.Tensor]:
     """Task loss plus the chosen distillation terms (see module docstring)."""
     config = run.config
     with run.accelerator.autocast():
@@ -186,7 +185,7 @@ def _losses(run: _Run, x_t, t, target, cond=None) -> dict[str, torch.Tensor]:
     return losses
 
 
-def _settle(run: _Run, window: list[dict], done: int) -> None:
+def settle(run: Run, window: list[dict], done: int) -> None:
     """Turn the window's pending loss tensors into process means, in place; stop at a NaN/inf.
 
     The losses stay on the device during the steps (no host sync per step) and are reduced over
@@ -209,17 +208,17 @@ def _settle(run: _Run, window: list[dict], done: int) -> None:
                                  "try a lower --lr or check the data")
 
 
-def _train_step(run: _Run, batches, step: int) -> dict:
+def train_step(run: Run, batches, step: int) -> dict:
     """One optimizer step (grad_accum micro-steps), clip, Adam, EMA; returns its losses (device tensors)."""
     config, acc = run.config, run.accelerator
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(config, step)
     sums: dict[str, torch.Tensor] = {}
     for micro in range(config.grad_accum):
-        x_t, t, target, cond = _micro_batch(run, batches, step, micro)
+        x_t, t, target, cond = micro_batch(run, batches, step, micro)
         sync = micro == config.grad_accum - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.student):
-            losses = _losses(run, x_t, t, target, cond)
+            losses = step_losses(run, x_t, t, target, cond)
             for k, v in losses.items():
                 v = v.detach().float().reshape(()) / config.grad_accum
                 sums[k] = sums[k] + v if k in sums else v
@@ -231,7 +230,8 @@ def _train_step(run: _Run, batches, step: int) -> dict:
     return {**sums, "ema_decay": run.ema.update(acc.unwrap_model(run.student).unet, step), "lr": lr_at(config, step)}
 
 
-def _loop(run: _Run, end: int, progress: bool) -> None:
+def run_steps(run: Run, end: int, progress: bool) -> None:
+    """Steps run.start_step .. end-1: log every log_every steps, checkpoint every checkpoint_every and at `end`."""
     config, acc = run.config, run.accelerator
     batches = batch_stream(run.dataset, config, acc.process_index, acc.num_processes,
                            run.start_step * config.grad_accum)
@@ -241,10 +241,10 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
     elapsed0 = run.history[-1]["elapsed_s"] if run.history else 0.0
     try:
         for step in range(run.start_step, end):
-            window.append(_train_step(run, batches, step))
+            window.append(train_step(run, batches, step))
             done = step + 1
             if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == end:
-                _settle(run, window, done)
+                settle(run, window, done)
             if done % config.log_every == 0 or done == end:
                 now = time.perf_counter()
                 record = _record(window, done, len(window) / max(now - t_window, 1e-9), elapsed0 + now - t0)
@@ -254,7 +254,7 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
                 window, t_window = [], now
             bar.update(1)
             if done % config.checkpoint_every == 0 or done == end:
-                _save(run, done)
+                save_checkpoint(run, done)
     except DiffpruneError:
         if acc.is_main_process:
             _write_log(run)
@@ -271,17 +271,17 @@ def _record(window: list[dict[str, float]], step: int, steps_per_s: float, elaps
     return rec
 
 
-def _save(run: _Run, step: int) -> None:
+def save_checkpoint(run: Run, step: int) -> None:
     """Main process writes the checkpoint and log; every process learns whether it worked."""
 
     def write():
         _write_run_checkpoint(run, step)
         _write_log(run)
 
-    _on_main(run.accelerator, write, f"could not write the checkpoint at step {step}")
+    on_main(run.accelerator, write, f"could not write the checkpoint at step {step}")
 
 
-def _write_run_checkpoint(run: _Run, step: int) -> Path:
+def _write_run_checkpoint(run: Run, step: int) -> Path:
     acc = run.accelerator
     student = acc.unwrap_model(run.student)
     opt_tensors, opt_meta = optimizer_to_files(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer")
@@ -303,7 +303,7 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _write_log(run: _Run) -> None:
+def _write_log(run: Run) -> None:
     data = {"stage": run.config.stage, "log_every": run.config.log_every, "keys": list(LOG_KEYS),
             "records": run.history}
     try:
@@ -312,7 +312,7 @@ def _write_log(run: _Run) -> None:
         raise write_error(err, f"could not write {run.work / TRAIN_LOG}") from None
 
 
-def _finish(run: _Run) -> None:
+def _finish(run: Run) -> None:
     """Export the EMA weights as the pipeline's unet; swap a staging folder into place."""
     unet = run.accelerator.unwrap_model(run.student).unet
     final = copy.deepcopy(unet).to("cpu")

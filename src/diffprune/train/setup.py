@@ -1,6 +1,6 @@
 """Building a training run: accelerator, model, teacher, adapters, data, conditioning, checkpoint state.
 
-Everything the loop (loop.py) touches is gathered once in a `_Run`.
+Everything the loop (loop.py) touches is gathered once in a `Run`.
 """
 
 from __future__ import annotations
@@ -18,21 +18,21 @@ from ..errors import DiffpruneError
 from ..fsutil import output_lock, write_json_atomic
 from ..io.structure import model_fingerprint
 from .checkpoints import (
-    _first_line,
     check_resumable,
+    first_line,
     optimizer_from_files,
     read_checkpoint,
 )
 from .config import COND_DROP_TEXT, FinetuneConfig, TrainingConfig
-from .distillation import FeatureTap, Student, _size, feature_points, make_adapters
+from .distillation import FeatureTap, Student, feature_points, make_adapters, sample_size_of
 from .files import discard_unresumable, plan_run_dir
 from .fresh_model import build_unet
 from .parts import EMA, IndexedDataset, derive_seed, make_optimizer, reinit_weights, set_dropout
 
 
 @dataclasses.dataclass
-class _Run:
-    """Everything the loop touches, built once by `_setup`."""
+class Run:
+    """Everything the loop touches, built once by `setup_run`."""
 
     config: TrainingConfig
     accelerator: Any
@@ -54,7 +54,7 @@ class _Run:
     existed: bool = True  # the work folder existed before this run (files.discard_unresumable keeps it)
 
 
-def _on_main(acc, fn, what: str) -> None:
+def on_main(acc, fn, what: str) -> None:
     """Run `fn` on the main process; if it raises DiffpruneError, every process raises (no hang)."""
     error = None
     if acc.is_main_process:
@@ -129,7 +129,9 @@ def _load_teacher(config: FinetuneConfig, unet, device):
     return teacher.to(device).eval()
 
 
-def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: contextlib.ExitStack) -> _Run:
+def setup_run(config, output_dir, device, resume, overwrite, tensorboard, locks: contextlib.ExitStack) -> Run:
+    """The Run for `run_training`: output locked (into `locks`), run folder planned (fresh, resume, overwrite),
+    model, data, teacher, EMA and optimizer built, a checkpoint applied when resuming."""
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if single:  # lock before planning, so a second run names the lock, not the half-written folder
         locks.enter_context(output_lock(output_dir))
@@ -137,15 +139,15 @@ def _setup(config, output_dir, device, resume, overwrite, tensorboard, locks: co
     existed = work == output_dir and work.is_dir()  # an empty folder the user made stays
     acc = _make_accelerator(config, device, work, tensorboard)
     if not single:  # every process learns if the main one could not lock (no hang)
-        _on_main(acc, lambda: locks.enter_context(output_lock(output_dir)), "could not lock the output dir")
+        on_main(acc, lambda: locks.enter_context(output_lock(output_dir)), "could not lock the output dir")
     if acc.is_main_process and ckpt is None and work != output_dir:
         shutil.rmtree(work, ignore_errors=True)  # a stale staging folder of an interrupted --overwrite run
     pipe, unet, scheduler = _load_model(config)
     ctx = _context(config, pipe, unet)
     config = resolve_cond_drop(config, ctx)
     dataset = _dataset(config, unet, ctx)
-    run = _Run(config, acc, work, output_dir, pipe, unet, scheduler, dataset,
-               fingerprint=model_fingerprint(unet), ctx=ctx, existed=existed)
+    run = Run(config, acc, work, output_dir, pipe, unet, scheduler, dataset,
+              fingerprint=model_fingerprint(unet), ctx=ctx, existed=existed)
     state = tensors = meta = None
     if ckpt is not None:
         state, tensors, meta = read_checkpoint(ckpt)
@@ -212,7 +214,7 @@ def _context(config: TrainingConfig, pipe, unet):
 def _dataset(config: TrainingConfig, unet, ctx=None):
     from ..data import make_dataset
 
-    size = _size(unet)
+    size = sample_size_of(unet)
     if size[0] != size[1]:
         raise DiffpruneError(f"sample_size={list(size)}: only square models can be trained yet")
     pixels, channels = ctx.data_size() if ctx is not None else (size[0], int(unet.config.in_channels))
@@ -229,7 +231,7 @@ def _dataset(config: TrainingConfig, unet, ctx=None):
     return dataset
 
 
-def _apply_checkpoint(run: _Run, state: dict, tensors: dict, meta: dict) -> None:
+def _apply_checkpoint(run: Run, state: dict, tensors: dict, meta: dict) -> None:
     """Load weights, EMA, adapters and optimizer state of a checkpoint into the (unprepared) run."""
     unet, where = run.unet, tensors
     try:
@@ -249,7 +251,7 @@ def _apply_checkpoint(run: _Run, state: dict, tensors: dict, meta: dict) -> None
     try:
         opt.load_state_dict(optimizer_from_files(where["optimizer.safetensors"], meta))
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as err:
-        raise DiffpruneError(f"--resume: optimizer state does not fit this model ({_first_line(err)})") from None
+        raise DiffpruneError(f"--resume: optimizer state does not fit this model ({first_line(err)})") from None
     run.optimizer = opt
     run.start_step = int(state["step"])
     run.history = [r for r in state.get("history", []) if r["step"] <= run.start_step]
