@@ -86,7 +86,7 @@ def test_fast_estimate_counts_pairs_keeps_the_coarse_prefix_and_has_every_gradie
 def test_fast_estimate_cuts_on_the_grid_and_samples_only_kept_timesteps(scheduler, monkeypatch):
     import diffprune.prune.importance as importance
 
-    def synthetic(model, family, sched, images, seed, cond, runtime=None):  # L_t = exp(-t / 5): below 0.05 * L_0 from t = 15
+    def synthetic(model, family, sched, images, seed, cond, runtime=None):  # L_t = exp(-t / 5): < 0.05 L_0 from t = 15
         return lambda t, grad=True: torch.tensor(math.exp(-t / 5))
 
     seen_t = []
