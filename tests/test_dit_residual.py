@@ -260,22 +260,37 @@ def test_cli_prunes_the_residual_and_plain_diffusers_generates(size, dit_pipelin
 # --------------------------------------------------------------------------- full size (slow)
 
 
+def _full_size_models():
+    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
+    spec = importlib.util.spec_from_file_location("_full_size_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_full_size_dit_xl2_with_the_residual_width(tmp_path):
     """DiT-XL/2 (random weights; sizes do not depend on them): today's row and residual-inclusive rows."""
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32,
-                                  patch_size=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000).eval()
+    model = DiTTransformer2DModel(**_full_size_models().DIT_XL2).eval()
     fam = family_for(model)
     example = fam.example_inputs(model)
     macs0, params0 = count_macs_params(model, example)
     rows = [f"unpruned: params {params0 / 1e6:.1f}M, MACs {macs0 / 1e9:.2f}G, hidden 1152"]
+    assert (params0, macs0) == (749826464, 114456637472)  # exact: README (benchmarks/results/full_size.json)
+    exact = {(0.5, False): (365781920, 57234457760), (0.5, True): (197744864, 28624250912),
+             (0.3, True): (375201422, 55909506560)}  # (params, MACs) after
     results = {}
     for ratio, residual in ((0.5, False), (0.5, True), (0.3, True)):
         pruned = prune_with_ratio(model, fam, MAGNITUDE, ratio, prune_residual=residual)
         macs, params = count_macs_params(pruned, example)
         width = pruned.pos_embed.proj.out_channels
         results[(ratio, residual)] = (macs / macs0, params / params0, width)
+        assert (params, macs) == exact[(ratio, residual)]
         rows.append(f"ratio {ratio} {'residual too' if residual else 'residual kept'}: params {params / 1e6:.1f}M "
                     f"({params / params0:.3f}), MACs {macs / 1e9:.2f}G ({macs / macs0:.3f}), hidden {width}")
         if (ratio, residual) == (0.3, True):

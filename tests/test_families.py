@@ -382,6 +382,24 @@ def test_cli_prune_heads_and_prompt(pipeline_dirs, image_dir, tmp_path, capsys):
 # --------------------------------------------------------------------------- full size (slow)
 
 
+def _full_size_models():
+    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
+    spec = importlib.util.spec_from_file_location("_full_size_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (params, MACs) before and after, exact: README "Full-size structure checks" (benchmarks/full_size.py rows sd15-0.3,
+# dit-0.5); the widths do not depend on the random weights
+FULL_SIZE_NUMBERS = {"sd": (859520964, 338831618304, 425374884, 166403786112),
+                     "dit": (749826464, 114456637472, 365781920, 57234457760)}
+
+
 def _full_size_check(model, kind):
     fam = family_for(model)
     example = fam.example_inputs(model)
@@ -391,7 +409,7 @@ def _full_size_check(model, kind):
     macs1, params1 = count_macs_params(pruned, example)
     print(f"\n{kind}: params {params0 / 1e6:.1f}M -> {params1 / 1e6:.1f}M ({params1 / params0:.3f}), "
           f"MACs {macs0 / 1e9:.1f}G -> {macs1 / 1e9:.1f}G ({macs1 / macs0:.3f})")
-    assert 0.4 <= macs1 / macs0 <= 0.6
+    assert (params0, macs0, params1, macs1) == FULL_SIZE_NUMBERS[kind]  # benchmarks/results/full_size.json
     with torch.no_grad():
         y = fam.predict(pruned, next(iter(example.values())), example["timestep"], fam.example_cond(pruned))
     assert torch.isfinite(y).all()
@@ -402,9 +420,7 @@ def _full_size_check(model, kind):
 @pytest.mark.slow
 def test_full_size_sd15_unet_prunes_to_half_the_macs(tmp_path):
     torch.manual_seed(0)
-    model = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                 attention_head_dim=8).eval()
+    model = UNet2DConditionModel(**_full_size_models().SD15_UNET).eval()
     pruned = _full_size_check(model, "sd")
     del model
     pruned.save_pretrained(tmp_path / "unet")
@@ -416,8 +432,7 @@ def test_full_size_sd15_unet_prunes_to_half_the_macs(tmp_path):
 @pytest.mark.slow
 def test_full_size_dit_xl2_prunes_to_half_the_macs(tmp_path):
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32,
-                                  patch_size=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000).eval()
+    model = DiTTransformer2DModel(**_full_size_models().DIT_XL2).eval()
     pruned = _full_size_check(model, "dit")
     del model
     pruned.save_pretrained(tmp_path / "transformer")
