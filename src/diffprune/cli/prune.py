@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..prune.config import ALLOCATIONS, RATIO_RULES, PruneConfig
+from ..prune.config import ALLOCATIONS, DEPTH_ONLY_METHODS, RATIO_RULES, STRUCTURES, PruneConfig
 from ..prune.importance import GRADIENT_METHODS, METHODS
 from ..prune.sweep_runtime import PRECISIONS
 from .common import (
@@ -38,9 +38,18 @@ def register(subparsers) -> None:
                         f"only the gradient methods ({', '.join(GRADIENT_METHODS)}) need them: the data-free ones "
                         "and --dry-run run without --data and read none "
                         "(default: digits for a 1-channel pixel-space model; required for any other)")
-    p.add_argument("--method", choices=METHODS, default="diff-pruning",
+    p.add_argument("--method", choices=METHODS + DEPTH_ONLY_METHODS, default="diff-pruning",
                    help="importance criterion: diff-pruning and taylor score with gradients on --data; magnitude "
-                        "(weight norms), random and reinit (random, then train from scratch) read no data")
+                        "(weight norms), random and reinit (random, then train from scratch) read no data; "
+                        "block-influence (--structure depth only: 1 - cos(layer input, output) on --data)")
+    p.add_argument("--structure", choices=STRUCTURES, default="width",
+                   help="what is removed: width = channels (the paper); depth = whole layers (UNets: one resnet+"
+                        "attention pair per level in the down and the mirrored up block, BK-SDM style; DiT/PixArt/"
+                        "SD3: transformer blocks), a config change that loads in plain diffusers; both = depth to "
+                        "the square root of the target, then width to the rest. depth/both need --target-macs or "
+                        "--target-params")
+    p.add_argument("--depth-include-mid", action="store_true",
+                   help="--structure depth/both on a UNet: the mid block may be removed too (BK-SDM-Small)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=unit_open, default=None,
                       help="per-group pruning ratio in (0, 1) (torch-pruning's meaning, see --ratio-rule) "
@@ -109,15 +118,20 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..errors import DiffpruneError
-    from ..prune.stage import dry_run, dry_run_table, run_prune, summary_table
+    from ..prune.dry_run import dry_run, dry_run_table, summary_table
+    from ..prune.stage import run_prune
 
     resolve_device(args.device)
     if args.output_dir is None and not args.dry_run:
         raise DiffpruneError("--output-dir is required (a new folder to write), unless --dry-run")
     ratio = args.ratio
     if ratio is None and args.target_macs is None and args.target_params is None:
+        if args.structure != "width":
+            raise DiffpruneError(f"--structure {args.structure} needs --target-macs or --target-params (a fraction of "
+                                 "the model's size in (0, 1))")
         ratio = DEFAULT_RATIO
-    needs_data = args.method in GRADIENT_METHODS and not args.dry_run  # the data-free methods read none
+    scores_data = args.method in GRADIENT_METHODS + DEPTH_ONLY_METHODS
+    needs_data = scores_data and not args.dry_run  # the data-free methods read none
     data = data_or_digits(args.data, args.model) if needs_data else args.data
     config = PruneConfig(model=args.model, data=data, method=args.method, ratio=ratio,
                          target_macs=args.target_macs, target_params=args.target_params,
@@ -127,6 +141,7 @@ def run(args: argparse.Namespace) -> None:
                          prune_heads=args.prune_heads, head_pruning_ratio=args.head_pruning_ratio,
                          prune_residual=args.prune_residual, micro_batch_size=args.micro_batch_size,
                          gradient_checkpointing=args.gradient_checkpointing, sweep_precision=args.sweep_precision,
+                         structure=args.structure, depth_include_mid=args.depth_include_mid,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
                          prompt_embeds=None if args.prompt_embeds is None else str(Path(args.prompt_embeds).absolute()),
                          portable=args.portable)

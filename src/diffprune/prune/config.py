@@ -3,9 +3,10 @@
 Version 2 (issue 16/18) added `allocation` and made `estimator="fast"` the default. A version-1
 config reads as it was meant: its `estimator` as saved (absent: "exact", the old default) and
 `allocation="uniform"` (the only allocation version 1 had).
-Version 3 (issue 24) added how the sweep runs: `micro_batch_size`, `gradient_checkpointing`,
-`sweep_precision` (sweep_runtime.py). Versions 1 and 2 read with their defaults: the whole batch at
-once, no checkpointing, fp32, which is how those runs swept.
+Version 3 (issues 24, 26) added how the sweep runs: `micro_batch_size`, `gradient_checkpointing`,
+`sweep_precision` (sweep_runtime.py), and depth pruning: `structure`, `depth_include_mid`
+(depth_stage.py). Versions 1 and 2 read with their defaults: the whole batch at once, no
+checkpointing, fp32, width pruning, which is how those runs pruned.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ RATIO_RULES = ("torch-pruning", "paper")
 # global_pruning=True); "isomorphic" ranks groups of the same structure together (Fang et al.,
 # Isomorphic Pruning, ECCV 2024; torch-pruning's isomorphic=True).
 ALLOCATIONS = ("uniform", "global", "isomorphic")
+# What is removed (depth_stage.py): channels (the paper), whole layers, or layers then channels.
+STRUCTURES = ("width", "depth", "both")
+DEPTH_ONLY_METHODS = ("block-influence",)  # scores layers, not channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,8 @@ class PruneConfig(StageConfig):
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
     sweep_precision: str = "fp32"
+    structure: str = "width"
+    depth_include_mid: bool = False  # depth/both: the UNet mid block may go too (BK-SDM-Small)
     prune_heads: bool = False
     head_pruning_ratio: float | None = None
     prune_residual: bool = False  # transformers (DiT): also prune the residual width (Family.configured)
@@ -95,6 +101,33 @@ class PruneConfig(StageConfig):
             raise DiffpruneError(f"micro_batch_size={self.micro_batch_size} must be an integer >= 1")
         if self.sweep_precision not in PRECISIONS:
             raise DiffpruneError(f"sweep_precision={self.sweep_precision!r} is not one of {PRECISIONS}")
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        """Depth pruning's settings (depth_stage.py) against the width options."""
+        if self.structure not in STRUCTURES:
+            raise DiffpruneError(f"structure={self.structure!r} is not one of {STRUCTURES}")
+        if self.structure == "width":
+            if self.method in DEPTH_ONLY_METHODS or self.depth_include_mid:
+                what = f"method={self.method!r}" if self.method in DEPTH_ONLY_METHODS else "depth_include_mid=True"
+                raise DiffpruneError(f"{what} applies to structure 'depth' (or 'both'); allowed with 'width': "
+                                     "diff-pruning, taylor, magnitude, random, reinit")
+            return
+        if self.ratio is not None:
+            raise DiffpruneError(f"structure={self.structure!r} needs target_macs or target_params (a fraction of "
+                                 "the model's size); ratio is width pruning's per-group channel ratio")
+        if self.method in ("random", "reinit"):
+            raise DiffpruneError(f"method={self.method!r} does not score layers; allowed with structure "
+                                 f"{self.structure!r}: diff-pruning, taylor, magnitude, block-influence")
+        if self.structure == "both" and self.method in DEPTH_ONLY_METHODS:
+            raise DiffpruneError(f"method={self.method!r} scores layers only; allowed with structure 'both': "
+                                 "diff-pruning, taylor, magnitude")
+        widths = {"round_to": None, "prune_heads": False, "head_pruning_ratio": None, "prune_residual": False,
+                  "allocation": "uniform", "ratio_rule": "torch-pruning"}
+        set_ = [k for k, v in widths.items() if getattr(self, k) != v]
+        if self.structure == "depth" and set_:
+            raise DiffpruneError(f"{set_[0]}={getattr(self, set_[0])!r} is a width option; structure 'depth' removes "
+                                 "whole layers only (use structure 'both' to prune channels too)")
 
     @classmethod
     def from_dict(cls, data):

@@ -18,6 +18,7 @@ searches the size, prunes and writes. A dry run is the main process's alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -42,10 +43,12 @@ from ..io.pipeline import (
 from ..io.structure import record_structure, widths
 from ..plots import plot_timestep_losses
 from .allocation import MAX_GROUP_RATIO, group_widths
-from .config import PruneConfig
+from .complexity import count_macs_params
+from .config import DEPTH_ONLY_METHODS, PruneConfig
+from .depth_stage import influence_inputs, prune_depth
 from .importance import GRADIENT_METHODS, PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
-from .pruning import prune
-from .size_search import check_reachable, search_sizes
+from .pruning import PruneOutcome, prune
+from .size_search import check_reachable, meta_copy, search_sizes
 from .sweep_runtime import ONE_PROCESS, SweepRuntime, Workers
 
 STAGE = PruneConfig.stage
@@ -106,9 +109,11 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     start = time.perf_counter()
     device = torch.device(config.device) if device is None else device
     gradients = config.method in GRADIENT_METHODS
-    if config.data is None and gradients:
-        raise DiffpruneError(f"data=None: method {config.method!r} scores with gradients on calibration images; "
-                             "allowed: an image folder or 'digits' (only magnitude, random and reinit need none)")
+    if config.data is None and (gradients or config.method in DEPTH_ONLY_METHODS):
+        raise DiffpruneError(f"data=None: method {config.method!r} scores on calibration images; allowed: an image "
+                             "folder or 'digits' (only magnitude, random and reinit need none)")
+    if importance is not None and config.structure != "width":
+        raise DiffpruneError(f"a precomputed importance applies to structure 'width' only, not {config.structure!r}")
     if workers.world > 1 and not (gradients and importance is None):  # no sweep to share
         if not workers.is_main:
             return None
@@ -133,20 +138,29 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
 
     precomputed = importance is not None
     runtime = SweepRuntime(config.micro_batch_size, config.gradient_checkpointing, config.sweep_precision, workers)
-    if importance is None and config.estimator == "fast":
-        importance = estimate_fast(model, family, pipe.scheduler, samples, config.threshold, config.seed,
-                                   progress=progress, cond=cond, runtime=runtime)
-    elif importance is None:
-        importance = estimate(model, family, pipe.scheduler, samples, config.method, config.threshold,
-                              config.seed, progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond,
-                              runtime=runtime)
+
+    def sweep(m: torch.nn.Module) -> ImportanceResult:
+        return _sweep(m, family, pipe.scheduler, samples, cond, config, runtime, progress)
+
+    if importance is None:
+        importance = sweep(model)
     elif importance.method != config.method or (
             config.method == "diff-pruning" and importance.threshold != config.threshold):
         raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
                              f"threshold={importance.threshold}, not for {config.method!r} {config.threshold}")
+    original, depth = model, None
+    if config.structure != "width":  # every process: the same scores give the same layers
+        inputs = None if config.method not in DEPTH_ONLY_METHODS else influence_inputs(
+            family, pipe.scheduler, samples, cond, config.seed, config.micro_batch_size)
+        model, depth = prune_depth(model, family, config, importance, inputs)
+        depth["importance"] = importance.summary()
+        width = width_rest(config, depth)
+        if width is not None:  # 'both': the size first (an unreachable rest fails before the second sweep)
+            plan = on_main(workers, device, lambda: search_sizes(model, family, width, progress=progress))
+            importance = sweep(model)  # the shallower model's own sweep for its channels
     if not workers.is_main:
         return None  # its share of the sweep is done; the main process prunes and writes
-    outcome = prune(model, family, config, importance, progress=progress, plan=plan)
+    outcome = _prune_width(original, model, family, config, importance, plan, depth, progress)
     info = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base_class": type(model).__name__,
         "base_model": {"id": _model_id(config.model), **source},
@@ -162,7 +176,11 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         "kept_timesteps": importance.summary()["kept_timesteps"],
         "versions": library_versions(),
     }
-    pruned = to_pruned(outcome.model, info)
+    if depth is not None:
+        info["method"]["structure"] = config.structure
+        info["depth"] = depth
+    # Depth alone is a config change: the plain diffusers class, loadable without diffprune.
+    pruned = outcome.model if config.structure == "depth" else to_pruned(outcome.model, info)
     setattr(pipe, component, pruned)
     pipe.register_modules(**{component: pruned})
 
@@ -182,7 +200,9 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         "estimator": importance.estimator,
         "allocation": allocation_report(config, outcome),
         "ratio_search": outcome.search,
-        "size_search": outcome.plan.report(),
+        "size_search": None if outcome.plan is None else outcome.plan.report(),
+        "structure": config.structure,
+        "depth": depth,
         # A precomputed sweep's time counts as if this run had made it (it is this run's work).
         "wall_time_s": {"importance": importance.wall_time_s, "prune": outcome.wall_time_s,
                         "total": time.perf_counter() - start + (importance.wall_time_s if precomputed else 0.0),
@@ -199,8 +219,58 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
     return report
 
 
+def _sweep(model, family, scheduler, samples, cond, config: PruneConfig, runtime: SweepRuntime,
+           progress: bool) -> ImportanceResult:
+    """The calibration sweep `config` asks for (no gradients and no curve for the other methods)."""
+    if config.method not in GRADIENT_METHODS:
+        return ImportanceResult(config.method, config.threshold, [], [], [], None, 0, 0.0)
+    if config.estimator == "fast":
+        return estimate_fast(model, family, scheduler, samples, config.threshold, config.seed, progress=progress,
+                             cond=cond, runtime=runtime)
+    return estimate(model, family, scheduler, samples, config.method, config.threshold, config.seed,
+                    progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond, runtime=runtime)
+
+
+def width_rest(config: PruneConfig, depth: dict) -> PruneConfig | None:
+    """Structure 'both': the width config for the rest of the target after depth (a fraction of the
+    depth-pruned model's size); None for 'depth', or when depth alone already reached the target."""
+    rest = (config.target_macs or config.target_params) / depth["fraction"]
+    if config.structure == "depth" or rest >= 1.0:
+        return None
+    kind = "target_macs" if config.target_macs is not None else "target_params"
+    return dataclasses.replace(config, structure="width", depth_include_mid=False, **{kind: rest})
+
+
+def _prune_width(original, model, family, config: PruneConfig, importance, plan, depth: dict | None,
+                 progress: bool) -> PruneOutcome:
+    """Width pruning of `model` to `plan` (structure 'width'; 'both': the rest of the target after depth);
+    structure 'depth': the depth-pruned model as it is. Params and MACs are counted against `original`;
+    widths before/after are the depth-pruned model's (its layer names; the depth record lists the rest)."""
+    if depth is None:
+        return prune(model, family, config, importance, progress=progress, plan=plan)
+    start = time.perf_counter()
+    macs0, params0 = count_size(original, family)
+    width = width_rest(config, depth)
+    if width is None:
+        macs1, params1 = count_size(model, family)
+        shape = record_structure(model)  # widths are those of the depth-pruned model (its layer names)
+        return PruneOutcome(model, 0.0, (macs0, macs1), (params0, params1), shape, shape, [],
+                            time.perf_counter() - start, None)
+    outcome = prune(model, family, width, importance, progress=progress, plan=plan)
+    return dataclasses.replace(outcome, macs=(macs0, outcome.macs[1]), params=(params0, outcome.params[1]))
+
+
+def count_size(model, family) -> tuple[int, int]:
+    """(MACs, params) of `model` at batch 1, counted on a weightless copy."""
+    meta = meta_copy(model)
+    return count_macs_params(meta, family.example_inputs(meta, device="meta"))
+
+
 def _size_first(model, family, config: PruneConfig, progress: bool):
-    """The size plan (uniform allocation), or None after checking a global/isomorphic target is reachable."""
+    """The size plan (uniform allocation), or None after checking a global/isomorphic target is reachable;
+    None for structure depth/both (their size follows the layer scores)."""
+    if config.structure != "width":
+        return None
     if config.allocation == "uniform":
         return search_sizes(model, family, config, progress=progress)
     if config.ratio is None:
@@ -224,85 +294,17 @@ def calibration_batch(config: PruneConfig, pipe, family, model, embeds, device) 
     return samples, cond, {"images": int(images.shape[0]), "skipped_files": getattr(dataset, "skipped", 0)}
 
 
-def allocation_report(config: PruneConfig, outcome) -> dict:
-    """prune_report.json's "allocation": how widths were spread, and each ranked group's kept/total width."""
+def allocation_report(config: PruneConfig, outcome) -> dict | None:
+    """prune_report.json's "allocation": how widths were spread, and each ranked group's kept/total width
+    (None when no channel was pruned: structure 'depth')."""
+    if outcome.plan is None:
+        return None
     before, after = widths(outcome.widths_before), widths(outcome.widths_after)
     return {"mode": config.allocation, "ratio": outcome.ratio,
             "max_group_ratio": None if config.allocation == "uniform" else MAX_GROUP_RATIO,
             "groups": group_widths(outcome.plan.groups, before, after)}
 
 
-def dry_run(config: PruneConfig, progress: bool = True, revision: str | None = None,
-            variant: str | None = None) -> dict | None:
-    """The size `config` gives (widths, params, MACs and the search), without calibration data,
-    importance sweep or output: only the model is read (`revision` / `variant`: as in `run_prune`).
-    Under `accelerate launch` only the main process searches (the others return None)."""
-    if config.allocation != "uniform":
-        raise DiffpruneError(f"--dry-run needs --allocation uniform: {config.allocation!r} widths follow the "
-                             f"importance scores, known only after the calibration sweep")
-    workers, _ = process_group(config.device)
-    if not workers.is_main:
-        return None  # the size search is one process's work
-    start = time.perf_counter()
-    pipe = load_pipeline(config.model, device=torch.device(config.device), text_encoders=False,  # denoiser only
-                         revision=revision, variant=variant)
-    _, model = denoiser_of(pipe)
-    family = family_for(model)
-    plan = search_sizes(model, family, config, progress=progress)
-    return {"config": config.to_dict(), "family": family.name, "ratio": plan.ratio,
-            "params": _before_after(plan.params0, plan.chosen.params),
-            "macs": _before_after(plan.macs0, plan.chosen.macs),
-            "widths": {"before": widths(record_structure(model)), "after": widths(plan.chosen.structure)},
-            "size_search": plan.report(), "wall_time_s": {"total": time.perf_counter() - start}}
-
-
-def _before_after(before: int, after: int) -> dict:
-    return {"before": before, "after": after, "fraction": after / before}
-
-
-def dry_run_table(result: dict, max_names: int = 3) -> str:
-    """What a dry run found: every size candidate tried, params/MACs before and after (as
-    `summary_table`), and the width changes grouped by (before -> after) with a few layer names each."""
-    search = result["size_search"]
-    what = "ratio" if search["target"] is None else f"target {search['kind']}={search['target']:.3f}"
-    lines = [f"size search ({what}): {len(search['candidates'])} candidates, {search['wall_time_s']:.1f}s "
-             f"(graph {search['setup_s']:.1f}s)", f"{'ratio':>10}{'MACs':>10}{'params':>10}{'time':>9}"]
-    lines += [f"{c['ratio']:>10.4f}{c['macs_fraction']:>10.3f}{c['params_fraction']:>10.3f}{c['time_s']:>8.2f}s"
-              for c in search["candidates"]]
-    p, m = result["params"], result["macs"]
-    lines += [f"{'':<8}{'before':>14}{'after':>14}{'after/before':>14}",
-              f"{'params':<8}{p['before'] / 1e6:>13.3f}M{p['after'] / 1e6:>13.3f}M{p['fraction']:>14.3f}",
-              f"{'MACs':<8}{m['before'] / 1e9:>13.4f}G{m['after'] / 1e9:>13.4f}G{m['fraction']:>14.3f}"]
-    changes: dict[tuple[int, int], list[str]] = {}
-    before, after = result["widths"]["before"], result["widths"]["after"]
-    for name, width in before.items():
-        if after.get(name, width) != width:
-            changes.setdefault((width, after[name]), []).append(name)
-    lines.append(f"widths: {sum(len(v) for v in changes.values())} of {len(before)} layers changed"
-                 + (":" if changes else ""))
-    for (old, new), names in sorted(changes.items()):
-        more = f", ... ({len(names) - max_names} more)" if len(names) > max_names else ""
-        lines.append(f"  {old:>6} -> {new:<6} {len(names):>4} layers: {', '.join(names[:max_names])}{more}")
-    lines.append(f"ratio={result['ratio']:.4f} (dry run: no calibration data read, nothing written)")
-    lines += [f"warning: {w}" for w in search["warnings"]]
-    return "\n".join(lines)
-
-
 def _model_id(model: str) -> str:
     path = Path(model)
     return str(path.absolute()) if path.exists() else model
-
-
-def summary_table(report: dict) -> str:
-    """A short fixed-width table of what pruning changed."""
-    p, m, imp = report["params"], report["macs"], report["importance"]
-    kept = imp["num_kept_timesteps"] if imp["losses"] else "-"
-    rows = [
-        ("", "before", "after", "after/before"),
-        ("params", f"{p['before'] / 1e6:.3f}M", f"{p['after'] / 1e6:.3f}M", f"{p['fraction']:.3f}"),
-        ("MACs", f"{m['before'] / 1e9:.4f}G", f"{m['after'] / 1e9:.4f}G", f"{m['fraction']:.3f}"),
-    ]
-    lines = [f"{a:<8}{b:>14}{c:>14}{d:>14}" for a, b, c, d in rows]
-    lines.append(f"method={report['config']['method']} ratio={report['ratio']:.4f} "
-                 f"kept timesteps={kept} wall time={report['wall_time_s']['total']:.1f}s")
-    return "\n".join(lines)
