@@ -192,3 +192,24 @@ def test_dit_depth_removes_transformer_blocks_and_plain_diffusers_generates(dit_
     images = pipe(class_labels=[1, 3], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda info: info["depth"]["config_changes"]["layers_per_block"].update(after=2),
+     r"depth record says layers_per_block=2 after removing \['layers.0'\], but config.json has 1"),
+    (lambda info: info["depth"].pop("removed"), "'depth' must be an object with 'removed'"),
+    (lambda info: info.update(depth=[1, 2]), "'depth' must be an object"),
+])
+def test_a_depth_record_that_does_not_match_the_config_is_refused_in_one_line(deep_dir, tmp_path, capsys, edit,
+                                                                             match):
+    out = tmp_path / "both"
+    assert run_cli(["prune", "--model", deep_dir, "--structure", "both", "--method", "magnitude", "--target-params",
+                    "0.5", "--ratio-rule", "paper", "--output-dir", out], capsys)[0] == 0
+    path = out / "unet" / "pruning.json"
+    info = json.loads(path.read_text())
+    edit(info)
+    path.write_text(json.dumps(info))
+    with pytest.raises(DiffpruneError, match=match):
+        load_pipeline(out)
+    code, err = run_cli(["sample", "--model", out, "--num-images", "1", "--output-dir", tmp_path / "s"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -54,6 +54,28 @@ def read_pruning_info(folder: Path) -> dict[str, Any]:
     return info
 
 
+def check_depth_record(info: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """A depth-then-width folder's pruning.json "depth" record (prune/depth_stage.py) must agree with its
+    config.json: every recorded config change's new value is the config's value. The config alone builds
+    the layers; a disagreement means one of the two files was edited."""
+    depth = info.get("depth")
+    if depth is None:
+        return
+    changes = depth.get("config_changes") if isinstance(depth, dict) else None
+    if not isinstance(changes, dict) or not isinstance(depth.get("removed"), list):
+        raise DiffpruneError(f"{where}: 'depth' must be an object with 'removed' (a list) and 'config_changes'")
+    for key, change in changes.items():
+        after = change.get("after") if isinstance(change, dict) else None
+        if _plain(config.get(key)) != _plain(after):
+            raise DiffpruneError(f"{where}: depth record says {key}={after!r} after removing {depth['removed']}, "
+                                 f"but config.json has {config.get(key)!r}; one of the two files was edited")
+
+
+def _plain(value):
+    """Lists and tuples compare equal (JSON has no tuples)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """The base config; a portable folder's `auto_map` (portable.py) is for diffusers only, not a setting."""
     config = read_json(folder / CONFIG_FILE, "model config")

@@ -47,6 +47,7 @@ from .folder_files import (  # noqa: F401  (the file names and format: public he
     PRUNING_FILE,
     REQUIRED_KEYS,
     WEIGHTS_FILE,
+    check_depth_record,
     read_config,
     read_pruning_info,
     read_weights,
@@ -127,7 +128,9 @@ class PrunedModelMixin:
         if info["base_class"] != expected:
             raise DiffpruneError(f"{folder / PRUNING_FILE}: base_class={info['base_class']!r}, "
                                  f"but {cls.__name__} needs {expected!r}")
-        model = build_pruned(cls, read_config(folder), info, read_weights(folder, variant), torch_dtype,
+        config = read_config(folder)
+        check_depth_record(info, config, str(folder / PRUNING_FILE))
+        model = build_pruned(cls, config, info, read_weights(folder, variant), torch_dtype,
                              where=str(folder / PRUNING_FILE))
         if rest.get("device_map") is not None:
             model = model.to(rest["device_map"])
