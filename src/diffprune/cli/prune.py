@@ -84,8 +84,9 @@ def register(subparsers) -> None:
                    help="recompute activations in backward during the calibration sweep (less memory, ~1.3x "
                         "the time); switched off again before pruning; same result")
     p.add_argument("--sweep-precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: run the sweep's forward passes under bfloat16 autocast (about half the activation "
-                        "memory; weights and gradient sums stay fp32; agreement with fp32 measured in "
+                   help="bf16: run the sweep's forward passes under bfloat16 autocast (about half the activations, "
+                        "plus a bf16 copy of the weights: saves memory from --micro-batch-size 2 up; weights and "
+                        "gradient sums stay fp32; agreement with fp32 measured in "
                         "benchmarks/sweep_precision.py, not guaranteed)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                    help="how the budget is spread over the layers: 'uniform' prunes every channel group by the "

@@ -12,8 +12,9 @@ and spreads the work without changing the result:
 - `gradient_checkpointing`: diffusers' `enable_gradient_checkpointing` during the sweep (activations
   recomputed in backward), switched off again afterwards so the pruning tracer sees every op.
 - `precision="bf16"`: the forward runs under `torch.autocast(bfloat16)`; weights, gradients and their
-  sum stay fp32. Halves activation memory; the agreement with fp32 is measured, not assumed
-  (benchmarks/sweep_precision.py).
+  sum stay fp32. About halves the activations, but autocast keeps a bf16 copy of the weights for
+  backward (+2 bytes per parameter), so it saves memory only from M >= 2 (benchmarks/full_size_sweep.py);
+  its agreement with fp32 is measured, not assumed (benchmarks/sweep_precision.py).
 - `workers`: under `accelerate launch` the micro-batches are dealt round-robin to the processes; each
   L_t is all-reduced before the threshold rule sees it (every process takes the same decision) and the
   gradient sums are all-reduced once, so every process ends with the one-process result.
