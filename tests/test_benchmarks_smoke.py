@@ -33,6 +33,7 @@ JOBS = min(2, os.cpu_count() or 1)
 # must include those of the committed benchmarks/results/<file>, or None for a file only checked to exist}).
 # Ordered by smoke run time, longest first (the order they start in).
 SCRIPTS: dict[str, tuple[list[list[str]], dict[str, list[tuple] | None]]] = {
+    "full_size": ([[]], {"full_size.json": [(), ("rows", "*")]}),
     "budget_curve": ([[]], {
         "budget_curve.json": [(), ("table", "*", "*"), ("table", "*", "*", "*"), ("teacher",), ("identity_check",),
                               ("steps_to_target", "*", "*"), ("fid_lead", "*", "*"), ("prune", "*", "*"),
@@ -64,6 +65,11 @@ SCRIPTS: dict[str, tuple[list[list[str]], dict[str, list[tuple] | None]]] = {
         "latency.json": [(), ("rows", "*"), ("rows", "*", "measured"), ("rows", "*", "measured", "forward", "*"),
                          ("rows", "*", "measured", "sampling"), ("goal",), ("goal", "per_batch_size", "*")]}),
     "gpu_latency": ([[]], {"gpu_latency.json": []}),  # nothing committed: its rows are checked below
+    "fast_pool": ([[]], {"fast_pool.json": [(), ("families", "*")], "fast_pool.md": None}),
+    "full_size_sweep": ([[]], {"full_size_sweep.json": [(), ("goals",)], "full_size_sweep.md": None}),
+    "flow_threshold": ([[]], {"flow_threshold.json": [(), ("families", "*")], "flow_threshold.png": None}),
+    "sweep_precision": ([[]], {"sweep_precision.json": [(), ("models", "*")], "sweep_precision.md": None}),
+    "demo": ([[]], {"demo.json": [(), ("summary",), ("summary", "rows", "*")]}),
 }
 # keys of a committed result that only some modes write
 OPTIONAL = {"model_from"}  # allocation.json: rows evaluated from --reuse-models
