@@ -71,8 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--estimator", choices=("exact", "fast"), default=None,
                    help="how Diff-Pruning sums gradients over the kept timesteps: 'fast' finds the cut on a coarse "
                         "forward-only grid and backpropagates ~6 sampled (image, timestep) pairs per kept timestep "
-                        "drawn from all --batch-size images (use a larger --batch-size, e.g. 512, as the pool; "
-                        "measured closer to a many-image truth than 'exact' on 64 images); 'exact' backpropagates "
+                        "drawn from all --batch-size images (the pool: 32 to 512 measured alike, "
+                        "benchmarks/fast_pool.py; as close to a many-image truth as 'exact' or closer); 'exact' "
+                        "backpropagates "
                         "every kept timestep on the whole batch: the paper's loop (use it to reproduce the paper) "
                         "(default: fast for --method diff-pruning; the other methods have only exact)")
     p.add_argument("--micro-batch-size", type=positive_int, default=None,
