@@ -11,9 +11,8 @@ prints one table row per claim and exits 1 if any rebuilt fragment is missing fr
 ``FAIL`` line per claim naming the file and both values), 0 otherwise. A claim whose README text and
 JSON agree but whose quoted figures here are out of date gives a ``WARN`` line (exit 0; 1 with --strict).
 
-Figures not covered here on purpose: the demo (benchmarks/results/demo.json), the full-size structure
-table (benchmarks/results/full_size.json), test tolerances and timings, and the figures that no result
-file holds (see the README review in issue 25). Standard library only: runs in well under a second.
+Figures not covered here on purpose: test tolerances and timings, and the figures that no result file
+holds (see the README review in issue 25). Standard library only: runs in well under a second.
 """
 
 from __future__ import annotations
@@ -631,6 +630,61 @@ def claims() -> list[Claim]:
     add("versions-torch-pruning", "(the committed `benchmarks/results` were produced with {1.6.0})", ("**/*.json",),
         lambda files: sorted(set().union(*(versions_found(d, "torch_pruning") for d in files.values()))),
         lambda vs: " / ".join(vs))
+    section = "Estimator: the default pool"
+    fp = "fast_pool.json"
+
+    def pool(fam: str, key: str, metric: str, stat: str = "mean"):
+        return lambda d: d["families"][fam]["vs_truth"][key][metric][stat]
+
+    add("pool-digits", "teacher (kept-channel IoU {0.864} vs {0.868}, Spearman {0.892} vs {0.887}; paired", fp,
+        lambda d: tuple(pool("digits", k, m)(d) for m in ("iou", "spearman") for k in ("fast pool 32", "exact-32")),
+        fmt3)
+    add("pool-digits-cost", "for {2709} instead of {14392} sample-gradient evaluations", fp,
+        lambda d: tuple(d["families"]["digits"]["cost"][k]["sample_gradient_evals"]["mean"]
+                        for k in ("fast pool 32", "exact-32")), ".0f")
+    add("pool-dit", "digits (IoU {0.984} vs {0.957}, paired {+0.029} ± {0.009})", fp,
+        lambda d: (pool("dit", "fast pool 32", "iou")(d), pool("dit", "exact-32", "iou")(d),
+                   d["families"]["dit"]["fast_minus_exact"]["fast pool 32 - exact-32"]["iou"]["mean"],
+                   d["families"]["dit"]["fast_minus_exact"]["fast pool 32 - exact-32"]["iou"]["std"]),
+        (fmt3, fmt3, "+.3f", fmt3))
+    add("pool-truth-halves", "(two disjoint halves agree at IoU {0.850})", fp,
+        lambda d: d["families"]["digits"]["truth_halves"]["iou"], fmt3)
+
+    section = "Supported families: full-size structure table"
+    fs = "full_size.json"
+
+    def fs_row(row: str, unit: str, scale: float):
+        def values(d):
+            r = d["rows"][row]
+            return (r["params_before"] / scale, r["params_after"] / scale, r["params_fraction"],
+                    r["macs_before"] / (scale * 1e3 if unit == "B" else 1e9), r["macs_after"] / (scale * 1e3 if unit
+                    == "B" else 1e9), r["macs_fraction"])
+        return values
+
+    rows = {"sd15-0.3": "Stable Diffusion v1.5 UNet (64x64 latent, 77 tokens) | {859.5}M -> {425.4}M ({0.495}) | "
+                        "{338.8}G -> {166.4}G ({0.491})",
+            "dit-0.5": "DiT-XL/2 (32x32 latent) | {749.8}M -> {365.8}M ({0.488}) | {114.5}G -> {57.2}G ({0.500})",
+            "dit-0.5-residual": "(hidden 1152 -> 576) | {749.8}M -> {197.7}M ({0.264}) | {114.5}G -> {28.6}G ({0.250})",
+            "dit-0.3-residual": "(hidden 1152 -> 806) | {749.8}M -> {375.2}M ({0.500}) | {114.5}G -> {55.9}G ({0.488})",
+            "pixart-0.5": "120 T5 tokens) | {610.9}M -> {309.6}M ({0.507}) | {542.5}G -> {271.3}G ({0.500})"}
+    for row, fragment in rows.items():
+        add(f"full-size-{row}", fragment, fs, fs_row(row, "M", 1e6), (".1f", ".1f", fmt3) * 2)
+    big = {"sdxl-0.3": "bf16) | {2.567}B -> {1.321}B ({0.515}) | {2.990}T -> {1.464}T ({0.490}) | `--ratio 0.3`",
+           "sdxl-0.5": "bf16) | {2.567}B -> {0.728}B ({0.284}) | {2.990}T -> {0.754}T ({0.252}) | `--ratio 0.5`",
+           "sd3-0.3": "bf16) | {2.028}B -> {1.415}B ({0.698}) | {3.006}T -> {2.093}T ({0.696}) | `--ratio 0.3`",
+           "sd3-0.5": "bf16) | {2.028}B -> {1.017}B ({0.501}) | {3.006}T -> {1.505}T ({0.501}) | `--ratio 0.5`"}
+    for row, fragment in big.items():
+        add(f"full-size-{row}", fragment, fs, fs_row(row, "B", 1e9), (fmt3,) * 6)
+    add("full-size-sd15-rss", "e.g. {12.1} GiB / {223} s for SD 1.5, {13.0} GiB for SDXL in bf16", fs,
+        lambda d: (d["rows"]["sd15-0.3"]["peak_rss_gib"], d["rows"]["sd15-0.3"]["seconds"],
+                   d["rows"]["sdxl-0.3"]["peak_rss_gib"]), (".1f", ".0f", ".1f"))
+
+    section = "Pruning big models: full-size sweep"
+    fss = "full_size_sweep.json"
+    add("sweep-goal-memory", "peak memory at M=1 is {0.125} of the one-batch peak", fss,
+        "goals/memory_m1_vs_batch32/ratio", fmt3)
+    add("sweep-goal-time", "micro-batches of 1 took {2.28}x the time of one batch of {4}", fss,
+        ("goals/micro_batching_time/ratio", "goals/micro_batching_time/batch"), (".2f", "d"))
     return out
 
 
