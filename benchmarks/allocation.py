@@ -185,7 +185,7 @@ def run_dit(seed: int = 0, smoke: bool = False) -> dict:
     from diffprune.families import family_for
     from diffprune.io.structure import widths
     from diffprune.prune.importance import estimate_fast
-    from diffprune.prune.pruning import PruneConfig, prune
+    from diffprune.prune.pruning import PruneConfig, prune_model
 
     torch.manual_seed(seed)
     layers, size = (2, 16) if smoke else (4, 64)
@@ -215,7 +215,7 @@ def run_dit(seed: int = 0, smoke: bool = False) -> dict:
     for allocation in ALLOCATIONS:
         cfg = PruneConfig(model="dit", target_macs=TARGET_MACS, threshold=THRESHOLD, seed=seed, estimator="fast",
                           allocation=allocation)
-        res = prune(model, family, cfg, imp, progress=False)
+        res = prune_model(model, family, cfg, imp, progress=False)
         res.model.eval()
         with torch.no_grad():
             pred = family.predict(res.model, x_t, t, cond)

@@ -22,7 +22,7 @@ from diffusers import UNet2DModel
 from diffprune.families import family_for
 from diffprune.io import library_versions
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import PruneConfig, prune
+from diffprune.prune.pruning import PruneConfig, prune_model
 
 SETTINGS = [
     {"ratio": 0.3, "ratio_rule": "paper"},
@@ -59,7 +59,7 @@ def main() -> None:
     importance = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)  # sizes only
     rows = []
     for setting in SETTINGS:
-        out = prune(model, family, PruneConfig(model="google/ddpm-cifar10-32 (config)", method="magnitude",
+        out = prune_model(model, family, PruneConfig(model="google/ddpm-cifar10-32 (config)", method="magnitude",
                                                 **setting), importance, progress=False)
         rows.append({"setting": setting, "ratio": out.ratio, "params_before": out.params[0],
                      "params_after": out.params[1], "macs_before": out.macs[0], "macs_after": out.macs[1],

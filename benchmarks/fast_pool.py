@@ -52,7 +52,7 @@ from diffprune.families import family_for
 from diffprune.fsutil import write_json_atomic
 from diffprune.io import library_versions, load_pipeline
 from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast
-from diffprune.prune.pruning import PruneConfig, prune
+from diffprune.prune.pruning import PruneConfig, prune_model
 
 THRESHOLD = 0.05
 TARGET_MACS = 0.56
@@ -93,7 +93,7 @@ def run_family(name: str, budget: Budget, smoke: bool, work: Path, out_dir: Path
     family, scheduler = family_for(model), pipe.scheduler
     calib = Calibration(pipe, family, model, folder)
     magnitude = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    size = prune(model, family, PruneConfig(model=name, method="magnitude", target_macs=TARGET_MACS), magnitude,
+    size = prune_model(model, family, PruneConfig(model=name, method="magnitude", target_macs=TARGET_MACS), magnitude,
                  progress=False)
     ratio = size.ratio
     cache = work / "fast_pool" / f"{name}{'_smoke' if smoke else ''}"

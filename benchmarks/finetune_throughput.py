@@ -46,7 +46,7 @@ import diffprune.train as training  # noqa: E402
 from diffprune.families import family_for  # noqa: E402
 from diffprune.io import library_versions, save_pipeline, to_pruned  # noqa: E402
 from diffprune.prune.importance import ImportanceResult  # noqa: E402
-from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
+from diffprune.prune.pruning import PruneConfig, prune_model  # noqa: E402
 from diffprune.train import loop as train_loop  # noqa: E402
 from diffprune.train import setup as train_setup  # noqa: E402
 
@@ -68,7 +68,7 @@ def make_models(arch: str, folder: Path) -> dict[str, Path]:
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     teacher = training.build_unet(training.unet_config(**ARCHS[arch]), seed=0).eval()
-    out = prune(teacher, family_for(teacher), PruneConfig(model="bench", method="magnitude", ratio=0.3,
+    out = prune_model(teacher, family_for(teacher), PruneConfig(model="bench", method="magnitude", ratio=0.3,
                                                           ratio_rule="paper"),
                 ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0), progress=False)
     folders = {}

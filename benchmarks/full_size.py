@@ -2,7 +2,7 @@
 
 Random weights of the real shapes (benchmarks/_full_size_models.py, the same configs the slow tests build:
 tests/test_families.py, test_dit_residual.py, test_pixart.py, test_sdxl.py, test_sd3.py), magnitude importance
-(the widths do not depend on the scores), `prune_with_ratio`, MACs at batch 1 and the model's own resolution
+(the widths do not depend on the scores), `prune_model_at_ratio`, MACs at batch 1 and the model's own resolution
 counted by diffprune's counter. Each row runs in its own subprocess, one after the other (peak RSS = that
 row's ru_maxrss). SDXL and SD3-medium use the slow tests' tricks to stay under 24 GB: weights in bf16, the
 pruning graph traced at 16x16 latents (the structure does not depend on the resolution), MACs counted at the
@@ -66,7 +66,7 @@ def measure_row(row: str, smoke: bool) -> dict:
     from diffprune.families import family_for
     from diffprune.prune.complexity import count_macs_params
     from diffprune.prune.importance import ImportanceResult
-    from diffprune.prune.pruning import prune_with_ratio
+    from diffprune.prune.pruning import prune_model_at_ratio
 
     name, ratio, residual, how = ROWS[row]
     start = time.perf_counter()
@@ -79,7 +79,7 @@ def measure_row(row: str, smoke: bool) -> dict:
         example = family.example_inputs(model)
         macs0, params0 = count_macs_params(model, example)
         t0 = time.perf_counter()
-        pruned = prune_with_ratio(model, family, magnitude, ratio, prune_residual=residual)
+        pruned = prune_model_at_ratio(model, family, magnitude, ratio, prune_residual=residual)
         macs1, params1 = count_macs_params(pruned, example)
         with torch.no_grad():
             y = family.predict(pruned, next(iter(example.values())), example["timestep"], family.example_cond(pruned))
@@ -88,7 +88,7 @@ def measure_row(row: str, smoke: bool) -> dict:
         macs0, params0 = shapes.meta_cost(shapes.build(name, smoke, device="meta"), family, size)
         model = shapes.build(name, smoke, dtype=torch.bfloat16, sample_size=min(TRACE_SIZE, size))
         t0 = time.perf_counter()
-        pruned = prune_with_ratio(model, family, magnitude, ratio, prune_residual=residual)
+        pruned = prune_model_at_ratio(model, family, magnitude, ratio, prune_residual=residual)
         with torch.no_grad():
             x = torch.randn(
                 1, family.in_channels(pruned), min(TRACE_SIZE, size), min(TRACE_SIZE, size), dtype=torch.bfloat16

@@ -45,7 +45,7 @@ from bench_args import add_smoke_options, results_dir  # noqa: E402
 from diffprune.families import family_for  # noqa: E402
 from diffprune.io import library_versions  # noqa: E402
 from diffprune.prune.importance import ImportanceResult  # noqa: E402
-from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
+from diffprune.prune.pruning import PruneConfig, prune_model  # noqa: E402
 
 DOWN, ATTN_DOWN, UP, ATTN_UP = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 MODELS = {  # name: (UNet2DModel kwargs, batch sizes)
@@ -75,8 +75,8 @@ def students(teacher: UNet2DModel, round_tos: list) -> list[dict]:
     family, seen, out = family_for(teacher), set(), []
     importance = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
     for rt in round_tos:
-        res = prune(teacher, family, PruneConfig(model="config", method="magnitude", ratio=0.3, ratio_rule="paper",
-                                                 round_to=rt), importance, progress=False)
+        config = PruneConfig(model="config", method="magnitude", ratio=0.3, ratio_rule="paper", round_to=rt)
+        res = prune_model(teacher, family, config, importance, progress=False)
         key = tuple(tuple(p.shape) for p in res.model.parameters())
         if key in seen:
             continue

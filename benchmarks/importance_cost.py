@@ -9,7 +9,7 @@ the same architecture and only *which* channels survive differs).
 
 Agreement of two scorings A and B:
   * IoU of kept channels: for each pruned group, the root layer's original output-channel indices
-    that survive (recorded by `prune_with_ratio(on_group=...)` just before each group is removed);
+    that survive (recorded by `prune_model_at_ratio(on_group=...)` just before each group is removed);
     sum over groups of |kept_A & kept_B| / sum of |kept_A | kept_B|.
   * Spearman: rank correlation of the per-channel group scores (torch-pruning's group importance on
     the unpruned teacher), per group, averaged with channel-count weights.
@@ -62,7 +62,7 @@ from diffprune.families import family_for
 from diffprune.io import library_versions, load_pipeline
 from diffprune.metrics.ssim import ssim_per_image
 from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast, tp_importance
-from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
+from diffprune.prune.pruning import PruneConfig, prune_model, prune_model_at_ratio
 from diffprune.sample.loop import sample
 
 THRESHOLD = 0.05
@@ -102,7 +102,7 @@ def teacher_at_target(teacher: Path):
     family, scheduler = family_for(model), pipe.scheduler
     dataset = make_dataset("digits", family.sample_size(model), family.in_channels(model))
     magnitude = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    size = prune(model, family, PruneConfig(model="teacher", method="magnitude", target_macs=TARGET_MACS),
+    size = prune_model(model, family, PruneConfig(model="teacher", method="magnitude", target_macs=TARGET_MACS),
                  magnitude, progress=False)
     return model, family, scheduler, dataset, magnitude, size
 
@@ -116,7 +116,7 @@ def kept_sets(model, family, imp: ImportanceResult, ratio: float) -> tuple[dict[
             name += "#"
         kept[name] = set(range(channels)) - set(removed)
 
-    pruned = prune_with_ratio(model, family, imp, ratio, on_group=record)
+    pruned = prune_model_at_ratio(model, family, imp, ratio, on_group=record)
     return kept, pruned
 
 

@@ -40,7 +40,7 @@ from diffprune.families import family_for  # noqa: E402
 from diffprune.io import library_versions  # noqa: E402
 from diffprune.metrics.latency import cpu_model, forward_latency, image_sampler, ratio, sampling_throughput  # noqa: E402
 from diffprune.prune.importance import ImportanceResult  # noqa: E402
-from diffprune.prune.pruning import PruneConfig, prune  # noqa: E402
+from diffprune.prune.pruning import PruneConfig, prune_model  # noqa: E402
 
 FULL_SIZES = [{"target_macs": 0.7}, {"target_macs": 0.56}, {"ratio": 0.3, "ratio_rule": "paper"},
               {"ratio": 0.45, "ratio_rule": "paper"}]  # tp's own rule reaches only coarse steps (0.70, 0.56, 0.35)
@@ -71,7 +71,7 @@ def build_students(teacher, sizes: list[dict], round_tos: list, log) -> list[dic
             if found_ratio is not None and "ratio" not in s:  # reuse the ratio the search found
                 s = {"ratio": found_ratio}
             t0 = time.perf_counter()
-            out = prune(teacher, family, PruneConfig(model="cifar10 (config)", method="magnitude", round_to=rt,
+            out = prune_model(teacher, family, PruneConfig(model="cifar10 (config)", method="magnitude", round_to=rt,
                                                       **s), importance, progress=False)
             found_ratio = out.ratio if found_ratio is None else found_ratio
             key = structure_key(out.model)

@@ -4,8 +4,8 @@ Each (architecture, mode) runs in a fresh process (peak RSS is per process), on 
 from the architecture's config (sizes do not depend on weights), magnitude importance (no sweep: the
 sweep costs the same in every mode and is not what this measures):
 
-- ratio:   `prune(..., ratio=R)`: the size plan of R, then the one real prune;
-- target:  `prune(..., target_macs=T)`: the ratio search on size plans, then the one real prune;
+- ratio:   `prune_model(..., ratio=R)`: the size plan of R, then the one real prune;
+- target:  `prune_model(..., target_macs=T)`: the ratio search on size plans, then the one real prune;
 - dry-run: `search_sizes(..., target_macs=T)`: what `diffprune prune --dry-run` does after loading.
 
 Machines here are shared: each row is the median-wall run of --repeat fresh processes (all walls kept).
@@ -76,7 +76,7 @@ def child(arch: str, mode: str) -> dict:
     """One measurement in this process; returns the row."""
     from diffprune.families import family_for
     from diffprune.prune.importance import ImportanceResult
-    from diffprune.prune.pruning import PruneConfig, prune
+    from diffprune.prune.pruning import PruneConfig, prune_model
     from diffprune.prune.size_search import search_sizes
 
     ratio, target = ARCHS[arch]
@@ -92,7 +92,7 @@ def child(arch: str, mode: str) -> dict:
     row["search_s"] = time.perf_counter() - start
     if mode != "dry-run":
         importance = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-        prune(model, family, config, importance, progress=False, plan=plan)  # asserts the planned structure
+        prune_model(model, family, config, importance, progress=False, plan=plan)  # asserts the planned structure
         row["prune_s"] = time.perf_counter() - start - row["search_s"]
     row.update(wall_s=time.perf_counter() - start, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                ratio=plan.ratio, macs_fraction=plan.chosen.macs_fraction, params_fraction=plan.chosen.params_fraction,

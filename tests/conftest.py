@@ -176,7 +176,7 @@ def guided_latents(pipe, model, indices, steps: int, **sampling):
 def zeroed_channels(model, removed, table: dict):
     """A copy of `model` with the channels each pruning group removed set to zero, to compare with the
     pruned model (a pure channel removal computes the same). `removed`: (root name, indices) per group, as
-    `prune_with_ratio(on_group=...)` reports them; `table[root suffix]` = (writers, readers), names relative
+    `prune_model_at_ratio(on_group=...)` reports them; `table[root suffix]` = (writers, readers), names relative
     to the root's prefix: rows (and bias) of the writers and columns of the readers are zeroed (a name
     missing from the model is skipped, e.g. the last SD3 block's to_add_out)."""
     import copy

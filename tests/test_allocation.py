@@ -2,7 +2,7 @@
 
 Every allocation reaches its target (size_search's tolerance) with valid widths (GroupNorm groups,
 heads and round_to divide them, no group emptied, protected layers whole), the real prune equals the
-plan (SizePlan.check runs inside `prune`), the folder reloads bit-exactly, a global ranking really
+plan (SizePlan.check runs inside `prune_model`), the folder reloads bit-exactly, a global ranking really
 moves channels between layers when the scores are skewed, and uniform is the paper's prune unchanged.
 """
 
@@ -25,7 +25,7 @@ from diffprune.prune.allocation import MAX_GROUP_RATIO, allocate, group_scores, 
 from diffprune.prune.bisection import TARGET_TOLERANCE
 from diffprune.prune.config import PruneConfig
 from diffprune.prune.importance import ImportanceResult, estimate
-from diffprune.prune.pruning import prune, prune_with_ratio
+from diffprune.prune.pruning import prune_model, prune_model_at_ratio
 
 ALLOCATIONS = ("uniform", "global", "isomorphic")
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
@@ -61,7 +61,7 @@ def _check_widths(model, pruned, round_to=None):
 def test_each_allocation_reaches_the_target_with_valid_widths(allocation, round_to, unet_and_importance):
     model, imp = unet_and_importance
     cfg = PruneConfig(model="m", target_macs=0.56, allocation=allocation, estimator="exact", round_to=round_to)
-    out = prune(model, family_for(model), cfg, imp, progress=False)  # SizePlan.check: real prune == plan
+    out = prune_model(model, family_for(model), cfg, imp, progress=False)  # SizePlan.check: real prune == plan
     assert abs(out.macs[1] / out.macs[0] - 0.56) <= TARGET_TOLERANCE
     _check_widths(model, out.model, round_to)
     x = torch.randn(2, 1, 16, 16)
@@ -72,13 +72,13 @@ def test_each_allocation_reaches_the_target_with_valid_widths(allocation, round_
 
 
 def test_uniform_is_the_unchanged_prune(unet_and_importance):
-    """allocation='uniform' (and a version-1 config, which had no allocation) is prune_with_ratio at the ratio."""
+    """allocation='uniform' (and a version-1 config, which had no allocation) is prune_model_at_ratio at the ratio."""
     model, imp = unet_and_importance
     fam = family_for(model)
-    out = prune(model, fam, PruneConfig(model="m", target_macs=0.56, estimator="exact"), imp, progress=False)
-    direct = prune_with_ratio(model, fam, imp, out.ratio)
+    out = prune_model(model, fam, PruneConfig(model="m", target_macs=0.56, estimator="exact"), imp, progress=False)
+    direct = prune_model_at_ratio(model, fam, imp, out.ratio)
     old = PruneConfig.from_dict({"stage": "prune", "version": 1, "model": "m", "target_macs": 0.56})
-    again = prune(model, fam, old, imp, progress=False)
+    again = prune_model(model, fam, old, imp, progress=False)
     for other in (direct, again.model):
         for (k, a), (k2, b) in zip(out.model.state_dict().items(), other.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(a, b)
@@ -96,7 +96,7 @@ def test_global_moves_channels_to_where_the_scores_say():
     model = _skewed_unet()
     fam = family_for(model)
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    outs = {a: prune(model, fam, PruneConfig(model="m", method="magnitude", target_macs=0.56, allocation=a),
+    outs = {a: prune_model(model, fam, PruneConfig(model="m", method="magnitude", target_macs=0.56, allocation=a),
                      imp, progress=False) for a in ("uniform", "global")}
     w = {a: widths(o.widths_after) for a, o in outs.items()}
     name = "down_blocks.0.resnets.0.conv1"
@@ -134,7 +134,7 @@ def test_dit_global_keeps_heads_whole_and_widths_rounded():
                 p.normal_(0, 0.2)
     fam = family_for(model)
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    out = prune(model, fam, PruneConfig(model="m", method="magnitude", target_params=0.6, allocation="global",
+    out = prune_model(model, fam, PruneConfig(model="m", method="magnitude", target_params=0.6, allocation="global",
                                         round_to=4), imp, progress=False)
     assert abs(out.params[1] / out.params[0] - 0.6) <= TARGET_TOLERANCE
     for block in out.model.transformer_blocks:
@@ -158,7 +158,7 @@ def test_scores_match_the_planner_groups(unet_and_importance):
 
 def test_folder_of_a_global_prune_reloads_bit_exactly(unet_and_importance, tmp_path):
     model, imp = unet_and_importance
-    out = prune(model, family_for(model), PruneConfig(model="m", target_macs=0.56, allocation="global",
+    out = prune_model(model, family_for(model), PruneConfig(model="m", target_macs=0.56, allocation="global",
                                                       estimator="exact"), imp, progress=False)
     pruned = to_pruned(out.model, INFO)
     DDPMPipeline(unet=pruned, scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(

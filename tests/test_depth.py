@@ -36,7 +36,7 @@ from diffprune.prune.depth import (
 )
 from diffprune.prune.depth_scores import part_scores, plan_depth, scored_units, size_counter, unit_scores
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 
 def tiny_sdxl(nested: bool = False):
@@ -366,7 +366,7 @@ def test_depth_on_a_width_pruned_model_loads_with_its_loader(kind, tmp_path):
     info = {"format": "diffprune-pruning", "format_version": 1, "base_class": type(model).__name__,
             "base_model": {"id": "test", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}
     magnitude = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    pruned = to_pruned(prune_with_ratio(model, family_for(model), magnitude, 0.3), info)
+    pruned = to_pruned(prune_model_at_ratio(model, family_for(model), magnitude, 0.3), info)
     unit = depth_units(pruned)[0]
     out = remove_units(pruned, [unit])
     batch = _inputs(model)

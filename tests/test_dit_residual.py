@@ -35,7 +35,7 @@ from diffprune.io import load_pipeline, load_unet, to_pruned
 from diffprune.io.structure import record_structure, validate_structure
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id": "test", "revision": None},
         "method": {"name": "magnitude"}, "kept_timesteps": [], "base_class": "DiTTransformer2DModel"}
@@ -139,7 +139,7 @@ def test_configured_returns_a_residual_pruning_copy_and_leaves_the_default_alone
 def test_pruned_residual_equals_the_zeroed_model_with_kept_channel_norms(prune_heads):
     model = tiny_dit()
     fam = _Recording()
-    pruned = prune_with_ratio(model, fam, MAGNITUDE, 0.5, prune_heads=prune_heads, prune_residual=True)
+    pruned = prune_model_at_ratio(model, fam, MAGNITUDE, 0.5, prune_heads=prune_heads, prune_residual=True)
     validate_structure(pruned)
     residual = next(idxs for name, side, idxs in fam.removed if name == "pos_embed.proj" and side == "out")
     assert len(residual) == 16 and pruned.pos_embed.proj.out_channels == 16
@@ -168,13 +168,13 @@ def test_pruned_residual_equals_the_zeroed_model_with_kept_channel_norms(prune_h
 
 def test_default_keeps_the_residual_width_and_the_folder_format():
     model = tiny_dit()
-    pruned = to_pruned(prune_with_ratio(model, family_for(model), MAGNITUDE, 0.5), INFO)
+    pruned = to_pruned(prune_model_at_ratio(model, family_for(model), MAGNITUDE, 0.5), INFO)
     assert pruned.pos_embed.proj.out_channels == 32 and "pos_embed.pos_embed" not in pruned.state_dict()
 
 
 def _residual_pruned_pipeline():
     model = tiny_dit()
-    pruned = to_pruned(prune_with_ratio(model, family_for(model), MAGNITUDE, 0.5, prune_residual=True), INFO)
+    pruned = to_pruned(prune_model_at_ratio(model, family_for(model), MAGNITUDE, 0.5, prune_residual=True), INFO)
     scheduler = DDIMScheduler(num_train_timesteps=20, clip_sample=False, steps_offset=1)
     torch.manual_seed(2)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -286,7 +286,7 @@ def test_full_size_dit_xl2_with_the_residual_width(tmp_path):
              (0.3, True): (375201422, 55909506560)}  # (params, MACs) after
     results = {}
     for ratio, residual in ((0.5, False), (0.5, True), (0.3, True)):
-        pruned = prune_with_ratio(model, fam, MAGNITUDE, ratio, prune_residual=residual)
+        pruned = prune_model_at_ratio(model, fam, MAGNITUDE, ratio, prune_residual=residual)
         macs, params = count_macs_params(pruned, example)
         width = pruned.pos_embed.proj.out_channels
         results[(ratio, residual)] = (macs / macs0, params / params0, width)

@@ -251,7 +251,7 @@ def family_pipelines(tmp_path_factory):
     from diffprune.families.pipeline_parts import denoiser_of
     from diffprune.io import to_pruned
     from diffprune.prune.importance import ImportanceResult
-    from diffprune.prune.pruning import prune_with_ratio
+    from diffprune.prune.pruning import prune_model_at_ratio
 
     root = tmp_path_factory.mktemp("family_pipes")
     dirs = {}
@@ -261,7 +261,7 @@ def family_pipelines(tmp_path_factory):
         component, model = denoiser_of(pipe)
         imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
         pruned = to_pruned(
-            prune_with_ratio(model, family_for(model), imp, 0.5), {**INFO, "base_class": type(model).__name__}
+            prune_model_at_ratio(model, family_for(model), imp, 0.5), {**INFO, "base_class": type(model).__name__}
         )
         pipe.register_modules(**{component: pruned})
         pipe.save_pretrained(root / kind / "student", safe_serialization=True)

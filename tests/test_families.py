@@ -38,7 +38,7 @@ from diffprune.io import load_pipeline, load_unet, to_pruned
 from diffprune.io.structure import record_structure, validate_structure
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import METHODS, ImportanceResult
-from diffprune.prune.pruning import PruneConfig, head_ratio_dict, prune_with_ratio
+from diffprune.prune.pruning import PruneConfig, head_ratio_dict, prune_model_at_ratio
 from diffprune.prune.stage import run_prune
 
 FAMILIES = ("ldm", "sd", "dit")
@@ -147,7 +147,7 @@ def test_reload_is_bit_exact_through_every_loader(kind, prune_heads, tmp_path):
     component, model = denoiser_of(pipe)
     fam = family_for(model)
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    pruned = to_pruned(prune_with_ratio(model, fam, imp, 0.5, prune_heads=prune_heads),
+    pruned = to_pruned(prune_model_at_ratio(model, fam, imp, 0.5, prune_heads=prune_heads),
                        {**INFO, "base_class": type(model).__name__})
     heads = {n: (a.heads, a.to_q.out_features // a.heads) for n, a in attention_modules(pruned)}
     before = {n: (a.heads, a.to_q.out_features // a.heads) for n, a in attention_modules(model)}
@@ -180,7 +180,7 @@ def test_public_api_exports_the_pruned_classes():
 def test_dit_keeps_the_residual_width_and_prunes_mlp_and_heads():
     model = tiny_dit()
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    pruned = prune_with_ratio(model, family_for(model), imp, 0.5, prune_heads=True)
+    pruned = prune_model_at_ratio(model, family_for(model), imp, 0.5, prune_heads=True)
     block = pruned.transformer_blocks[0]
     assert pruned.pos_embed.proj.out_channels == 32 and pruned.pos_embed.pos_embed.shape[-1] == 32
     assert block.ff.net[2].in_features == 64 and block.attn1.heads == 2 and block.attn1.to_q.out_features == 16
@@ -191,7 +191,7 @@ def test_sd_cross_attention_keeps_the_text_width():
     model = tiny_sd_unet()
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
     for heads in (False, True):
-        pruned = prune_with_ratio(model, family_for(model), imp, 0.5, prune_heads=heads)
+        pruned = prune_model_at_ratio(model, family_for(model), imp, 0.5, prune_heads=heads)
         attn2 = [a for n, a in attention_modules(pruned) if n.endswith("attn2")]
         assert attn2 and all(a.to_k.in_features == 16 and a.to_v.in_features == 16 for a in attn2)
         assert all(a.to_q.out_features < 32 for a in attn2 if a.query_dim == 32)
@@ -262,7 +262,7 @@ def _reference_attention(attn, x, ctx):
 def test_every_attention_of_a_pruned_sd_unet_is_consistent(prune_heads):
     model = tiny_sd_unet()
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    pruned = prune_with_ratio(model, family_for(model), imp, 0.5, prune_heads=prune_heads)
+    pruned = prune_model_at_ratio(model, family_for(model), imp, 0.5, prune_heads=prune_heads)
     torch.manual_seed(0)
     for name, attn in attention_modules(pruned):
         x = torch.randn(2, 5, attn.to_q.in_features)
@@ -405,7 +405,7 @@ def _full_size_check(model, kind):
     example = fam.example_inputs(model)
     macs0, params0 = count_macs_params(model, example)
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    pruned = prune_with_ratio(model, fam, imp, 0.3 if kind == "sd" else 0.5)
+    pruned = prune_model_at_ratio(model, fam, imp, 0.3 if kind == "sd" else 0.5)
     macs1, params1 = count_macs_params(pruned, example)
     print(f"\n{kind}: params {params0 / 1e6:.1f}M -> {params1 / 1e6:.1f}M ({params1 / params0:.3f}), "
           f"MACs {macs0 / 1e9:.1f}G -> {macs1 / 1e9:.1f}G ({macs1 / macs0:.3f})")

@@ -15,7 +15,7 @@ from diffprune.cli import main
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.prune.importance import coarse_cut, estimate_fast, stratified_timesteps, threshold_sweep
-from diffprune.prune.pruning import PruneConfig, prune
+from diffprune.prune.pruning import PruneConfig, prune_model
 
 
 def _images(n=12, seed=0):
@@ -79,7 +79,7 @@ def test_fast_estimate_counts_pairs_keeps_the_coarse_prefix_and_has_every_gradie
     again = estimate_fast(model, fam, scheduler, _images(), threshold=0.05, grid_stride=5, cut_batch=4,
                           pairs_per_pass=6, passes=3, progress=False)
     assert all(torch.equal(imp.grads[n], again.grads[n]) for n in names)  # deterministic per seed
-    out = prune(model, fam, PruneConfig(model="m", ratio=0.3, estimator="fast"), imp, progress=False)
+    out = prune_model(model, fam, PruneConfig(model="m", ratio=0.3, estimator="fast"), imp, progress=False)
     assert out.params[1] < out.params[0]
 
 

@@ -25,7 +25,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.io import load_pipeline, to_pruned
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "test", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}
@@ -40,7 +40,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     save_tiny_pipeline(root / "plain", num_train_timesteps=20)
     model = tiny_unet()
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    pruned = to_pruned(prune_with_ratio(model, family_for(model), imp, 0.4), INFO)
+    pruned = to_pruned(prune_model_at_ratio(model, family_for(model), imp, 0.4), INFO)
     DDPMPipeline(unet=pruned, scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(
         root / "pruned", safe_serialization=True)
     attn = json.loads((root / "pruned" / "unet" / "pruning.json").read_text())["structure"][ATTN]

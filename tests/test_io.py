@@ -15,7 +15,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.io import PrunedUNet2DModel, load_pipeline, load_unet, to_pruned
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "test", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}
@@ -24,7 +24,7 @@ INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2
 def _pruned(method="magnitude", ratio=0.4):
     model = tiny_unet()
     imp = ImportanceResult(method, 0.0, [], [], [], None, 0, 0.0)
-    return to_pruned(prune_with_ratio(model, family_for(model), imp, ratio), INFO)
+    return to_pruned(prune_model_at_ratio(model, family_for(model), imp, ratio), INFO)
 
 
 @pytest.fixture

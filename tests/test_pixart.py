@@ -40,7 +40,7 @@ from diffprune.io import load_pipeline, to_pruned
 from diffprune.io.structure import validate_structure
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id": "test", "revision": None},
         "method": {"name": "magnitude"}, "kept_timesteps": [], "base_class": "PixArtTransformer2DModel"}
@@ -93,7 +93,7 @@ def test_pruned_pixart_equals_the_zeroed_model(prune_heads, micro):
     fam = family_for(model)
     assert isinstance(fam, PixArtFamily)
     removed = []
-    pruned = prune_with_ratio(model, fam, MAGNITUDE, 0.5, prune_heads=prune_heads,
+    pruned = prune_model_at_ratio(model, fam, MAGNITUDE, 0.5, prune_heads=prune_heads,
                               on_group=lambda root, idxs, _: removed.append((root, idxs)))
     validate_structure(pruned)
     blk = pruned.transformer_blocks[0]
@@ -148,7 +148,7 @@ def _generate(pipe):
 
 def test_reload_is_bit_exact_and_plain_diffusers_generates(tmp_path):
     pipe = tiny_pipeline()
-    pruned = to_pruned(prune_with_ratio(pipe.transformer, PixArtFamily(), MAGNITUDE, 0.5), INFO)
+    pruned = to_pruned(prune_model_at_ratio(pipe.transformer, PixArtFamily(), MAGNITUDE, 0.5), INFO)
     check_pruned_reload(tmp_path / "p", pipe, pruned, PixArtAlphaPipeline, _predict, _generate)
 
 
@@ -199,7 +199,7 @@ def test_full_size_pixart_alpha_structure_numbers():
     fam = family_for(model)
     example = fam.example_inputs(model)
     macs0, params0 = count_macs_params(model, example)
-    pruned = prune_with_ratio(model, fam, MAGNITUDE, 0.5)
+    pruned = prune_model_at_ratio(model, fam, MAGNITUDE, 0.5)
     macs1, params1 = count_macs_params(pruned, example)
     print(f"\nPixArt-alpha XL/2 512: params {params0 / 1e6:.1f}M -> {params1 / 1e6:.1f}M ({params1 / params0:.3f}), "
           f"MACs {macs0 / 1e9:.1f}G -> {macs1 / 1e9:.1f}G ({macs1 / macs0:.3f}) at ratio 0.5, residual kept")

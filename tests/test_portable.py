@@ -25,7 +25,7 @@ from diffprune.families.pipeline_parts import denoiser_of
 from diffprune.io import load_pipeline, load_unet, save_pipeline, to_pruned
 from diffprune.io.portable import PORTABLE_MODULE, make_portable
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 MAGNITUDE = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
 from test_sd3 import tiny_pipeline as tiny_sd3_pipeline  # noqa: E402 - SD3 (flow matching, MMDiT)
@@ -51,7 +51,7 @@ def _pruned_pipeline(kind: str):
         pipe = build_pipeline("dit" if kind.startswith("dit") else kind)
     component, model = denoiser_of(pipe)
     extra = {"prune_residual": True} if kind == "dit_residual" else {}
-    pruned = prune_with_ratio(model, family_for(model), MAGNITUDE, 0.5, **extra)
+    pruned = prune_model_at_ratio(model, family_for(model), MAGNITUDE, 0.5, **extra)
     pipe.register_modules(**{component: to_pruned(pruned, {**INFO, "base_class": type(model).__name__})})
     return pipe, component
 

@@ -13,7 +13,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
 from diffprune.io import PrunedUNet2DModel, load_pipeline, load_unet, to_pruned
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "test", "revision": None}, "method": {"name": "magnitude"}, "kept_timesteps": []}
@@ -23,7 +23,7 @@ INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2
 def pruned():
     model = tiny_unet()
     imp = ImportanceResult("magnitude", 0.0, [], [], [], None, 0, 0.0)
-    return to_pruned(prune_with_ratio(model, family_for(model), imp, 0.4), INFO)
+    return to_pruned(prune_model_at_ratio(model, family_for(model), imp, 0.4), INFO)
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -20,7 +20,7 @@ from diffprune.families import family_for
 from diffprune.io import load_unet, to_pruned
 from diffprune.io.structure import validate_structure
 from diffprune.prune.importance import METHODS, estimate, threshold_sweep
-from diffprune.prune.pruning import PruneConfig, prune
+from diffprune.prune.pruning import PruneConfig, prune_model
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_class": "UNet2DModel",
         "base_model": {"id": "property-test", "revision": None}, "method": {"name": "any"}, "kept_timesteps": []}
@@ -93,7 +93,7 @@ def test_any_ratio_prunes_to_a_valid_smaller_model_that_reloads_exactly(config, 
     base = _build(config)
     fam = family_for(base)
     imp = estimate(base, fam, SCHEDULER, _images(base), method, threshold=0.05, progress=False)
-    outcome = prune(base, fam, PruneConfig(model="m", method=method, ratio=ratio, ratio_rule=rule,
+    outcome = prune_model(base, fam, PruneConfig(model="m", method=method, ratio=ratio, ratio_rule=rule,
                                            round_to=round_to), imp, progress=False)
     _check_pruned(base, outcome)
 
@@ -106,7 +106,7 @@ def test_any_target_is_reached_or_refused_cleanly(config, method, kind, target):
     fam = family_for(base)
     imp = estimate(base, fam, SCHEDULER, _images(base), method, threshold=0.05, progress=False)
     try:
-        outcome = prune(base, fam, PruneConfig(model="m", method=method, **{kind: target}), imp, progress=False)
+        outcome = prune_model(base, fam, PruneConfig(model="m", method=method, **{kind: target}), imp, progress=False)
     except DiffpruneError as err:  # an unreachable target is allowed, as long as it says so
         assert "unreachable" in str(err) and "\n" not in str(err)
         return
@@ -128,7 +128,7 @@ def test_one_channel_per_group_model_stays_whole(method):
     base = _build(SMALLEST)
     fam = family_for(base)
     imp = estimate(base, fam, SCHEDULER, _images(base), method, progress=False)
-    _check_pruned(base, prune(base, fam, PruneConfig(model="m", method=method, ratio=0.79), imp, progress=False))
+    _check_pruned(base, prune_model(base, fam, PruneConfig(model="m", method=method, ratio=0.79), imp, progress=False))
 
 
 # --------------------------------------------------------------------------- numerics

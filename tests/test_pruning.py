@@ -15,7 +15,7 @@ from diffprune.families.unet2d import UNet2DFamily
 from diffprune.io.structure import validate_structure
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import METHODS, ImportanceResult, estimate, estimate_many, threshold_sweep
-from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
+from diffprune.prune.pruning import PruneConfig, prune_model, prune_model_at_ratio
 
 
 def _images(n=4, seed=0):
@@ -36,7 +36,7 @@ def test_every_method_prunes_and_stays_valid(method, scheduler):
     model = tiny_unet(seed=3)  # a seed other than the pruning seed, so reinit differs
     fam = family_for(model)
     imp = estimate(model, fam, scheduler, _images(), method, threshold=0.05, progress=False)
-    out = prune(model, fam, PruneConfig(model="m", method=method, ratio=0.3), imp, progress=False)
+    out = prune_model(model, fam, PruneConfig(model="m", method=method, ratio=0.3), imp, progress=False)
     assert out.params[1] < out.params[0] and out.macs[1] < out.macs[0]
     validate_structure(out.model)
     for m in out.model.modules():
@@ -55,7 +55,7 @@ def test_every_method_prunes_and_stays_valid(method, scheduler):
 
 def test_ratio_zero_is_function_preserving():
     model = tiny_unet()
-    pruned = prune_with_ratio(model, UNet2DFamily(), _no_importance(), 0.0)
+    pruned = prune_model_at_ratio(model, UNet2DFamily(), _no_importance(), 0.0)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 7])
     with torch.no_grad():
         assert torch.equal(model(x, t).sample, pruned(x, t).sample)
@@ -68,7 +68,7 @@ class _IgnoreEverything(UNet2DFamily):
 
 def test_all_ignored_model_is_function_preserving():
     model = tiny_unet()
-    pruned = prune_with_ratio(model, _IgnoreEverything(), _no_importance(), 0.5)
+    pruned = prune_model_at_ratio(model, _IgnoreEverything(), _no_importance(), 0.5)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 7])
     assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
@@ -121,14 +121,14 @@ def test_diff_pruning_keeps_a_prefix_and_taylor_keeps_all(scheduler):
 
 def test_target_macs_is_reached_within_two_percent():
     model = tiny_unet()
-    out = prune(model, UNet2DFamily(), PruneConfig(model="m", method="magnitude", target_macs=0.56),
+    out = prune_model(model, UNet2DFamily(), PruneConfig(model="m", method="magnitude", target_macs=0.56),
                 _no_importance(), progress=False)
     assert abs(out.macs[1] / out.macs[0] - 0.56) <= 0.02
 
 
 def test_unreachable_target_is_refused_with_the_allowed_range():
     with pytest.raises(DiffpruneError, match="unreachable"):
-        prune(tiny_unet(), UNet2DFamily(), PruneConfig(model="m", method="magnitude", target_params=0.01),
+        prune_model(tiny_unet(), UNet2DFamily(), PruneConfig(model="m", method="magnitude", target_params=0.01),
               _no_importance(), progress=False)
 
 
@@ -157,7 +157,7 @@ def test_cifar10_anchor_matches_the_paper():
     fam = family_for(model)
     macs, params = count_macs_params(model, fam.example_inputs(model))
     assert abs(params / 1e6 - 35.75) < 0.01 and abs(macs / 1e9 - 6.07) < 0.01
-    out = prune(model, fam, PruneConfig(model="m", method="magnitude", ratio=0.3, ratio_rule="paper"),
+    out = prune_model(model, fam, PruneConfig(model="m", method="magnitude", ratio=0.3, ratio_rule="paper"),
                 _no_importance(), progress=False)
     assert abs(out.params[1] / 19.85e6 - 1) < 0.01 and abs(out.macs[1] / 3.39e9 - 1) < 0.01
     assert out.model.conv_in.out_channels == 96  # GroupNorm-coupled: 128 -> 96 (25%)
@@ -170,8 +170,8 @@ def test_round_to_keeps_the_paper_size_and_valid_groupnorm():
     """torch-pruning's own round_to skips GroupNorm-coupled groups; ours rounds whole widths."""
     torch.manual_seed(0)
     model = cifar10_unet().eval()
-    out = prune(model, family_for(model), PruneConfig(model="m", method="magnitude", ratio=0.3, ratio_rule="paper",
-                                                      round_to=8), _no_importance(), progress=False)
+    config = PruneConfig(model="m", method="magnitude", ratio=0.3, ratio_rule="paper", round_to=8)
+    out = prune_model(model, family_for(model), config, _no_importance(), progress=False)
     assert abs(out.params[1] / 19.85e6 - 1) < 0.01 and out.model.conv_in.out_channels == 96
     widths = [m.out_features for m in out.model.modules() if isinstance(m, torch.nn.Linear)]
     assert all(w % 8 == 0 for w in widths)

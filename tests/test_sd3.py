@@ -44,7 +44,7 @@ from diffprune.families.sd3 import SD3Family, SD3PromptEncoder
 from diffprune.io import load_pipeline, to_pruned
 from diffprune.io.structure import validate_structure
 from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast
-from diffprune.prune.pruning import prune_with_ratio
+from diffprune.prune.pruning import prune_model_at_ratio
 from diffprune.sample.loop import image_generators, load_samples
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id": "test", "revision": None},
@@ -106,7 +106,7 @@ def test_pruned_sd3_equals_the_zeroed_model(sd35, prune_heads):
     fam = family_for(model)
     assert isinstance(fam, SD3Family)
     removed = []
-    pruned = prune_with_ratio(model, fam, MAGNITUDE, 0.5, prune_heads=prune_heads,
+    pruned = prune_model_at_ratio(model, fam, MAGNITUDE, 0.5, prune_heads=prune_heads,
                               on_group=lambda root, idxs, _: removed.append((root, idxs)))
     validate_structure(pruned)
     for blk in pruned.transformer_blocks:
@@ -137,7 +137,7 @@ def test_qk_norm_weights_are_unwrapped_parameters_of_the_head_dim():
 
 def test_qk_norm_head_dims_and_residual_pruning_are_refused_with_one_line():
     with pytest.raises(DiffpruneError, match="normalises q/k"):
-        prune_with_ratio(tiny_sd3(sd35=True), SD3Family(), MAGNITUDE, 0.5)
+        prune_model_at_ratio(tiny_sd3(sd35=True), SD3Family(), MAGNITUDE, 0.5)
     with pytest.raises(DiffpruneError, match="--prune-residual is not supported for SD3"):
         SD3Family().configured(prune_residual=True)
 
@@ -259,7 +259,7 @@ def _generate(pipe, latents=None):
 
 def test_reload_is_bit_exact_and_plain_diffusers_generates(tmp_path):
     pipe = tiny_pipeline()
-    pruned = to_pruned(prune_with_ratio(pipe.transformer, SD3Family(), MAGNITUDE, 0.5), INFO)
+    pruned = to_pruned(prune_model_at_ratio(pipe.transformer, SD3Family(), MAGNITUDE, 0.5), INFO)
     check_pruned_reload(tmp_path / "p", pipe, pruned, StableDiffusion3Pipeline, _predict, _generate)
 
 
@@ -397,7 +397,7 @@ def test_full_size_sd3_medium_structure_numbers():
     rows = []
     for ratio in (0.3, 0.5):
         t0 = time.perf_counter()
-        pruned = prune_with_ratio(model, family, MAGNITUDE, ratio)
+        pruned = prune_model_at_ratio(model, family, MAGNITUDE, ratio)
         with torch.no_grad():
             cond = {k: v.to(torch.bfloat16) for k, v in family.example_cond(pruned).items()}
             y = family.predict(pruned, torch.randn(1, 16, 16, 16, dtype=torch.bfloat16), torch.tensor([500.0]), cond)

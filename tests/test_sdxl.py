@@ -203,7 +203,7 @@ def test_full_size_sdxl_unet_structure_numbers():
     import time
 
     from diffprune.prune.importance import ImportanceResult
-    from diffprune.prune.pruning import prune_with_ratio
+    from diffprune.prune.pruning import prune_model_at_ratio
 
     start = time.perf_counter()
     with torch.device("meta"):
@@ -223,7 +223,7 @@ def test_full_size_sdxl_unet_structure_numbers():
     rows = []
     for ratio in (0.3, 0.5):
         t0 = time.perf_counter()
-        pruned = prune_with_ratio(model, family, imp, ratio)
+        pruned = prune_model_at_ratio(model, family, imp, ratio)
         with torch.no_grad():
             y = family.predict(pruned, torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), torch.tensor([500]),
                                {k: v.to(torch.bfloat16) for k, v in family.example_cond(pruned).items()})

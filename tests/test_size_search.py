@@ -21,7 +21,7 @@ from diffprune.io.structure import record_structure
 from diffprune.prune import stage as prune_job
 from diffprune.prune.complexity import count_macs_params
 from diffprune.prune.importance import ImportanceResult
-from diffprune.prune.pruning import PruneConfig, prune, prune_with_ratio
+from diffprune.prune.pruning import PruneConfig, prune_model, prune_model_at_ratio
 from diffprune.prune.size_search import SizePlanner, search_sizes
 
 
@@ -70,12 +70,12 @@ def small_prunes(draw):
 @given(small_prunes())
 def test_planned_sizes_equal_the_real_prune(case):
     """The plan (made on meta tensors, before any scores) is what the real prune gives: the whole
-    structure (prune() asserts it), and params/MACs as counted on the real pruned model."""
+    structure (prune_model() asserts it), and params/MACs as counted on the real pruned model."""
     model, setting = case
     family = family_for(model)
     config = PruneConfig(model="m", method="random", **setting)
     plan = search_sizes(model, family, config, progress=False)
-    out = prune(model, family, config, _no_importance(), progress=False, plan=plan)  # raises if it differs
+    out = prune_model(model, family, config, _no_importance(), progress=False, plan=plan)  # raises if it differs
     assert record_structure(out.model) == plan.chosen.structure
     real = count_macs_params(out.model, family.example_inputs(out.model))
     assert (out.macs[1], out.params[1]) == real
@@ -89,7 +89,7 @@ def test_planned_sizes_of_a_ranked_allocation_equal_the_real_prune(case, allocat
     model, setting = case
     family = family_for(model)
     config = PruneConfig(model="m", method=method, allocation=allocation, **{**setting, "ratio_rule": "torch-pruning"})
-    out = prune(model, family, config, _no_importance(method), progress=False)  # plans from the scores; checks
+    out = prune_model(model, family, config, _no_importance(method), progress=False)  # plans from the scores; checks
     assert record_structure(out.model) == out.plan.chosen.structure and out.plan.layer_ratios
     assert (out.macs[1], out.params[1]) == count_macs_params(out.model, family.example_inputs(out.model))
 
@@ -127,7 +127,7 @@ def test_gated_feed_forward_widths_do_not_depend_on_the_scores():
     sizes = set()
     for seed in range(3):
         model = tiny_sd()
-        pruned = prune_with_ratio(model, family_for(model), _no_importance(), 0.3, seed=seed)
+        pruned = prune_model_at_ratio(model, family_for(model), _no_importance(), 0.3, seed=seed)
         ff = pruned.down_blocks[0].attentions[0].transformer_blocks[0].ff
         assert ff.net[0].proj.out_features == 2 * ff.net[2].in_features == 2 * int(128 * (1 - 0.3))  # of 128 units
         sizes.add(sum(p.numel() for p in pruned.parameters()))
@@ -170,7 +170,7 @@ def test_a_ratio_that_prunes_less_than_a_smaller_one_warns(caplog):
     """Tiny UNet: ratio 0.9 would empty GroupNorm groups, which torch-pruning then leaves whole."""
     model = tiny_unet()
     with caplog.at_level(logging.WARNING, logger="diffprune.prune.size_search"):
-        out = prune(model, family_for(model), PruneConfig(model="m", method="magnitude", ratio=0.9),
+        out = prune_model(model, family_for(model), PruneConfig(model="m", method="magnitude", ratio=0.9),
                     _no_importance("magnitude"), progress=False)
     assert out.macs[1] / out.macs[0] > 0.99  # almost nothing pruned at 0.9
     smaller = min((c for c in out.search if c["ratio"] < 0.9), key=lambda c: c["macs_fraction"])

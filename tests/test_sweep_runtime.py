@@ -200,16 +200,16 @@ def test_two_processes_prune_the_one_process_model(pipe_dir, tmp_path, capsys, e
 
 
 def test_pruning_reads_the_gradient_sums_without_changing_them():
-    """prune_with_ratio hands the sums to torch-pruning uncopied (memory at full size): they must come back
+    """prune_model_at_ratio hands the sums to torch-pruning uncopied (memory at full size): they must come back
     bit-identical, so one sweep serves several prunes."""
-    from diffprune.prune.pruning import prune_with_ratio
+    from diffprune.prune.pruning import prune_model_at_ratio
 
     model, sched, images, _ = _unet_case()
     family = family_for(model)
     imp = estimate(model, family, sched, images, "diff-pruning", THR, progress=False)
     before = {k: v.clone() for k, v in imp.grads.items()}
-    first = prune_with_ratio(model, family, imp, 0.4)
+    first = prune_model_at_ratio(model, family, imp, 0.4)
     assert all(torch.equal(imp.grads[k], before[k]) for k in before)
-    second = prune_with_ratio(model, family, imp, 0.4)
+    second = prune_model_at_ratio(model, family, imp, 0.4)
     pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)

@@ -110,7 +110,7 @@ def group_scores(model: torch.nn.Module, family: Family, importance: ImportanceR
     example = family.example_inputs(scored, device=device)
     num_heads = family.num_heads(scored)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random importance: the scores of prune_with_ratio's draw
+        torch.manual_seed(seed)  # random importance: the scores of prune_model_at_ratio's draw
         pruner = make_pruner(scored, family, example, tp_importance(importance.method), 0.5, None,
                              prune_heads, 0.5, num_heads, None)
         names = {m: n for n, m in scored.named_modules()}

@@ -1,4 +1,8 @@
-"""One verb, `prune`: dependency graph, scores, removal, family fix-ups, verification.
+"""Width pruning of a model in memory: dependency graph, scores, removal, family fix-ups, verification.
+
+`prune_model(model, family, config, importance)` is the in-memory core of the prune stage
+(`diffprune.prune(config, output_dir)`, the one public verb: folder in, folder out);
+`prune_model_at_ratio` is the same at a given per-group ratio (a pruned deep copy).
 
 torch-pruning (>=1.6) builds the dependency graph and removes coupled channels together; we
 supply the diffusion-specific parts: the importance (importance.py), the layers never pruned and
@@ -47,7 +51,7 @@ from .size_search import SizePlan, search_sizes
 __all__ = [
     "ALLOCATIONS", "GATED_ACTIVATIONS", "MAX_RATIO", "RATIO_RULES", "TARGET_TOLERANCE", "GroupFacts", "PruneConfig",
     "PruneOutcome", "bisect", "gated_halves", "head_ratio_dict", "non_monotone_warning", "paper_ratio_dict",
-    "paper_ratios", "prune", "prune_with_ratio", "ratio_rule_groups", "rounded_ratio_dict", "rounded_ratios",
+    "paper_ratios", "prune_model", "prune_model_at_ratio", "ratio_rule_groups", "rounded_ratio_dict", "rounded_ratios",
     "unreachable_message",
 ]
 
@@ -65,7 +69,7 @@ class PruneOutcome:
     plan: SizePlan | None = None  # the size plan the prune followed (its allocation and groups)
 
 
-def prune_with_ratio(model: torch.nn.Module, family: Family, importance: ImportanceResult,
+def prune_model_at_ratio(model: torch.nn.Module, family: Family, importance: ImportanceResult,
                      ratio: float, round_to: int | None = None, seed: int = 0,
                      ratio_rule: str = "torch-pruning", prune_heads: bool = False,
                      head_pruning_ratio: float | None = None,
@@ -135,7 +139,7 @@ def prune_with_ratio(model: torch.nn.Module, family: Family, importance: Importa
     return pruned
 
 
-def prune(model: torch.nn.Module, family: Family, config: PruneConfig,
+def prune_model(model: torch.nn.Module, family: Family, config: PruneConfig,
           importance: ImportanceResult, progress: bool = True, plan: SizePlan | None = None) -> PruneOutcome:
     """Prune to `config.ratio`, or to the ratio that reaches `target_macs`/`target_params`.
 
@@ -151,7 +155,7 @@ def prune(model: torch.nn.Module, family: Family, config: PruneConfig,
             scores = group_scores(model, family.configured(prune_residual=config.prune_residual), importance,
                                   config.prune_heads, config.seed)
         plan = search_sizes(model, family, config, progress=progress, scores=scores)
-    pruned = prune_with_ratio(model, family, importance, plan.ratio, config.round_to, config.seed,
+    pruned = prune_model_at_ratio(model, family, importance, plan.ratio, config.round_to, config.seed,
                               config.ratio_rule, config.prune_heads, config.head_pruning_ratio,
                               prune_residual=config.prune_residual, layer_ratios=plan.layer_ratios)
     plan.check(pruned)

@@ -122,7 +122,7 @@ class SizePlanner:
     def _setup(self, model: nn.Module, family: Family, prune_heads: bool) -> None:
         self.meta = meta_copy(model).eval()
         if getattr(self.meta, "is_gradient_checkpointing", False):
-            self.meta.disable_gradient_checkpointing()  # as prune_with_ratio: the tracer must see every op
+            self.meta.disable_gradient_checkpointing()  # as prune_model_at_ratio: the tracer must see every op
         self.example = family.example_inputs(self.meta, device="meta")
         self.macs0, self.params0 = count_macs_params(self.meta, self.example)
         self._macs = WidthMacs.build(self.meta, self.example, self.macs0)
@@ -199,7 +199,7 @@ class SizePlanner:
         return [(dep, [by_root[r] for r in idxs]) for dep, by_root, _ in g.bijection]
 
     def _per_layer(self, ratio: float, ratio_rule: str, round_to: int | None) -> dict:
-        """The per-layer ratios prune_with_ratio passes for this rule and rounding ({} for none)."""
+        """The per-layer ratios prune_model_at_ratio passes for this rule and rounding ({} for none)."""
         if self.layer_ratios_for is not None:
             modules = dict(self.meta.named_modules())
             return {modules[n]: r for n, r in self.layer_ratios_for(ratio).items()}
@@ -243,11 +243,11 @@ class SizePlanner:
 
     def evaluate(self, ratio: float, ratio_rule: str = "torch-pruning", round_to: int | None = None,
                  full: bool = False) -> Candidate:
-        """The size `prune_with_ratio(ratio, round_to, ratio_rule=...)` gives, on meta tensors. `full`: also
+        """The size `prune_model_at_ratio(ratio, round_to, ratio_rule=...)` gives, on meta tensors. `full`: also
         the family's fix-ups and the whole structure (`SizePlan.check`); else params and MACs only
         (from the widths when `WidthMacs` covers the model, in place on the planner's copy, restored)."""
         start = time.perf_counter()
-        if ratio <= 0:  # prune_with_ratio returns an untouched copy
+        if ratio <= 0:  # prune_model_at_ratio returns an untouched copy
             return self._candidate(ratio, ratio_rule, round_to, self.meta, 0, start, True)
         with _index_mapping_once():
             removals, whole = self._removals(ratio, ratio_rule, round_to)

@@ -47,7 +47,7 @@ from .complexity import count_macs_params
 from .config import DEPTH_ONLY_METHODS, PruneConfig
 from .depth_stage import influence_inputs, prune_depth
 from .importance import GRADIENT_METHODS, PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
-from .pruning import PruneOutcome, prune
+from .pruning import PruneOutcome, prune_model
 from .size_search import check_reachable, meta_copy, search_sizes
 from .sweep_runtime import ONE_PROCESS, SweepRuntime, Workers
 
@@ -247,7 +247,7 @@ def _prune_width(original, model, family, config: PruneConfig, importance, plan,
     structure 'depth': the depth-pruned model as it is. Params and MACs are counted against `original`;
     widths before/after are the depth-pruned model's (its layer names; the depth record lists the rest)."""
     if depth is None:
-        return prune(model, family, config, importance, progress=progress, plan=plan)
+        return prune_model(model, family, config, importance, progress=progress, plan=plan)
     start = time.perf_counter()
     macs0, params0 = count_size(original, family)
     width = width_rest(config, depth)
@@ -256,7 +256,7 @@ def _prune_width(original, model, family, config: PruneConfig, importance, plan,
         shape = record_structure(model)  # widths are those of the depth-pruned model (its layer names)
         return PruneOutcome(model, 0.0, (macs0, macs1), (params0, params1), shape, shape, [],
                             time.perf_counter() - start, None)
-    outcome = prune(model, family, width, importance, progress=progress, plan=plan)
+    outcome = prune_model(model, family, width, importance, progress=progress, plan=plan)
     return dataclasses.replace(outcome, macs=(macs0, outcome.macs[1]), params=(params0, outcome.params[1]))
 
 
