@@ -1,7 +1,9 @@
-"""The prune stage (layer 4): Diff-Pruning importance and baselines (`importance`), the config (`config`),
+"""The prune stage (layer 4): Diff-Pruning importance and baselines (`importance`; the threshold rule in
+`threshold_rule`, how a sweep runs in `sweep_runtime`), depth pruning (`depth`, `depth_scores`,
+`depth_stage`), what `prune` prints (`dry_run`), the config (`config`),
 per-layer ratio rules (`ratio_rules`), how widths are spread under one budget (`allocation`: uniform,
 global, isomorphic), the ratio search (`bisection`) and size planning (`size_search`, `width_macs`),
-params/MACs (`complexity`), the prune verb (`pruning`) and the stage (`stage.run_prune`). May import
+params/MACs (`complexity`), width pruning in memory (`pruning.prune_model`) and the stage (`stage.run_prune`). May import
 the shared layers, `data`, `families` and `io`. Imports point one way: pruning -> size_search ->
 allocation / bisection / ratio_rules -> config -> importance.
 
