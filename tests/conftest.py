@@ -245,3 +245,16 @@ def check_pruned_reload(folder, pipe, pruned, pipeline_cls, predict, generate) -
         assert record_structure(other) == record_structure(pruned)
         assert torch.equal(predict(other), expected)
     assert np.array_equal(generate(pipeline_cls.from_pretrained(folder)), images)
+
+
+def full_size_models():
+    """benchmarks/_full_size_models.py: the full-size shapes the slow tests share with benchmarks/full_size.py
+    (loaded from its path: benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
+    spec = importlib.util.spec_from_file_location("_full_size_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

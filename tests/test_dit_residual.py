@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import full_size_models, run_cli
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from PIL import Image
@@ -260,23 +260,13 @@ def test_cli_prunes_the_residual_and_plain_diffusers_generates(size, dit_pipelin
 # --------------------------------------------------------------------------- full size (slow)
 
 
-def _full_size_models():
-    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
-    spec = importlib.util.spec_from_file_location("_full_size_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_full_size_dit_xl2_with_the_residual_width(tmp_path):
     """DiT-XL/2 (random weights; sizes do not depend on them): today's row and residual-inclusive rows."""
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(**_full_size_models().DIT_XL2).eval()
+    model = DiTTransformer2DModel(**full_size_models().DIT_XL2).eval()
     fam = family_for(model)
     example = fam.example_inputs(model)
     macs0, params0 = count_macs_params(model, example)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
-from conftest import ae_kwargs, byte_tokenizer, tiny_clip, tiny_kl, tiny_sd_unet  # noqa: F401
+from conftest import ae_kwargs, byte_tokenizer, full_size_models, tiny_clip, tiny_kl, tiny_sd_unet  # noqa: F401
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
@@ -382,16 +382,6 @@ def test_cli_prune_heads_and_prompt(pipeline_dirs, image_dir, tmp_path, capsys):
 # --------------------------------------------------------------------------- full size (slow)
 
 
-def _full_size_models():
-    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
-    spec = importlib.util.spec_from_file_location("_full_size_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # (params, MACs) before and after, exact: README "Full-size structure checks" (benchmarks/full_size.py rows sd15-0.3,
@@ -420,7 +410,7 @@ def _full_size_check(model, kind):
 @pytest.mark.slow
 def test_full_size_sd15_unet_prunes_to_half_the_macs(tmp_path):
     torch.manual_seed(0)
-    model = UNet2DConditionModel(**_full_size_models().SD15_UNET).eval()
+    model = UNet2DConditionModel(**full_size_models().SD15_UNET).eval()
     pruned = _full_size_check(model, "sd")
     del model
     pruned.save_pretrained(tmp_path / "unet")
@@ -432,7 +422,7 @@ def test_full_size_sd15_unet_prunes_to_half_the_macs(tmp_path):
 @pytest.mark.slow
 def test_full_size_dit_xl2_prunes_to_half_the_macs(tmp_path):
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(**_full_size_models().DIT_XL2).eval()
+    model = DiTTransformer2DModel(**full_size_models().DIT_XL2).eval()
     pruned = _full_size_check(model, "dit")
     del model
     pruned.save_pretrained(tmp_path / "transformer")

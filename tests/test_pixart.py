@@ -19,6 +19,7 @@ from conftest import (
     byte_tokenizer,
     captioned_pipeline_dir,
     check_pruned_reload,
+    full_size_models,
     run_cli,
     tiny_kl,
     tiny_t5,
@@ -179,23 +180,13 @@ def test_cli_prune_from_captions_then_plain_diffusers_generates(pixart_dirs, tmp
 # --------------------------------------------------------------------------- full size (slow)
 
 
-def _full_size_models():
-    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
-    spec = importlib.util.spec_from_file_location("_full_size_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_full_size_pixart_alpha_structure_numbers():
     """PixArt-XL-2-512x512's transformer (random weights; 64x64 latents, 120 T5 tokens of 4096 dims)."""
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(**_full_size_models().PIXART_ALPHA).eval()
+    model = PixArtTransformer2DModel(**full_size_models().PIXART_ALPHA).eval()
     fam = family_for(model)
     example = fam.example_inputs(model)
     macs0, params0 = count_macs_params(model, example)

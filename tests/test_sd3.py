@@ -22,6 +22,7 @@ from conftest import (
     byte_tokenizer,
     captioned_pipeline_dir,
     check_pruned_reload,
+    full_size_models,
     guided_latents,
     run_cli,
     tiny_clip,
@@ -347,19 +348,9 @@ def test_cli_prunes_sd35_whole_heads_to_a_mac_target(sd3_dirs, tmp_path, capsys)
 # --------------------------------------------------------------------------- full size (slow)
 
 
-def _full_size_models():
-    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
-    spec = importlib.util.spec_from_file_location("_full_size_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-SD3_MEDIUM = _full_size_models().SD3_MEDIUM  # stabilityai/stable-diffusion-3-medium-diffusers (structure)
+SD3_MEDIUM = full_size_models().SD3_MEDIUM  # stabilityai/stable-diffusion-3-medium-diffusers (structure)
 
 
 def _meta_cost(model, family):

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import byte_tokenizer, guided_latents, run_cli, sd_pipeline, tiny_clip, tiny_kl
+from conftest import byte_tokenizer, full_size_models, guided_latents, run_cli, sd_pipeline, tiny_clip, tiny_kl
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
@@ -168,19 +168,9 @@ def test_cli_prune_finetune_sample_evaluate_and_the_plain_pipeline(kind, sdxl_in
 # --------------------------------------------------------------------------- full-size structure (slow)
 
 
-def _full_size_models():
-    """benchmarks/_full_size_models.py: the full-size shapes these slow tests share with benchmarks/full_size.py."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_full_size_models.py"
-    spec = importlib.util.spec_from_file_location("_full_size_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-SDXL_UNET = _full_size_models().SDXL_UNET  # stabilityai/stable-diffusion-xl-base-1.0 unet (structure)
+SDXL_UNET = full_size_models().SDXL_UNET  # stabilityai/stable-diffusion-xl-base-1.0 unet (structure)
 
 
 def _meta_cost(model, family):
