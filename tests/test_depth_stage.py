@@ -213,3 +213,49 @@ def test_a_depth_record_that_does_not_match_the_config_is_refused_in_one_line(de
         load_pipeline(out)
     code, err = run_cli(["sample", "--model", out, "--num-images", "1", "--output-dir", tmp_path / "s"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def _family_pipelines():
+    from conftest import sd_pipeline
+    from test_pixart import tiny_pipeline as pixart_pipeline
+    from test_pixart import tiny_pixart
+    from test_sd3 import tiny_pipeline as sd3_pipeline
+    from test_sd3 import tiny_sd3
+    from test_sdxl import tiny_sdxl, tiny_sdxl_unet
+
+    def pixart():
+        pipe = pixart_pipeline()
+        torch.manual_seed(0)
+        pipe.register_modules(transformer=type(tiny_pixart())(**{**tiny_pixart().config, "num_layers": 3}).eval())
+        return pipe
+
+    return {"sd": lambda: sd_pipeline(layers_per_block=2), "pixart": pixart,
+            "sdxl": lambda: tiny_sdxl(tiny_sdxl_unet(layers_per_block=2)),
+            "sd3": lambda: sd3_pipeline(transformer=tiny_sd3(sd35=True))}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3"])
+def test_every_family_depth_folder_loads_in_plain_diffusers(family, tmp_path, capsys):
+    """Depth (magnitude: no data) on each text family's pipeline folder: one unit goes, the folder names plain
+    diffusers classes and DiffusionPipeline.from_pretrained gives the denoiser diffprune loads, bit for bit."""
+    from diffusers import DiffusionPipeline
+
+    _family_pipelines()[family]().save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    out = tmp_path / "depth"
+    code, err = run_cli(["prune", "--model", tmp_path / "pipe", "--structure", "depth", "--method", "magnitude",
+                         "--target-params", "0.97", "--output-dir", out], capsys)
+    assert code == 0, err
+    depth = _report(out)["depth"]
+    assert len(depth["removed"]) >= 1 and depth["config_changes"]
+    ours, plain = load_pipeline(out), DiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    name = "unet" if hasattr(plain, "unet") else "transformer"
+    a, b = getattr(ours, name), getattr(plain, name)
+    assert type(b).__module__.startswith("diffusers.") and type(a) is type(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for key, change in depth["config_changes"].items():
+        assert list(_as_list(b.config[key])) == list(_as_list(change["after"]))
+
+
+def _as_list(value):
+    return value if isinstance(value, (list, tuple)) else [value]
