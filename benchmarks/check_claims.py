@@ -692,7 +692,7 @@ def claims() -> list[Claim]:
         (fmt3, fmt3, "d", "d"))
     add("bf16-dit", "model) IoU {0.995} / {0.996} and the same (absent) cut", sp,
         lambda d: (prec(1, "exact", "kept_iou_mean")(d), prec(1, "fast", "kept_iou_mean")(d)), fmt3)
-    add("bf16-grad", "differ by up to {5.9e-2} of their largest value on the UNet, {4.0e-3} on the DiT", sp,
+    add("bf16-grad", "differ by up to {5.9e-02} of their largest value on the UNet, {4.0e-03} on the DiT", sp,
         lambda d: tuple(max(prec(i, e, "grad_rel_difference_max")(d) for e in ("exact", "fast")) for i in (0, 1)),
         ".1e")
     add("bf16-time", "bf16 took {0.83}x the fp32 time on the UNet and {2.16}x on the DiT", sp,
