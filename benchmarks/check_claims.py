@@ -679,6 +679,32 @@ def claims() -> list[Claim]:
         lambda d: (d["rows"]["sd15-0.3"]["peak_rss_gib"], d["rows"]["sd15-0.3"]["seconds"],
                    d["rows"]["sdxl-0.3"]["peak_rss_gib"]), (".1f", ".0f", ".1f"))
 
+    section = "Demo results"
+    dm = "demo.json"
+
+    def demo_row(name: str):
+        return lambda d: (d["summary"]["rows"][name]["fid"], d["summary"]["rows"][name]["kid"],
+                          d["summary"]["rows"][name]["ssim"])
+
+    add("demo-teacher", "| teacher | {1.623}M | {94.6}M | {0.72} | {-0.0002} | {1.000} |", dm,
+        lambda d: (d["summary"]["params"]["teacher"] / 1e6, d["summary"]["macs"]["teacher"] / 1e6,
+                   *demo_row("teacher")(d)), (".3f", ".1f", ".2f", ".4f", ".3f"))
+    add("demo-pruned", "| pruned, no post-training | {0.922}M | {53.4}M | {65.19} | {8.60} | {0.399} |", dm,
+        lambda d: (d["summary"]["params"]["student"] / 1e6, d["summary"]["macs"]["student"] / 1e6,
+                   *demo_row("pruned")(d)), (".3f", ".1f", ".2f", ".2f", ".3f"))
+    add("demo-student", "| pruned + 300 steps | {0.922}M | {53.4}M | {1.29} | {0.023} | {0.936} |", dm,
+        lambda d: (d["summary"]["params"]["student"] / 1e6, d["summary"]["macs"]["student"] / 1e6,
+                   *demo_row("student")(d)), (".3f", ".1f", ".2f", ".3f", ".3f"))
+    add("demo-times", "wall time {1042} s (prune {106} s, fine-tune {562} s, sampling {329} s, evaluation {44} s)",
+        dm, lambda d: tuple(d["summary"]["wall_time_s"][k] for k in ("total", "prune", "finetune", "sample",
+                                                                     "evaluate")), ".0f")
+    add("demo-kept", "fast estimator ({391} of 1000 timesteps kept; {32} calibration images)", dm,
+        lambda d: (d["summary"]["kept_timesteps"], d["config"]["calibration_batch"]), "d")
+    add("demo-latency", "was {1.16}x against a MACs ratio of {1.77}x", dm,
+        lambda d: (d["summary"]["latency_speedup"], d["summary"]["macs_speedup"]), ".2f")
+    add("demo-latency-perf", "student runs {1.16}x faster at a {1.77}x MACs ratio", dm,
+        lambda d: (d["summary"]["latency_speedup"], d["summary"]["macs_speedup"]), ".2f")
+
     section = "Pruning big models: bf16 sweep"
     sp = "sweep_precision.json"
 
