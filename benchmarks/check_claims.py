@@ -679,6 +679,35 @@ def claims() -> list[Claim]:
         lambda d: (d["rows"]["sd15-0.3"]["peak_rss_gib"], d["rows"]["sd15-0.3"]["seconds"],
                    d["rows"]["sdxl-0.3"]["peak_rss_gib"]), (".1f", ".0f", ".1f"))
 
+    section = "Depth vs width, measured"
+    dw = "depth_vs_width.json"
+
+    def dw_row(tag: str):
+        def values(d):
+            r = next(r for r in d["rows"] if r["tag"] == tag)
+            f = r["latency"]["forward"]
+            return (r["macs_fraction"]["mean"], r["fid"]["mean"], r["fid"]["std"], r["ssim"]["mean"],
+                    f["1"]["speedup"], f["8"]["speedup"])
+        return values
+
+    dw_rows = {
+        "width_diff-pruning_70": "| ~70% | width, Diff-Pruning | {0.697} | {2.67} ± {0.58} | {0.921} | {1.14} | "
+                                 "{1.09} |",
+        "depth_diff-pruning_70": "| ~70% | depth, Diff-Pruning | {0.682} | {3.11} ± {0.56} | {0.916} | {1.49} | "
+                                 "{1.41} |",
+        "depth_block-influence_70": "| ~70% | depth, block influence | {0.682} | {3.76} ± {0.58} | {0.909} | {1.49} | "
+                                    "{1.41} |",
+        "depth_magnitude_70": "| ~70% | depth, magnitude | {0.682} | {3.78} ± {0.68} | {0.915} | {1.49} | {1.41} |",
+        "depth_mid_diff-pruning_70": "| ~70% | depth + mid block, Diff-Pruning | {0.654} | {3.03} ± {0.50} | {0.912} | "
+                                     "{1.71} | {1.67} |",
+        "width_diff-pruning_56": "| ~56% | width, Diff-Pruning | {0.565} | {2.96} ± {0.78} | {0.919} | {1.17} | "
+                                 "{1.18} |",
+        "both_diff-pruning_56": "| ~56% | both, Diff-Pruning | {0.559} | {3.15} ± {0.23} | {0.911} | {1.55} | {1.50} |",
+        "both_magnitude_56": "| ~56% | both, magnitude | {0.559} | {4.19} ± {0.95} | {0.909} | {1.55} | {1.50} |",
+    }
+    for tag, fragment in dw_rows.items():
+        add(f"depth-vs-width-{tag}", fragment, dw, dw_row(tag), (fmt3, ".2f", ".2f", fmt3, ".2f", ".2f"))
+
     section = "Demo results"
     dm = "demo.json"
 

@@ -70,6 +70,9 @@ SCRIPTS: dict[str, tuple[list[list[str]], dict[str, list[tuple] | None]]] = {
     "flow_threshold": ([[]], {"flow_threshold.json": [(), ("families", "*")], "flow_threshold.png": None}),
     "sweep_precision": ([[]], {"sweep_precision.json": [(), ("models", "*")], "sweep_precision.md": None}),
     "demo": ([[]], {"demo.json": [(), ("summary",), ("summary", "rows", "*")]}),
+    "depth_vs_width": ([[]], {
+        "depth_vs_width.json": [(), ("rows", "*"), ("rows", "*", "latency"), ("teacher",), ("meta",)],
+        "depth_vs_width.md": None, "depth_vs_width.png": None}),
 }
 # keys of a committed result that only some modes write
 OPTIONAL = {"model_from"}  # allocation.json: rows evaluated from --reuse-models

@@ -259,3 +259,21 @@ def test_every_family_depth_folder_loads_in_plain_diffusers(family, tmp_path, ca
 
 def _as_list(value):
     return value if isinstance(value, (list, tuple)) else [value]
+
+
+def test_the_plan_puts_back_units_the_target_does_not_need():
+    """A small low-scored unit (the mid block) goes first; once a large one alone reaches the target the
+    small one comes back: the plan never removes more than the target asks."""
+    from diffprune.prune.depth import DepthUnit, Part
+    from diffprune.prune.depth_scores import plan_depth
+
+    mid, layers = (DepthUnit(n, (Part(n, (n,), p),)) for n, p in (("mid_block", 5), ("layers.0", 40)))
+    sizes = {(): 100, ("mid_block",): 95, ("layers.0",): 60, ("layers.0", "mid_block"): 55}
+
+    def size_of(units):
+        return sizes[tuple(sorted(u.name for u in units))]
+
+    plan = plan_depth([mid, layers], {"mid_block": 0.1, "layers.0": 0.9}, size_of, 0.7)
+    assert [u.name for u in plan.removed] == ["layers.0"] and plan.fraction == 0.6 and plan.reached
+    tight = plan_depth([mid, layers], {"mid_block": 0.1, "layers.0": 0.9}, size_of, 0.58)
+    assert sorted(u.name for u in tight.removed) == ["layers.0", "mid_block"] and tight.fraction == 0.55

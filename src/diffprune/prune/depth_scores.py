@@ -222,6 +222,22 @@ def size_counter(model: torch.nn.Module, kind: str = "macs") -> Callable[[Sequen
     return count
 
 
+def _put_back(removed: list[DepthUnit], scores: Mapping[str, float], size_of: Callable[[Sequence[DepthUnit]], int],
+              total: int, target: float, fraction: float) -> tuple[list[DepthUnit], float]:
+    """`removed` without the units the target does not need, the most important (highest score) kept first."""
+    for unit in sorted(removed, key=lambda u: (-scores[u.name], u.name)):
+        rest = [u for u in removed if u is not unit]
+        if not rest:
+            break
+        try:
+            size = size_of(rest)
+        except DiffpruneError:
+            continue
+        if size / total <= target:
+            removed, fraction = rest, size / total
+    return removed, fraction
+
+
 @dataclasses.dataclass
 class DepthPlan:
     removed: list[DepthUnit]  # in removal order (lowest score first)
@@ -241,7 +257,9 @@ def plan_depth(units: Sequence[DepthUnit], scores: Mapping[str, float],
                size_of: Callable[[Sequence[DepthUnit]], int], target_fraction: float) -> DepthPlan:
     """Remove the lowest-scored units, one at a time, until size_of(removed) / size_of([]) <= target.
 
-    Stops at the first set that reaches the target (never removes more than it asks). A unit whose
+    Stops at the first set that reaches the target, then puts back, highest score first, every removed
+    unit the target does not need (a small low-scored unit taken before a large one that alone reaches
+    the target; `_put_back`), so it never removes more than the target asks. A unit whose
     removal next is not config-expressible (size_of raises DiffpruneError) waits for the next step.
     When every unit that can go is gone and the size is still above the target, `reached` is False
     and `message` says so: depth alone cannot reach it (combine with width pruning).
@@ -269,6 +287,8 @@ def plan_depth(units: Sequence[DepthUnit], scores: Mapping[str, float],
         else:
             break
     reached = fraction <= target_fraction
+    if reached:
+        removed, fraction = _put_back(removed, scores, size_of, total, target_fraction, fraction)
     message = None if reached else (
         f"depth pruning alone reaches {fraction:.3f} (all {len(removed)} removable units gone), above the target "
         f"{target_fraction:.3f}; combine with width pruning")
