@@ -405,16 +405,14 @@ def markdown(found: dict, meta: dict) -> str:
 
 
 def plot(found: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffprune.plots import figure
 
     colors = {"width": "tab:blue", "depth": "tab:red", "both": "tab:green"}
     markers = {"diff-pruning": "o", "block-influence": "s", "magnitude": "^", "taylor": "D"}
     # rows at the same MACs fraction (0.682: five) drawn side by side; the table has the exact fractions
     JITTER = {"diff-pruning": -0.002, "block-influence": 0.0, "magnitude": 0.002, "taylor": 0.004}  # noqa: N806
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.25, 1]})
+    fig = figure((14, 5))
+    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
     rows = [r for r in found["rows"] if r.get("fid") and r["fid"]["mean"] is not None]
     for r in rows:
         label = f"{r['structure']}{'+mid' if r['include_mid'] else ''} / {r['method']}"
@@ -447,7 +445,6 @@ def plot(found: dict, path: Path) -> None:
     b.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:

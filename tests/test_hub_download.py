@@ -418,7 +418,7 @@ def test_unloaded_text_encoders_are_copied_as_plain_files(tmp_path):
 
 @pytest.mark.parametrize("argv, target", [
     (["prune", "--method", "magnitude", "--output-dir", "{tmp}/o"], "diffprune.prune.stage.load_pipeline"),
-    (["prune", "--method", "magnitude", "--dry-run"], "diffprune.prune.stage.load_pipeline"),
+    (["prune", "--method", "magnitude", "--dry-run"], "diffprune.prune.dry_run.load_pipeline"),
     (["finetune", "--data", "digits", "--output-dir", "{tmp}/o", "--no-tensorboard"],
      "diffprune.io.pipeline.load_pipeline"),
     (["encode-prompts", "--prompt", "a cat", "--output", "{tmp}/e.safetensors"],
