@@ -50,9 +50,10 @@ def teacher_recipe(teacher: Path) -> dict:
     return json.loads((teacher / "train_config.json").read_text())
 
 
-def smoke_teacher(folder: Path) -> Path:
+def smoke_teacher(folder: Path, model_config: dict | None = None) -> Path:
     """A tiny random-weight digits-shaped teacher pipeline in `folder` (made once) for --smoke runs: every
-    protocol step (sweeps, prune, post-training, sampling, evaluation) runs in seconds; its numbers mean nothing."""
+    protocol step (sweeps, prune, post-training, sampling, evaluation) runs in seconds; its numbers mean nothing.
+    `model_config`: another UNet2DModel config (default SMOKE_UNET's), e.g. the embedded teacher's own."""
     import json
 
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -64,7 +65,7 @@ def smoke_teacher(folder: Path) -> Path:
     if (folder / "train_config.json").exists():
         return folder
     real = embedded_teacher()
-    config = unet_config(**SMOKE_UNET)
+    config = unet_config(**SMOKE_UNET) if model_config is None else model_config
     scheduler = DDPMScheduler.from_pretrained(real / "scheduler")
     scheduler = DDPMScheduler.from_config(scheduler.config, num_train_timesteps=SMOKE_TIMESTEPS)
     folder.mkdir(parents=True, exist_ok=True)

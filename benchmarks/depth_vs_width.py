@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from _common import Plan as BasePlan
 from _common import aggregate, finetune, machine, sample_and_evaluate, teacher_recipe, worker_init, write_text_atomic
+from _common import smoke_teacher as common_smoke_teacher
 from bench_args import add_smoke_options, results_dir
 
 from diffprune.cli.demo_job import embedded_teacher
@@ -115,26 +116,9 @@ class Plan(BasePlan):
 
 
 def smoke_teacher(folder: Path) -> Path:
-    """_common.smoke_teacher on the embedded teacher's architecture (2 layers per block): random weights,
-    20 training timesteps, the teacher's recipe with 100 steps; made once in `folder`."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    from diffprune.io import save_pipeline
-    from diffprune.train.fresh_model import build_unet
-
-    if (folder / "train_config.json").exists():
-        return folder
-    real = embedded_teacher()
-    config = teacher_recipe(real)["model_config"]
-    scheduler = DDPMScheduler.from_pretrained(real / "scheduler")
-    scheduler = DDPMScheduler.from_config(scheduler.config, num_train_timesteps=SMOKE_TIMESTEPS)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_pipeline(DDPMPipeline(unet=build_unet(config, seed=0).eval(), scheduler=scheduler), folder)
-    recipe = teacher_recipe(real)
-    recipe.update(SMOKE_RECIPE, model_config=config,
-                  scheduler_config={**recipe["scheduler_config"], "num_train_timesteps": SMOKE_TIMESTEPS})
-    write_text_atomic(folder / "train_config.json", json.dumps(recipe, indent=2) + "\n")
-    return folder
+    """_common.smoke_teacher on the embedded teacher's architecture (2 layers per block, so a depth unit
+    exists): random weights, 20 training timesteps, the teacher's recipe with 100 steps; made once in `folder`."""
+    return common_smoke_teacher(folder, teacher_recipe(embedded_teacher())["model_config"])
 
 
 def digests(pipeline: Path) -> tuple[str, str]:
