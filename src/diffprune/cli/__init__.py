@@ -97,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     name = f"diffprune {command}" if command else "diffprune"
     args = None
     try:  # parsing imports the subcommand's module (torch, diffusers: seconds): an interrupt there is one line too
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt() as interrupts:
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
             for logger_name in QUIET_LOGGERS:
                 logging.getLogger(logger_name).setLevel(logging.ERROR)
             args = build_parser({command} if command else ()).parse_args(argv)
+            if interrupts:  # a Ctrl-C during the imports that a library swallowed
+                raise KeyboardInterrupt
             args.func(args)
     except Terminated:
         _forget_interrupt()
@@ -165,11 +167,12 @@ def _output_of(args: argparse.Namespace) -> str | None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
     """While a subcommand runs, SIGTERM raises Terminated (a KeyboardInterrupt) once; a second
-    SIGTERM gets the previous handler's behaviour (by default: stop at once)."""
+    SIGTERM gets the previous handler's behaviour (by default: stop at once). Yields the SIGINTs seen
+    (Python's default Ctrl-C handler, made to remember)."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread; leave the default there
+        yield []  # signal handlers can only be set from the main thread; leave the default there
         return
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -178,7 +181,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
+    sigint = signal.getsignal(signal.SIGINT)
+    seen: list[int] = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    # A Ctrl-C that some library's bare `except:` swallows (seen while torch/diffusers import) is still
+    # remembered: the command stops with our one line when it gets control back.
+    if sigint is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield
+        yield seen
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if sigint is signal.default_int_handler:
+            signal.signal(signal.SIGINT, sigint)
