@@ -34,7 +34,7 @@ from diffprune.families.pipeline_parts import denoiser_of  # noqa: E402
 from diffprune.fsutil import write_json_atomic  # noqa: E402
 from diffprune.io import library_versions, load_pipeline  # noqa: E402
 from diffprune.prune.config import PruneConfig  # noqa: E402
-from diffprune.prune.importance import estimate, estimate_fast  # noqa: E402
+from diffprune.prune.importance import cond_rows, estimate, estimate_fast  # noqa: E402
 from diffprune.prune.size_search import search_sizes  # noqa: E402
 from diffprune.prune.stage import calibration_batch  # noqa: E402
 from diffprune.prune.sweep_runtime import SweepRuntime  # noqa: E402
@@ -56,7 +56,7 @@ def sweeps(model, family, scheduler, batch: tuple, pool: tuple, seed: int) -> di
 
 
 def _first(samples: torch.Tensor, cond: dict | None, n: int) -> tuple:
-    return samples[:n], None if cond is None else {k: v[:n] for k, v in cond.items()}
+    return samples[:n], cond_rows(cond, slice(0, n), samples.shape[0])
 
 
 def rel_difference(a: dict, b: dict) -> float:

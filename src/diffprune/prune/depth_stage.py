@@ -25,6 +25,7 @@ from ..errors import DiffpruneError
 from .config import PruneConfig
 from .depth import remove_units
 from .depth_scores import plan_depth, scored_units, size_counter
+from .importance import cond_rows
 from .threshold_rule import stratified_timesteps
 
 
@@ -51,9 +52,7 @@ def influence_inputs(family, scheduler, samples: torch.Tensor, cond: dict | None
     out = []
     for start in range(0, n, size):
         rows = slice(start, min(start + size, n))
-        rows_cond = None if cond is None else {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0
-                                               and v.shape[0] == n else v for k, v in cond.items()}
-        out.append((x_t[rows], steps[rows], rows_cond))
+        out.append((x_t[rows], steps[rows], cond_rows(cond, rows, n)))
     return out
 
 

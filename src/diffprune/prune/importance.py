@@ -122,7 +122,7 @@ def _calibration_loss(model: torch.nn.Module, family, scheduler, images: torch.T
         steps = model_timesteps(scheduler, ts)
 
         def chunk_loss(rows: slice) -> torch.Tensor:
-            pred = family.predict(model, x_t[rows], steps[rows], _rows(cond, rows, n))
+            pred = family.predict(model, x_t[rows], steps[rows], cond_rows(cond, rows, n))
             return torch.nn.functional.mse_loss(pred, target[rows])
 
         return runtime.weighted_loss(n, chunk_loss, grad, device)
@@ -130,8 +130,9 @@ def _calibration_loss(model: torch.nn.Module, family, scheduler, images: torch.T
     return loss_at
 
 
-def _rows(cond: dict | None, rows: slice, n: int) -> dict | None:
-    """The conditioning of rows `rows` (tensors with a leading dimension of n; others as is)."""
+def cond_rows(cond: dict | None, rows: slice | list[int], n: int) -> dict | None:
+    """The conditioning of rows `rows` (a slice or a list of indices) of a batch of n: tensors with a leading
+    dimension of n are indexed, others (shared embeddings, scalars) kept as they are."""
     if not cond or rows == slice(0, n):
         return cond
     return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
@@ -337,7 +338,7 @@ def estimate_fast(model: torch.nn.Module, family, scheduler, images: torch.Tenso
     model.zero_grad(set_to_none=True)
     try:
         with runtime.applied(model):
-            loss_at = _calibration_loss(model, family, scheduler, images[head], seed, _select(cond, head, n),
+            loss_at = _calibration_loss(model, family, scheduler, images[head], seed, cond_rows(cond, head, n),
                                         runtime=runtime)
             cut, losses = coarse_cut(lambda t: loss_at(t, grad=False), total, threshold, grid_stride)
             num_kept = total if cut is None else cut + 1
@@ -377,10 +378,10 @@ def _sampled_pass(model: torch.nn.Module, family, scheduler, images: torch.Tenso
     ts = stratified_timesteps(num_kept, m, g).to(device)
     noise = torch.randn((m, *images.shape[1:]), generator=g).to(device)
     x_t, target = noisy_and_target(scheduler, images[idx], noise, ts)
-    steps, pair_cond = model_timesteps(scheduler, ts), _select(cond, idx, n)
+    steps, pair_cond = model_timesteps(scheduler, ts), cond_rows(cond, idx, n)
 
     def chunk_loss(rows: slice) -> torch.Tensor:
-        pred = family.predict(model, x_t[rows], steps[rows], _rows(pair_cond, rows, m))
+        pred = family.predict(model, x_t[rows], steps[rows], cond_rows(pair_cond, rows, m))
         return torch.nn.functional.mse_loss(pred, target[rows])
 
     return runtime.weighted_loss(m, chunk_loss, grad=True, device=device)
@@ -391,14 +392,6 @@ def _on_schedule(result: ImportanceResult, scheduler) -> ImportanceResult:
     if is_flow(scheduler):
         result.timestep_kind, result.cut_sigma = "flow-sigma-index", sigma_at(scheduler, result.cut)
     return result
-
-
-def _select(cond: dict | None, idx: list[int], n: int) -> dict | None:
-    """The conditioning rows of images `idx` (tensors with a leading dimension of n; others as is)."""
-    if not cond:
-        return cond
-    return {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
-            for k, v in cond.items()}
 
 
 def tp_importance(method: str) -> tp.importance.Importance:
