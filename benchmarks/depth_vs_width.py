@@ -52,11 +52,13 @@ class Row:
     method: str
     include_mid: bool = False
     ratio_rule: str = "torch-pruning"
+    split: str = "sqrt"  # structure 'both': depth_split (sqrt: depth to sqrt(target), then width; joint)
 
     @property
     def tag(self) -> str:
         mid = "_mid" if self.include_mid else ""
-        return f"{self.structure}{mid}_{self.method}_{round(self.target * 100)}"
+        joint = "_joint" if self.split == "joint" else ""
+        return f"{self.structure}{mid}_{self.method}_{round(self.target * 100)}{joint}"
 
 
 # Width at 0.70 reaches 0.697 with torch-pruning's ratio rule; both at 0.56 leaves width the rest 0.56 / 0.682 =
@@ -76,12 +78,15 @@ ROWS = (
     # where depth alone cannot go: recorded (the fraction it stops at), never post-trained
     Row("depth / magnitude", "56%", 0.56, "depth", "magnitude"),
     Row("depth+mid / magnitude", "56%", 0.56, "depth", "magnitude", include_mid=True),
+    # one ranking of layers and channels by the one sweep's |w g| (--depth-split joint, depth_split.py)
+    Row("both (joint) / diff-pruning", "70%", 0.70, "both", "diff-pruning", ratio_rule="paper", split="joint"),
+    Row("both (joint) / diff-pruning", "56%", 0.56, "both", "diff-pruning", ratio_rule="paper", split="joint"),
 )
 BY_TAG = {r.tag: r for r in ROWS}
 # --smoke: depth by Taylor, by block influence with the mid block, both (identical to depth at 70%: `same_as`; with
-# width at 56%) and an unreachable depth target (plain width runs inside both_magnitude_56)
+# width at 56%), an unreachable depth target (plain width runs inside both_magnitude_56) and the joint split
 SMOKE_ROWS = ("depth_diff-pruning_70", "depth_mid_block-influence_70",
-              "both_diff-pruning_70", "both_magnitude_56", "depth_magnitude_56")
+              "both_diff-pruning_70", "both_magnitude_56", "depth_magnitude_56", "both_diff-pruning_56_joint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +148,7 @@ def _prune_task(plan: Plan, tag: str, seed: int) -> dict:
     dp = row.method == "diff-pruning"
     config = PruneConfig(model=str(plan.teacher), data="digits", method=row.method, structure=row.structure,
                          depth_include_mid=row.include_mid, target_macs=row.target, ratio_rule=row.ratio_rule,
+                         depth_split=row.split,
                          threshold=THRESHOLD if dp else 0.0, seed=seed, estimator="fast" if dp else "exact",
                          batch_size=plan.budget.fast_pool if dp else plan.budget.calibration_batch)
     out = plan.work / "pruned" / f"{tag}_s{seed}"
@@ -159,7 +165,7 @@ def _prune_task(plan: Plan, tag: str, seed: int) -> dict:
             "macs_teacher": report["macs"]["before"], "macs_fraction": report["macs"]["fraction"],
             "width_ratio": report["ratio"], "estimator": report["estimator"],
             "depth": None if depth is None else {k: depth[k] for k in ("removed", "modules", "fraction", "target",
-                                                                        "scores", "include_mid")},
+                                                                        "scores", "include_mid", "split")},
             "importance_wall_s": report["wall_time_s"]["importance"], "prune_wall_s": report["wall_time_s"]["total"],
             "arch_sha256": arch, "pruned_sha256": weights, "config": config.to_dict()}
 
@@ -309,6 +315,7 @@ def collect(plan: Plan) -> dict:
         out = {"name": row.name, "tag": tag, "budget": row.budget, "target_macs": row.target,
                "structure": row.structure, "method": row.method, "include_mid": row.include_mid,
                "ratio_rule": row.ratio_rule if row.structure != "depth" else None,
+               "split": row.split if row.structure == "both" else None, "merged_from": None,
                "reached": bool(reached) if seeds else None, "same_as": same_as or None,
                "latency": read(("latency", tag)),
                "seeds": seeds}
@@ -320,7 +327,8 @@ def collect(plan: Plan) -> dict:
                        params_teacher=p["params_teacher"], macs_teacher=p["macs_teacher"],
                        depth_removed=sorted({" + ".join(x["prune"]["depth"]["removed"]) for x in reached
                                              if x["prune"]["depth"]}),
-                       depth_modules=[x["prune"]["depth"]["modules"] for x in reached if x["prune"]["depth"]])
+                       depth_modules=[x["prune"]["depth"]["modules"] for x in reached if x["prune"]["depth"]],
+                       joint=[c for x in reached if (c := joint_choice(x["prune"])) is not None] or None)
             for m in ("fid", "kid", "ssim"):
                 out[m] = aggregate([x["stage"][m] for x in evaluated])
         elif seeds:
@@ -329,6 +337,31 @@ def collect(plan: Plan) -> dict:
     log = plan.work / "rows" / "commands.json"
     return {"teacher": read(("teacher",)), "rows": rows,
             "commands": json.loads(log.read_text()) if log.exists() else []}
+
+
+def joint_choice(prune: dict) -> dict | None:
+    """What --depth-split joint chose for one pruned model, against pruning channels only (k = 0)."""
+    split = (prune.get("depth") or {}).get("split") or {}
+    if split.get("mode") != "joint":
+        return None
+    candidates = split["candidates"]
+    chosen, width_only = candidates[split["chosen"]], candidates[0]
+    return {"removed": chosen["removed"], "cost": chosen["cost"], "width_target": chosen["width_target"],
+            "cost_width_only": width_only.get("cost"), "tried": len(candidates)}
+
+
+def merge(found: dict, previous: dict, source: Path) -> dict:
+    """`found` with the rows of an earlier result (`previous`, read from `source`) that this run did not run,
+    in ROWS order, each marked with where it came from; that run's teacher and meta are kept beside."""
+    ran = {r["tag"] for r in found["rows"] if r.get("reached") is not None}
+    origin = {"file": str(source), "date": previous["meta"]["date"],
+              "diffprune_source": previous["meta"]["diffprune_source"]}
+    kept = {r["tag"]: {**r, "merged_from": origin} for r in previous["rows"] if r["tag"] not in ran}
+    mine = {r["tag"]: r for r in found["rows"] if r["tag"] in ran}
+    rows = [mine.get(t) or kept[t] for t in BY_TAG if t in mine or t in kept]
+    return {**found, "rows": rows, "merged": {**origin, "teacher": previous["teacher"],
+                                              "commands": previous["meta"]["commands"],
+                                              "budget": previous["meta"]["budget"]}}
 
 
 def diffprune_source() -> str:
@@ -347,6 +380,14 @@ def _pm(agg: dict | None, fmt: str) -> str:
     return f"{agg['mean']:{fmt}} ± {agg['std']:{fmt}}"
 
 
+def _merged_line(found: dict) -> str:
+    merged = found.get("merged")
+    if not merged:
+        return ""
+    return (f" Rows marked 'from the {merged['date']} run' are that run's ({merged['diffprune_source']}; its teacher "
+            f"FID {merged['teacher']['fid']:.2f}), kept with --merge; the others ran here.")
+
+
 COLUMNS = ("budget", "structure", "method", "mid", "params", "MACs frac", "MACs x", "FID", "KID", "SSIM", "b1 x",
            "b8 x", "note")
 
@@ -360,12 +401,12 @@ def markdown(found: dict, meta: dict) -> str:
              f"(budget_curve.py's reduced protocol); mean ± std over {b['seeds']} seeds (seed = calibration + "
              f"post-training). Teacher FID {t.get('fid', float('nan')):.2f}, KID {t.get('kid', float('nan')):.4f}. "
              "Latency: CPU forward, median of interleaved teacher/student runs, 1 torch thread; x = teacher / "
-             "student (MACs x: the counted ideal).", "",
+             "student (MACs x: the counted ideal)." + _merged_line(found), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in found["rows"]:
         lat = (r.get("latency") or {}).get("forward", {})
         mid = "yes" if r["include_mid"] else "-" if r["structure"] == "width" else "no"
-        head = [r["budget"], r["structure"], r["method"], mid]
+        head = [r["budget"], r["structure"] + (" (joint)" if r.get("split") == "joint" else ""), r["method"], mid]
         if r.get("unreachable"):
             note = "unreachable: " + r["unreachable"].split(";")[0].replace("--structure depth: ", "")
             lines.append("| " + " | ".join(head + ["-"] * (len(COLUMNS) - 5) + [note]) + " |")
@@ -377,6 +418,13 @@ def markdown(found: dict, meta: dict) -> str:
             notes.append("same pruned model as " + ", ".join(BY_TAG[s].name for s in r["same_as"]))
         if r.get("depth_removed"):
             notes.append("removed " + " / ".join(r["depth_removed"]))
+        for choice in r.get("joint") or ():
+            removed = " + ".join(choice["removed"]) or "no layer"
+            width_only = choice["cost_width_only"]
+            versus = f" vs {width_only:.2f} width only" if width_only is not None else " (width only unreachable)"
+            notes.append(f"joint: {removed}, Taylor cost {choice['cost']:.2f}{versus}")
+        if r.get("merged_from"):
+            notes.append(f"from the {r['merged_from']['date']} run")
         if r["structure"] == "both":
             ratio = r["seeds"][0]["prune"]["width_ratio"]
             notes.append(f"then width ratio {ratio:.3f} ({r['ratio_rule']} rule)" if ratio else "no width step")
@@ -391,7 +439,7 @@ def markdown(found: dict, meta: dict) -> str:
 def plot(found: dict, path: Path) -> None:
     from diffprune.plots import figure
 
-    colors = {"width": "tab:blue", "depth": "tab:red", "both": "tab:green"}
+    colors = {"width": "tab:blue", "depth": "tab:red", "both": "tab:green", "both (joint)": "tab:olive"}
     markers = {"diff-pruning": "o", "block-influence": "s", "magnitude": "^", "taylor": "D"}
     # rows at the same MACs fraction (0.682: five) drawn side by side; the table has the exact fractions
     JITTER = {"diff-pruning": -0.002, "block-influence": 0.0, "magnitude": 0.002, "taylor": 0.004}  # noqa: N806
@@ -399,15 +447,17 @@ def plot(found: dict, path: Path) -> None:
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
     rows = [r for r in found["rows"] if r.get("fid") and r["fid"]["mean"] is not None]
     for r in rows:
-        label = f"{r['structure']}{'+mid' if r['include_mid'] else ''} / {r['method']}"
-        face = "none" if r["include_mid"] else colors[r["structure"]]
-        x = r["macs_fraction"]["mean"] + JITTER[r["method"]] + (0.001 if r["include_mid"] else 0.0)
+        structure = r["structure"] + (" (joint)" if r.get("split") == "joint" else "")
+        label = f"{structure}{'+mid' if r['include_mid'] else ''} / {r['method']}"
+        face = "none" if r["include_mid"] else colors[structure]
+        x = r["macs_fraction"]["mean"] + JITTER[r["method"]] + (0.001 if r["include_mid"] else 0.0) + \
+            (0.004 if r.get("split") == "joint" else 0.0)
         a.errorbar(x, r["fid"]["mean"], yerr=r["fid"]["std"], fmt=markers[r["method"]],
-                   color=colors[r["structure"]], mfc=face, capsize=3, label=label, alpha=0.85)
+                   color=colors[structure], mfc=face, capsize=3, label=label, alpha=0.85)
         lat = (r.get("latency") or {}).get("forward", {})
         if "1" in lat and "8" in lat:
             b.scatter(lat["1"]["speedup"], lat["8"]["speedup"], marker=markers[r["method"]],
-                      color=colors[r["structure"]], facecolors=face, s=60, label=label)
+                      color=colors[structure], facecolors=face, s=60, label=label)
             b.annotate(f"{r['macs_fraction']['mean']:.2f}", (lat["1"]["speedup"], lat["8"]["speedup"]),
                        textcoords="offset points", xytext=(5, 3), fontsize=7)
     if found["teacher"]:
@@ -444,8 +494,10 @@ def main() -> None:
     parser.add_argument("--only", default=None, metavar="TAG,TAG",
                         help=f"run only these rows (tags: {', '.join(BY_TAG)}); for a timing run")
     parser.add_argument("--report-only", action="store_true", help="run nothing: tabulate what is finished")
+    parser.add_argument("--merge", type=Path, default=None, metavar="JSON",
+                        help="an earlier depth_vs_width.json: its rows this run does not run are kept (marked)")
     parser.add_argument("--note", default=None, help="a line recorded in the JSON (how the budget was chosen)")
-    add_smoke_options(parser, "the teacher architecture, random weights (20 timesteps), 1 seed, 5 rows, 2 "
+    add_smoke_options(parser, "the teacher architecture, random weights (20 timesteps), 1 seed, 6 rows, 2 "
                               "steps, 10 images, DDIM 2")
     args = parser.parse_args()
     if args.jobs < 1:
@@ -480,6 +532,8 @@ def main() -> None:
     found = collect(plan)
     if found["teacher"] is None:
         raise SystemExit(f"nothing to tabulate: the teacher's task is not finished in {work}")
+    if args.merge is not None:
+        found = merge(found, json.loads(args.merge.read_text()), args.merge)
     meta = {"budget": dataclasses.asdict(budget), "teacher_steps": plan.recipe["steps"],
             "post_train_fraction": budget.steps / plan.recipe["steps"],
             "protocol": "budget_curve.py's reduced protocol: digits-FID/KID vs the 1797 digits and SSIM vs the "

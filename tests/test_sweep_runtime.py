@@ -142,7 +142,7 @@ def test_runtime_and_config_refuse_bad_values():
     v2 = {"stage": "prune", "version": 2, "model": "m", "ratio": 0.3, "estimator": "exact"}
     old = PruneConfig.from_dict(v2)  # how a version-2 run swept: whole batch, no checkpointing, fp32
     assert (old.micro_batch_size, old.gradient_checkpointing, old.sweep_precision) == (None, False, "fp32")
-    assert PruneConfig.from_dict(old.to_dict()) == old and old.to_dict()["version"] == 3
+    assert PruneConfig.from_dict(old.to_dict()) == old and old.to_dict()["version"] == 4
 
 
 def test_cli_refuses_a_bad_micro_batch_size_in_one_line(tmp_path, capsys):

@@ -13,22 +13,58 @@ line on stderr and an exit code, never a traceback:
   temporary folders are removed.
 """
 
+# ruff: noqa: E402 - the Ctrl-C handler below is set before the other imports
 from __future__ import annotations
+
+import os
+import signal
+import sys
+
+COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo", "encode-prompts")
+
+
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` runs (its first word that is not an option), if it names one."""
+    first = next((str(a) for a in argv if not str(a).startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
+def _command_name(argv: Sequence[str]) -> str:
+    command = requested_command(argv)
+    return f"diffprune {command}" if command else "diffprune"
+
+
+def _exit_interrupted(signum, frame) -> None:
+    """The command's Ctrl-C until its work starts (imports, parsing): nothing is written yet, so stop at
+    once; raised inside an import, a KeyboardInterrupt could be swallowed or leave a traceback."""
+    os.write(2, f"{_command_name(sys.argv[1:])}: interrupted\n".encode())
+    os._exit(130)
+
+
+def _launched_as_command() -> bool:
+    """Whether this process runs `diffprune` (the console script or `python -m diffprune.cli`), known while
+    this package imports: `python -m` sets argv[0] to "-m" until the module is found."""
+    if sys.argv[:1] == ["-m"]:
+        argv = getattr(sys, "orig_argv", [])
+        return "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "diffprune.cli"
+    return os.path.basename(sys.argv[0]).removesuffix(".exe") == "diffprune"
+
+
+# First, before any other import: only what Python runs before this line (its start, site, the diffprune
+# package) can still be hit by a Ctrl-C with a traceback.
+if _launched_as_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _exit_interrupted)
 
 import argparse
 import contextlib
 import errno
 import importlib
 import logging
-import os
-import signal
-import sys
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from ..errors import ENVIRONMENT_ERRNOS, DiffpruneError, environment_failure, os_errno, reason_of
 
-COMMANDS = ("prune", "finetune", "train", "sample", "evaluate", "report", "demo", "encode-prompts")
 DEBUG_ENV = "DIFFPRUNE_DEBUG"
 
 # The line `diffprune --help` shows per subcommand, known without importing the subcommand (whose
@@ -80,12 +116,6 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
     return parser
 
 
-def requested_command(argv: Sequence[str]) -> str | None:
-    """The subcommand `argv` runs (its first word that is not an option), if it names one."""
-    first = next((str(a) for a in argv if not str(a).startswith("-")), None)
-    return first if first in COMMANDS else None
-
-
 # Library notices a correct run should not show: transformers (5.x) warns on first use of each image
 # processor that torchvision is missing and it falls back to PIL; no diffprune stage uses those processors.
 QUIET_LOGGERS = ("transformers.utils.import_utils",)
@@ -93,17 +123,18 @@ QUIET_LOGGERS = ("transformers.utils.import_utils",)
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    name = _command_name(argv)
     command = requested_command(argv)
-    name = f"diffprune {command}" if command else "diffprune"
     args = None
-    try:  # parsing imports the subcommand's module (torch, diffusers: seconds): an interrupt there is one line too
-        with _sigterm_as_interrupt() as interrupts:
+    try:
+        with _signals_as_interrupts() as start_work:
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
             for logger_name in QUIET_LOGGERS:
                 logging.getLogger(logger_name).setLevel(logging.ERROR)
-            args = build_parser({command} if command else ()).parse_args(argv)
-            if interrupts:  # a Ctrl-C during the imports that a library swallowed
-                raise KeyboardInterrupt
+            parser = build_parser({command} if command else ())  # imports torch, diffusers: seconds
+            _raise_if_interrupted()
+            args = parser.parse_args(argv)
+            start_work()
             args.func(args)
     except Terminated:
         _forget_interrupt()
@@ -166,13 +197,29 @@ def _output_of(args: argparse.Namespace) -> str | None:
     return None
 
 
+_SIGINTS: list[int] = []  # Ctrl-Cs that main() called in-process saw before the command's work started
+
+
+def _remember_sigint(signum, frame) -> None:
+    _SIGINTS.append(signum)
+
+
+def _raise_if_interrupted() -> None:
+    if _SIGINTS:
+        _SIGINTS.clear()
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[int]]:
+def _signals_as_interrupts() -> Iterator[Callable[[], None]]:
     """While a subcommand runs, SIGTERM raises Terminated (a KeyboardInterrupt) once; a second
-    SIGTERM gets the previous handler's behaviour (by default: stop at once). Yields the SIGINTs seen
-    (Python's default Ctrl-C handler, made to remember)."""
+    SIGTERM gets the previous handler's behaviour (by default: stop at once). Until the command calls
+    the function yielded (its work starts: imports and parsing done), a Ctrl-C ends the `diffprune`
+    process at once (`_exit_interrupted`) or, in-process, is remembered and raised then: raised inside an
+    import, a library's bare `except:` could swallow it or leave a traceback. From then on Ctrl-C raises
+    KeyboardInterrupt at once."""
     if threading.current_thread() is not threading.main_thread():
-        yield []  # signal handlers can only be set from the main thread; leave the default there
+        yield lambda: None  # signal handlers can only be set from the main thread; leave the default there
         return
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -181,20 +228,28 @@ def _sigterm_as_interrupt() -> Iterator[list[int]]:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
-    sigint = signal.getsignal(signal.SIGINT)
-    seen: list[int] = []
-
-    def on_sigint(signum, frame):
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    # A Ctrl-C that some library's bare `except:` swallows (seen while torch/diffusers import) is still
-    # remembered: the command stops with our one line when it gets control back.
-    if sigint is signal.default_int_handler:
-        signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield seen
+        with _sigint_deferred_until_work() as start_work:
+            yield start_work
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        if sigint is signal.default_int_handler:
-            signal.signal(signal.SIGINT, sigint)
+
+
+@contextlib.contextmanager
+def _sigint_deferred_until_work() -> Iterator[Callable[[], None]]:
+    sigint = signal.getsignal(signal.SIGINT)
+    ours = sigint in (signal.default_int_handler, _exit_interrupted)  # else an embedding program's own
+
+    def start_work() -> None:
+        if ours:  # set again: an import may have replaced it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _raise_if_interrupted()
+
+    if sigint is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _remember_sigint)
+    try:
+        yield start_work
+    finally:
+        _SIGINTS.clear()  # one not raised (--help, a usage error) must not interrupt a later main()
+        if ours:  # the command's: a Ctrl-C while Python shuts down after main() is ignored, not a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN if sigint is _exit_interrupted else sigint)

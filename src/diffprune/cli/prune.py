@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..prune.config import ALLOCATIONS, DEPTH_ONLY_METHODS, RATIO_RULES, STRUCTURES, PruneConfig
+from ..prune.config import ALLOCATIONS, DEPTH_ONLY_METHODS, DEPTH_SPLITS, RATIO_RULES, STRUCTURES, PruneConfig
 from ..prune.importance import GRADIENT_METHODS, METHODS
 from ..prune.sweep_runtime import PRECISIONS
 from .common import (
@@ -48,6 +48,11 @@ def register(subparsers) -> None:
                         "SD3: transformer blocks), a config change that loads in plain diffusers; both = depth to "
                         "the square root of the target, then width to the rest. depth/both need --target-macs or "
                         "--target-params")
+    p.add_argument("--depth-split", choices=DEPTH_SPLITS, default="sqrt",
+                   help="--structure both: how the target splits between layers and channels. sqrt = depth to the "
+                        "square root of the target, a new sweep on the shallower model, width to the rest; joint = "
+                        "one ranking from one sweep: for each number of lowest-scored layers removed, width to the "
+                        "rest, and the split whose removed weights cost the least Taylor importance (sum |w g|)")
     p.add_argument("--depth-include-mid", action="store_true",
                    help="--structure depth/both on a UNet: the mid block may be removed too (BK-SDM-Small)")
     size = p.add_mutually_exclusive_group()
@@ -144,6 +149,7 @@ def run(args: argparse.Namespace) -> None:
                          prune_residual=args.prune_residual, micro_batch_size=args.micro_batch_size,
                          gradient_checkpointing=args.gradient_checkpointing, sweep_precision=args.sweep_precision,
                          structure=args.structure, depth_include_mid=args.depth_include_mid,
+                         depth_split=args.depth_split,
                          prompt=args.prompt, captions=args.captions, class_labels=args.class_labels,
                          prompt_embeds=None if args.prompt_embeds is None else str(Path(args.prompt_embeds).absolute()),
                          portable=args.portable)

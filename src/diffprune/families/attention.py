@@ -59,9 +59,7 @@ def fix_attention(name: str, attn: nn.Module, before: dict, prune_heads: bool) -
             raise DiffpruneError(f"attention {name!r} normalises q/k, so head dims cannot be pruned "
                                  "without changing its softmax scale; prune whole heads instead")
         factor = math.sqrt(head_dim / old_head_dim)  # = scale_old / scale_new
-        attn.to_q.weight.mul_(factor)
-        if attn.to_q.bias is not None:
-            attn.to_q.bias.mul_(factor)
+        fold_scale(attn.to_q, factor)
         attn.scale = head_dim**-0.5
 
 
@@ -153,3 +151,15 @@ def observe_resampler_channels(model: nn.Module, example_inputs: dict) -> None:
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def fold_scale(layer: nn.Linear, factor: float) -> None:
+    """`layer`'s output times `factor`. A gradient the layer carries (prune_model_at_ratio's keep_grads)
+    becomes the gradient of the same loss in the new weights, divided by `factor` (chain rule), so
+    |w g| of every weight is unchanged."""
+    for p in (layer.weight, layer.bias):
+        if p is not None:
+            p.mul_(factor)
+            if p.grad is not None:
+                p.grad = p.grad / factor

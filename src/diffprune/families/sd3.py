@@ -33,7 +33,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ..errors import DiffpruneError
-from .attention import attention_modules, fix_attention, qkv_head_map
+from .attention import attention_modules, fix_attention, fold_scale, qkv_head_map
 from .base import Family
 from .prompt_embeds import CachedPrompts, PromptEmbeds
 
@@ -114,13 +114,6 @@ def qk_norm_weights(model) -> list[torch.nn.Parameter]:
     return [norm.weight for _, attn in attention_modules(model)
             for norm in (getattr(attn, n, None) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
             if isinstance(getattr(norm, "weight", None), torch.nn.Parameter)]
-
-
-@torch.no_grad()
-def fold_scale(layer: torch.nn.Linear, factor: float) -> None:
-    layer.weight.mul_(factor)
-    if layer.bias is not None:
-        layer.bias.mul_(factor)
 
 
 class SD3PromptEncoder(CachedPrompts):

@@ -7,6 +7,8 @@ Version 3 (issues 24, 26) added how the sweep runs: `micro_batch_size`, `gradien
 `sweep_precision` (sweep_runtime.py), and depth pruning: `structure`, `depth_include_mid`
 (depth_stage.py). Versions 1 and 2 read with their defaults: the whole batch at once, no
 checkpointing, fp32, width pruning, which is how those runs pruned.
+Version 4 (issue 26) added `depth_split` ("sqrt" | "joint", structure 'both' only); a version-3 config
+reads with "sqrt", the only split version 3 had.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ RATIO_RULES = ("torch-pruning", "paper")
 ALLOCATIONS = ("uniform", "global", "isomorphic")
 # What is removed (depth_stage.py): channels (the paper), whole layers, or layers then channels.
 STRUCTURES = ("width", "depth", "both")
+# Structure 'both': depth to sqrt(target) then width on a new sweep, or one joint ranking (depth_split.py).
+DEPTH_SPLITS = ("sqrt", "joint")
 DEPTH_ONLY_METHODS = ("block-influence",)  # scores layers, not channels
 
 
@@ -34,7 +38,7 @@ class PruneConfig(StageConfig):
     """Settings of one pruning run (written as prune_config.json next to the result)."""
 
     stage = "prune"
-    version = 3
+    version = 4
     model: str = ""
     data: str = "digits"
     method: str = "diff-pruning"
@@ -60,6 +64,7 @@ class PruneConfig(StageConfig):
     sweep_precision: str = "fp32"
     structure: str = "width"
     depth_include_mid: bool = False  # depth/both: the UNet mid block may go too (BK-SDM-Small)
+    depth_split: str = "sqrt"  # both: how the target splits between layers and channels (depth_split.py)
     prune_heads: bool = False
     head_pruning_ratio: float | None = None
     prune_residual: bool = False  # transformers (DiT): also prune the residual width (Family.configured)
@@ -107,6 +112,11 @@ class PruneConfig(StageConfig):
         """Depth pruning's settings (depth_stage.py) against the width options."""
         if self.structure not in STRUCTURES:
             raise DiffpruneError(f"structure={self.structure!r} is not one of {STRUCTURES}")
+        if self.depth_split not in DEPTH_SPLITS:
+            raise DiffpruneError(f"depth_split={self.depth_split!r} is not one of {DEPTH_SPLITS}")
+        if self.depth_split != "sqrt" and self.structure != "both":
+            raise DiffpruneError(f"depth_split={self.depth_split!r} applies to structure 'both' (layers and "
+                                 f"channels), not {self.structure!r}")
         if self.structure == "width":
             if self.method in DEPTH_ONLY_METHODS or self.depth_include_mid:
                 what = f"method={self.method!r}" if self.method in DEPTH_ONLY_METHODS else "depth_include_mid=True"
@@ -135,12 +145,14 @@ class PruneConfig(StageConfig):
 
 
 def upgrade_prune_config(data: dict) -> dict:
-    """A version-1 or -2 prune config as the version-3 one of the same run (see the module docstring)."""
+    """A version-1, -2 or -3 prune config as the version-4 one of the same run (see the module docstring)."""
     data = dict(data)
     if data.get("stage", PruneConfig.stage) != PruneConfig.stage:
         return data
     if data.get("version") == 1:
         data.update(version=2, estimator=data.get("estimator", "exact"), allocation=data.get("allocation", "uniform"))
     if data.get("version") == 2:  # the new fields' defaults are how a version-2 run swept
+        data.update(version=3)
+    if data.get("version") == 3:  # "sqrt" is how a version-3 'both' run split its target
         data.update(version=PruneConfig.version)
     return data

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from diffusers import (
@@ -281,13 +281,34 @@ def _resolve(model: torch.nn.Module, units: Sequence[DepthUnit | str]) -> list[D
     return out
 
 
-def _removed_positions(units: Sequence[DepthUnit]) -> dict[str, list[int]]:
-    """ModuleList name -> indices removed from it ("mid_block" -> [0] for the mid block)."""
+def _removed_positions(modules: Iterable[str]) -> dict[str, list[int]]:
+    """ModuleList name -> indices removed from it ("mid_block" -> [0] for the mid block), from the
+    removed modules' names."""
     out: dict[str, list[int]] = {}
-    for name in (m for u in units for m in u.modules):
+    for name in modules:
         parent, _, index = name.rpartition(".")
         key, i = (parent, int(index)) if index.isdigit() else (name, 0)
         out.setdefault(key, []).append(i)
+    return out
+
+
+def renamed_after_removal(names: Iterable[str], removed_modules: Sequence[str]) -> dict[str, str]:
+    """{name before: name after} for the parameter (or module) `names` of a model that `remove_units`
+    takes `removed_modules` from (a unit's `modules`; ModuleLists renumber). Names inside a removed
+    module are left out."""
+    removed = _removed_positions(removed_modules)
+    gone = set(removed_modules)
+    out = {}
+    for name in names:
+        if any(name == m or name.startswith(m + ".") for m in gone):
+            continue
+        new = name
+        for key, indices in removed.items():
+            head, sep, tail = name.partition(key + ".")
+            index, dot, rest = tail.partition(".")
+            if head == "" and sep and index.isdigit():
+                new = f"{key}.{remap_indices([int(index)], indices)[0]}{dot}{rest}"
+        out[name] = new
     return out
 
 
@@ -347,7 +368,7 @@ def remove_units(model: torch.nn.Module, units: Sequence[DepthUnit | str]) -> to
     result = copy.deepcopy(model)
     if not units:
         return result
-    removed = _removed_positions(units)
+    removed = _removed_positions(m for u in units for m in u.modules)
     changes = (_transformer_changes if isinstance(model, TRANSFORMERS) else _unet_changes)(model, removed)
     _delete(result, removed)
     result.register_to_config(**_changed(result.config, changes))

@@ -6,8 +6,10 @@ for DiT / PixArt / SD3 (TinyFusion, ShortGPT). Every removal is a config change 
 `layers_per_block`, `mid_block_type`), so a depth-only result is a plain diffusers model.
 
 - `depth`: remove the lowest-scored units until the target fraction of MACs (or params) is reached.
-- `both`: depth first to the square root of the target (half the reduction in log size), then a new
-  calibration sweep on the shallower model and width pruning to the rest of the target (the stage).
+- `both`: `depth_split` "sqrt": depth first to the square root of the target (half the reduction in
+  log size), then a new calibration sweep on the shallower model and width pruning to the rest of the
+  target (the stage); "joint": the split whose removed layers and channels cost the least Taylor
+  importance of the one sweep, width pruned with that sweep's gradients (depth_split.py).
 
 Scores (`--method`): diff-pruning / taylor = the Taylor importance of the calibration sweep summed per
 unit, per parameter; magnitude; block-influence (1 - cos(input, output) of each layer on calibration
@@ -25,6 +27,7 @@ from ..errors import DiffpruneError
 from .config import PruneConfig
 from .depth import remove_units
 from .depth_scores import plan_depth, scored_units, size_counter
+from .depth_split import joint_plan
 from .importance import cond_rows
 from .threshold_rule import stratified_timesteps
 
@@ -66,7 +69,11 @@ def prune_depth(model: torch.nn.Module, family, config: PruneConfig, importance,
     units, scores = scored_units(model, method, include_mid=config.depth_include_mid, importance=importance,
                                  inputs=inputs, family=family)
     count = size_counter(model, size_kind(config))
-    plan = plan_depth(units, scores, count, depth_fraction(config))
+    split = None
+    if config.structure == "both" and config.depth_split == "joint":
+        plan, split = joint_plan(model, family, config, importance, units, scores, count)
+    else:
+        plan = plan_depth(units, scores, count, depth_fraction(config))
     if config.structure == "depth" and not plan.reached:
         raise DiffpruneError(f"--structure depth: {plan.message}; allowed: a larger target, --depth-include-mid, "
                              "or --structure both")
@@ -76,7 +83,8 @@ def prune_depth(model: torch.nn.Module, family, config: PruneConfig, importance,
     record = {**plan.summary(), "method": method, "include_mid": config.depth_include_mid, "kind": size_kind(config),
               "scores": {name: float(s) for name, s in sorted(scores.items(), key=lambda kv: kv[1])},
               "config_changes": {k: {"before": model.config[k], "after": v} for k, v in changed.items()},
-              "units": [u.name for u in units]}
+              "units": [u.name for u in units], "split": split or {"mode": "sqrt" if config.structure == "both"
+                                                                   else None}}
     return shallow, record
 
 

@@ -74,7 +74,8 @@ def prune_model_at_ratio(model: torch.nn.Module, family: Family, importance: Imp
                      ratio_rule: str = "torch-pruning", prune_heads: bool = False,
                      head_pruning_ratio: float | None = None,
                      on_group: Callable[[str, list[int], int], None] | None = None,
-                     prune_residual: bool = False, layer_ratios: dict[str, float] | None = None) -> torch.nn.Module:
+                     prune_residual: bool = False, layer_ratios: dict[str, float] | None = None,
+                     keep_grads: bool = False) -> torch.nn.Module:
     """A pruned deep copy of `model` at `ratio` under `ratio_rule` (the original is untouched).
 
     `on_group(root_name, removed_idxs, root_channels)` is called for each group just before it is
@@ -87,6 +88,8 @@ def prune_model_at_ratio(model: torch.nn.Module, family: Family, importance: Imp
     `prune_residual`: transformer families also prune their residual (hidden) width (Family.configured).
     `layer_ratios` (layer name -> ratio, from allocation.allocate: a non-uniform allocation) replaces
     the ratio rule and rounding; each group is capped at allocation.MAX_GROUP_RATIO.
+    `keep_grads`: the copy keeps `importance.grads` as `.grad`, sliced with the channels it keeps
+    (depth_split.py scores what a prune removed); by default it has none.
     """
     family = family.configured(prune_residual=prune_residual)
     pruned = copy.deepcopy(model)
@@ -130,7 +133,8 @@ def prune_model_at_ratio(model: torch.nn.Module, family: Family, importance: Imp
                 on_group(names.get(root, ""), sorted(int(i) for i in group[0].idxs), int(channels or 0))
             family.before_group_prune(pruned, group)  # tensors torch-pruning does not see (buffers)
             group.prune()
-    pruned.zero_grad(set_to_none=True)
+    if not keep_grads:
+        pruned.zero_grad(set_to_none=True)
     family.fix_after_pruning(pruned, before, prune_heads=prune_heads)
     validate_structure(pruned, "pruned model")
     if importance.method == "reinit":
@@ -140,13 +144,15 @@ def prune_model_at_ratio(model: torch.nn.Module, family: Family, importance: Imp
 
 
 def prune_model(model: torch.nn.Module, family: Family, config: PruneConfig,
-          importance: ImportanceResult, progress: bool = True, plan: SizePlan | None = None) -> PruneOutcome:
+          importance: ImportanceResult, progress: bool = True, plan: SizePlan | None = None,
+          keep_grads: bool = False) -> PruneOutcome:
     """Prune to `config.ratio`, or to the ratio that reaches `target_macs`/`target_params`.
 
     The size comes from `plan` (`size_search.search_sizes`, searched now when not given): widths,
     params and MACs decided on a weightless copy. The one real prune then runs at the chosen ratio
     (and, for a global/isomorphic allocation, the chosen per-group ratios, from the scores of
-    `importance`) and must give exactly the planned structure (`SizePlan.check`).
+    `importance`) and must give exactly the planned structure (`SizePlan.check`). `keep_grads`: as
+    in `prune_model_at_ratio`.
     """
     start = time.perf_counter()
     if plan is None or (config.allocation != "uniform" and plan.groups is None):
@@ -157,7 +163,8 @@ def prune_model(model: torch.nn.Module, family: Family, config: PruneConfig,
         plan = search_sizes(model, family, config, progress=progress, scores=scores)
     pruned = prune_model_at_ratio(model, family, importance, plan.ratio, config.round_to, config.seed,
                               config.ratio_rule, config.prune_heads, config.head_pruning_ratio,
-                              prune_residual=config.prune_residual, layer_ratios=plan.layer_ratios)
+                              prune_residual=config.prune_residual, layer_ratios=plan.layer_ratios,
+                              keep_grads=keep_grads)
     plan.check(pruned)
     return PruneOutcome(pruned, plan.ratio, (plan.macs0, plan.chosen.macs), (plan.params0, plan.chosen.params),
                         record_structure(model), record_structure(pruned), plan.trace(),

@@ -45,6 +45,7 @@ from ..plots import plot_timestep_losses
 from .allocation import MAX_GROUP_RATIO, group_widths
 from .complexity import count_macs_params
 from .config import DEPTH_ONLY_METHODS, PruneConfig
+from .depth_split import carried_importance
 from .depth_stage import influence_inputs, prune_depth
 from .importance import GRADIENT_METHODS, PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
 from .pruning import PruneOutcome, prune_model
@@ -149,6 +150,11 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         raise DiffpruneError(f"the given importance was computed for method={importance.method!r} "
                              f"threshold={importance.threshold}, not for {config.method!r} {config.threshold}")
     original, depth = model, None
+    joint = config.structure == "both" and config.depth_split == "joint"
+    if joint:  # one sweep only: the other processes' share is done; the main process ranks, prunes, writes
+        if not workers.is_main:
+            return None
+        workers = ONE_PROCESS
     if config.structure != "width":  # every process: the same scores give the same layers
         inputs = None if config.method not in DEPTH_ONLY_METHODS else influence_inputs(
             family, pipe.scheduler, samples, cond, config.seed, config.micro_batch_size)
@@ -157,7 +163,9 @@ def _run_prune(config: PruneConfig, output_dir: str | Path, overwrite: bool, pro
         width = width_rest(config, depth)
         if width is not None:  # 'both': the size first (an unreachable rest fails before the second sweep)
             plan = on_main(workers, device, lambda: search_sizes(model, family, width, progress=progress))
-            importance = sweep(model)  # the shallower model's own sweep for its channels
+            # 'joint': the one sweep's gradients, renamed; 'sqrt': the shallower model's own sweep
+            importance = carried_importance(importance, depth["modules"]) if joint \
+                else sweep(model)
     if not workers.is_main:
         return None  # its share of the sweep is done; the main process prunes and writes
     outcome = _prune_width(original, model, family, config, importance, plan, depth, progress)
@@ -238,7 +246,7 @@ def width_rest(config: PruneConfig, depth: dict) -> PruneConfig | None:
     if config.structure == "depth" or rest >= 1.0:
         return None
     kind = "target_macs" if config.target_macs is not None else "target_params"
-    return dataclasses.replace(config, structure="width", depth_include_mid=False, **{kind: rest})
+    return dataclasses.replace(config, structure="width", depth_include_mid=False, depth_split="sqrt", **{kind: rest})
 
 
 def _prune_width(original, model, family, config: PruneConfig, importance, plan, depth: dict | None,
