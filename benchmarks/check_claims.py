@@ -704,6 +704,8 @@ def claims() -> list[Claim]:
                                  "{1.18} |",
         "both_diff-pruning_56": "| ~56% | both, Diff-Pruning | {0.559} | {3.15} ± {0.23} | {0.911} | {1.55} | {1.50} |",
         "both_magnitude_56": "| ~56% | both, magnitude | {0.559} | {4.19} ± {0.95} | {0.909} | {1.55} | {1.50} |",
+        "both_diff-pruning_56_joint": "| ~56% | both, joint split, Diff-Pruning | {0.559} | {3.00} ± {0.18} | "
+                                      "{0.908} | {1.59} | {1.53} |",
     }
     for tag, fragment in dw_rows.items():
         add(f"depth-vs-width-{tag}", fragment, dw, dw_row(tag), (fmt3, ".2f", ".2f", fmt3, ".2f", ".2f"))

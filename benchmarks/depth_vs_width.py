@@ -354,14 +354,33 @@ def merge(found: dict, previous: dict, source: Path) -> dict:
     """`found` with the rows of an earlier result (`previous`, read from `source`) that this run did not run,
     in ROWS order, each marked with where it came from; that run's teacher and meta are kept beside."""
     ran = {r["tag"] for r in found["rows"] if r.get("reached") is not None}
-    origin = {"file": str(source), "date": previous["meta"]["date"],
-              "diffprune_source": previous["meta"]["diffprune_source"]}
-    kept = {r["tag"]: {**r, "merged_from": origin} for r in previous["rows"] if r["tag"] not in ran}
+    where = previous["meta"]["diffprune_source"]
+    commit = where.split("git archive of ")[-1].rstrip(")")[:7] if "git archive of " in where else None
+    origin = {"file": str(source), "date": previous["meta"]["date"], "diffprune_source": where,
+              "label": f"{previous['meta']['date']} run (diffprune {commit})" if commit else previous["meta"]["date"]}
+    kept = {r["tag"]: {**r, "merged_from": r.get("merged_from") or origin}
+            for r in previous["rows"] if r["tag"] not in ran}
     mine = {r["tag"]: r for r in found["rows"] if r["tag"] in ran}
+    for r in mine.values():  # pruned weights identical, seed by seed, to a kept row's: the same model
+        r["same_weights_as"] = [t for t, k in kept.items() if k.get("reached") and _weights(k) == _weights(r)] or None
     rows = [mine.get(t) or kept[t] for t in BY_TAG if t in mine or t in kept]
     return {**found, "rows": rows, "merged": {**origin, "teacher": previous["teacher"],
                                               "commands": previous["meta"]["commands"],
                                               "budget": previous["meta"]["budget"]}}
+
+
+def _weights(row: dict) -> list:
+    return [(x["seed"], x["prune"].get("pruned_sha256")) for x in row["seeds"]]
+
+
+def _joint_note(choices: list[dict]) -> str:
+    """What --depth-split joint chose over the seeds, with the mean Taylor cost of that and of width only."""
+    removed = sorted({" + ".join(c["removed"]) or "no layer" for c in choices})
+    cost = sum(c["cost"] for c in choices) / len(choices)
+    alone = [c["cost_width_only"] for c in choices if c["cost_width_only"] is not None]
+    versus = f"{sum(alone) / len(alone):.2f} width only" if len(alone) == len(choices) else \
+        f"width only unreachable in {len(choices) - len(alone)} of {len(choices)}"
+    return f"joint chose {' / '.join(removed)} ({len(choices)} seeds; Taylor cost {cost:.2f} vs {versus}, mean)"
 
 
 def diffprune_source() -> str:
@@ -384,7 +403,7 @@ def _merged_line(found: dict) -> str:
     merged = found.get("merged")
     if not merged:
         return ""
-    return (f" Rows marked 'from the {merged['date']} run' are that run's ({merged['diffprune_source']}; its teacher "
+    return (f" Rows marked 'from the {merged['label']}' are that run's ({merged['diffprune_source']}; its teacher "
             f"FID {merged['teacher']['fid']:.2f}), kept with --merge; the others ran here.")
 
 
@@ -418,13 +437,13 @@ def markdown(found: dict, meta: dict) -> str:
             notes.append("same pruned model as " + ", ".join(BY_TAG[s].name for s in r["same_as"]))
         if r.get("depth_removed"):
             notes.append("removed " + " / ".join(r["depth_removed"]))
-        for choice in r.get("joint") or ():
-            removed = " + ".join(choice["removed"]) or "no layer"
-            width_only = choice["cost_width_only"]
-            versus = f" vs {width_only:.2f} width only" if width_only is not None else " (width only unreachable)"
-            notes.append(f"joint: {removed}, Taylor cost {choice['cost']:.2f}{versus}")
+        if r.get("joint"):
+            notes.append(_joint_note(r["joint"]))
+        if r.get("same_weights_as"):
+            notes.append("same pruned weights as " + ", ".join(BY_TAG[t].name for t in r["same_weights_as"]) +
+                         " (every seed)")
         if r.get("merged_from"):
-            notes.append(f"from the {r['merged_from']['date']} run")
+            notes.append(f"from the {r['merged_from']['label']}")
         if r["structure"] == "both":
             ratio = r["seeds"][0]["prune"]["width_ratio"]
             notes.append(f"then width ratio {ratio:.3f} ({r['ratio_rule']} rule)" if ratio else "no width step")
