@@ -126,12 +126,12 @@ def smoke_teacher(folder: Path) -> Path:
     return common_smoke_teacher(folder, teacher_recipe(embedded_teacher())["model_config"])
 
 
-def digests(pipeline: Path) -> tuple[str, str]:
-    """(architecture digest: unet tensor names + shapes, weights digest: names + values)."""
+def digests(pipeline: Path, component: str = "unet") -> tuple[str, str]:
+    """(architecture digest: the denoiser's tensor names + shapes, weights digest: names + values)."""
     from safetensors.torch import load_file
 
     arch, weights = hashlib.sha256(), hashlib.sha256()
-    tensors = load_file(str(pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
+    tensors = load_file(str(pipeline / component / "diffusion_pytorch_model.safetensors"))
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         arch.update(f"{name}{tuple(t.shape)}".encode())
@@ -142,7 +142,6 @@ def digests(pipeline: Path) -> tuple[str, str]:
 
 def _prune_task(plan: Plan, tag: str, seed: int) -> dict:
     from diffprune.prune.pruning import PruneConfig
-    from diffprune.prune.stage import run_prune
 
     row = BY_TAG[tag]
     dp = row.method == "diff-pruning"
@@ -151,14 +150,21 @@ def _prune_task(plan: Plan, tag: str, seed: int) -> dict:
                          depth_split=row.split,
                          threshold=THRESHOLD if dp else 0.0, seed=seed, estimator="fast" if dp else "exact",
                          batch_size=plan.budget.fast_pool if dp else plan.budget.calibration_batch)
-    out = plan.work / "pruned" / f"{tag}_s{seed}"
+    return prune_and_record(config, plan.work / "pruned" / f"{tag}_s{seed}")
+
+
+def prune_and_record(config, out: Path, component: str = "unet") -> dict:
+    """`run_prune(config)` into `out` and the per-seed record of it (sizes, depth record, wall times, digests of
+    the pruned `component`); a depth target depth alone cannot reach is recorded as unreachable."""
+    from diffprune.prune.stage import run_prune
+
     try:
         report = run_prune(config, out, overwrite=True, progress=False)
     except DiffpruneError as err:
-        if row.structure != "depth":
+        if config.structure != "depth":
             raise
         return {"reached": False, "error": str(err), "config": config.to_dict()}
-    arch, weights = digests(out)
+    arch, weights = digests(out, component)
     depth = report["depth"]
     return {"reached": True, "params": report["params"]["after"], "params_teacher": report["params"]["before"],
             "params_fraction": report["params"]["fraction"], "macs": report["macs"]["after"],
@@ -214,8 +220,11 @@ def stage_without_work(plan: Plan, key: tuple, done: dict) -> dict | None:
     return None
 
 
-def run_all(plan: Plan, jobs: int) -> None:
-    """Every unfinished task on `jobs` spawned processes (one torch thread each), each when its deps are done."""
+def run_all(plan: Plan, jobs: int, tasks: dict | None = None, describe=None) -> None:
+    """Every unfinished task on `jobs` spawned processes (one torch thread each), each when its deps are done.
+    `tasks`: the function of each task kind (default this script's); `describe(key, result)`: the metrics
+    printed for a finished task (default this script's FID / SSIM)."""
+    tasks = tasks or {"teacher": _teacher_task, "prune": _prune_task, "stage": _stage_task}
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -228,7 +237,11 @@ def run_all(plan: Plan, jobs: int) -> None:
         done[key] = result
         plan.record(key).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(plan.record(key), result)
-        extra = f" FID {result['fid']:.3f} SSIM {result['ssim']:.3f}" if "fid" in result and key[0] == "stage" else ""
+        if describe is not None:
+            extra = describe(key, result)
+        else:
+            extra = f" FID {result['fid']:.3f} SSIM {result['ssim']:.3f}" if "fid" in result and key[0] == "stage" \
+                else ""
         extra += f" MACs {result['macs_fraction']:.3f}" if "macs_fraction" in result else ""
         extra += "".join(f" {k}={result[k]}" for k in ("same_as", "skipped") if k in result)
         extra += " UNREACHABLE" if result.get("reached") is False else ""
@@ -246,7 +259,7 @@ def run_all(plan: Plan, jobs: int) -> None:
                     break
                 pending.remove(key)
                 print(f"[start {datetime.datetime.now():%H:%M:%S}] {key}", flush=True)
-                fn = {"teacher": _teacher_task, "prune": _prune_task, "stage": _stage_task}[key[0]]
+                fn = tasks[key[0]]
                 running[pool.submit(fn, plan, *key[1:])] = (key, time.perf_counter())
             if not running:
                 if pending:
@@ -262,11 +275,12 @@ def measure_latency(plan: Plan, done_prunes: dict) -> None:
     """Per row (its first seed's pruned architecture; every seed's is checked to be the same): forward latency of
     teacher and student at batch 1 and 8, interleaved, in this process with one torch thread."""
     from diffprune.families import family_for
+    from diffprune.families.pipeline_parts import denoiser_of
     from diffprune.io import load_pipeline
     from diffprune.metrics.latency import forward_latency, ratio
 
     b = plan.budget
-    teacher = load_pipeline(plan.teacher).unet.eval()
+    teacher = denoiser_of(load_pipeline(plan.teacher))[1].eval()
     family = family_for(teacher)
     measured: dict[str, dict] = {}  # arch digest -> result (identical architectures measured once)
     for tag in plan.rows:
@@ -277,7 +291,7 @@ def measure_latency(plan: Plan, done_prunes: dict) -> None:
         seed, arch = recs[0][0], recs[0][1]["arch_sha256"]
         if arch not in measured:
             start = time.perf_counter()
-            student = load_pipeline(plan.work / "pruned" / f"{tag}_s{seed}").unet.eval()
+            student = denoiser_of(load_pipeline(plan.work / "pruned" / f"{tag}_s{seed}"))[1].eval()
             out = {}
             for bs in (1, 8):
                 torch.manual_seed(bs)
@@ -315,7 +329,7 @@ def collect(plan: Plan) -> dict:
         out = {"name": row.name, "tag": tag, "budget": row.budget, "target_macs": row.target,
                "structure": row.structure, "method": row.method, "include_mid": row.include_mid,
                "ratio_rule": row.ratio_rule if row.structure != "depth" else None,
-               "split": row.split if row.structure == "both" else None, "merged_from": None,
+               "split": row.split if row.structure == "both" else None, "merged_from": None, "same_weights_as": None,
                "reached": bool(reached) if seeds else None, "same_as": same_as or None,
                "latency": read(("latency", tag)),
                "seeds": seeds}
@@ -336,7 +350,7 @@ def collect(plan: Plan) -> dict:
         rows.append(out)
     log = plan.work / "rows" / "commands.json"
     return {"teacher": read(("teacher",)), "rows": rows,
-            "commands": json.loads(log.read_text()) if log.exists() else []}
+            "commands": json.loads(log.read_text()) if log.exists() else [], "merged": None}
 
 
 def joint_choice(prune: dict) -> dict | None:

@@ -9,6 +9,7 @@ The property test over every file kind the product reads is tests/test_hostile_p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -310,7 +311,7 @@ def _sample_interrupted(argv: list[str], model: Path, out: Path, ready, delay: f
     """Start `diffprune sample` (`argv`: how to run diffprune), wait until `ready(stderr_file)` holds and `delay`
     seconds have passed since the start, send SIGINT; its stderr without the -X importtime lines, once it exited 130."""
     err_file, start = out.with_name(f"{out.name}-stderr.txt"), time.monotonic()
-    with open(err_file, "w") as err:
+    with open(err_file, "w") as err, _default_sigint():
         proc = subprocess.Popen([*argv, "sample", "--model", str(model), "--output-dir", str(out), "--num-images",
                                  "2000", "--steps", "10", "--batch-size", "4", "--no-progress"],
                                 env={**ENV, "PYTHONPROFILEIMPORTTIME": "1"}, stdout=subprocess.DEVNULL, stderr=err)
@@ -326,6 +327,18 @@ def _sample_interrupted(argv: list[str], model: Path, out: Path, ready, delay: f
     text = "".join(ln for ln in err_file.read_text().splitlines(True) if not ln.startswith("import time:"))
     assert proc.returncode == 130, (argv, delay, proc.returncode, text[-3000:])
     return text
+
+
+@contextlib.contextmanager
+def _default_sigint():
+    """Children started inside get Ctrl-C's default disposition, as from a terminal: a pytest-xdist worker
+    (`make test`) ignores SIGINT, and an ignored SIGINT is inherited and rightly left ignored by diffprune
+    (as under `nohup` or `cmd &`), so the command would run to its end."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _cli_loaded(err_file: Path) -> bool:

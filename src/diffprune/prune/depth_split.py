@@ -30,7 +30,6 @@ from .depth_scores import DepthPlan, plan_depth
 from .importance import ImportanceResult
 from .pruning import prune_model
 
-SPLITS = ("sqrt", "joint")
 MAX_SPLITS = 8
 
 
