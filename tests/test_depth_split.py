@@ -178,3 +178,17 @@ def test_cli_joint_sweeps_once_and_writes_the_chosen_split(deep_dir, tmp_path, c
     code, err = run_cli(["prune", "--model", deep_dir, "--structure", "depth", "--depth-split", "joint",
                          "--target-params", "0.5", "--output-dir", tmp_path / "bad"], capsys)
     assert code == 2 and "applies to structure 'both'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dry_run_joint_shows_the_split_by_magnitude_and_writes_nothing(deep_dir, tmp_path, capsys, monkeypatch):
+    """A dry run reads no data: the joint split is ranked by magnitude (sum w^2), the same way as its layers."""
+    monkeypatch.chdir(tmp_path)
+    from diffprune.cli import main
+
+    code = main([str(a) for a in ("prune", "--model", deep_dir, "--structure", "both", "--depth-split", "joint",
+                                  "--target-params", "0.5", "--ratio-rule", "paper", "--dry-run")])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "magnitude order in a dry run" in printed and "size search (target params=" in printed, printed
+    assert "split (joint): cost " in printed and "splits tried (channels only: " in printed, printed
+    assert not any(tmp_path.iterdir())

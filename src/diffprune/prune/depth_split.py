@@ -27,7 +27,7 @@ from ..errors import DiffpruneError
 from .config import PruneConfig
 from .depth import DepthUnit, remove_units, renamed_after_removal
 from .depth_scores import DepthPlan, plan_depth
-from .importance import ImportanceResult
+from .importance import GRADIENT_METHODS, ImportanceResult
 from .pruning import prune_model
 
 MAX_SPLITS = 8
@@ -105,6 +105,10 @@ def joint_plan(model, family, config: PruneConfig, importance: ImportanceResult 
     """(the depth part of the lowest-cost split, {"mode", "candidates", "chosen"}) under `config`'s target."""
     kind = "macs" if config.target_macs is not None else "params"
     target = config.target_macs if config.target_macs is not None else config.target_params
+    if importance is None:  # a data-free score (the dry run's magnitude): no sweep to carry
+        if config.method in GRADIENT_METHODS:
+            raise DiffpruneError(f"depth_split='joint' with method={config.method!r} needs the calibration sweep")
+        importance = ImportanceResult(config.method, config.threshold, [], [], [], None, 0, 0.0)
     greedy = plan_depth(units, scores, count, target)
     by_name = {u.name: u for u in units}
     prefixes = [[by_name[n] for n, _ in greedy.trace[:k]] for k in range(len(greedy.trace) + 1)]

@@ -92,6 +92,12 @@ def depth_lines(depth: dict | None, dry: bool = False) -> list[str]:
     lines = [f"depth: {len(depth['removed'])} of {len(depth['units'])} layer units removed ({how}): "
              f"{', '.join(depth['removed']) or 'none'}; {depth['kind']} fraction {depth['fraction']:.3f}"]
     lines += [f"  config {k}: {v['before']} -> {v['after']}" for k, v in depth["config_changes"].items()]
+    split = depth.get("split") or {}
+    if split.get("mode") == "joint":
+        tried, chosen = split["candidates"], split["candidates"][split["chosen"]]
+        alone = tried[0]["cost"]
+        lines.append(f"  split (joint): cost {chosen['cost']:.4g} of what it removes, the lowest of {len(tried)} "
+                     f"splits tried (channels only: {'unreachable' if alone is None else f'{alone:.4g}'})")
     return lines
 
 
