@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import run_cli, save_tiny_pipeline, tiny_unet
 from diffusers import DDPMScheduler, DiTTransformer2DModel
+from test_sampling import launch
+from test_sweep_runtime import _same_model
 
 from diffprune.errors import DiffpruneError
 from diffprune.families import family_for
@@ -192,3 +194,18 @@ def test_dry_run_joint_shows_the_split_by_magnitude_and_writes_nothing(deep_dir,
     assert "magnitude order in a dry run" in printed and "size search (target params=" in printed, printed
     assert "split (joint): cost " in printed and "splits tried (channels only: " in printed, printed
     assert not any(tmp_path.iterdir())
+
+
+def test_two_processes_split_like_one(deep_dir, tmp_path, capsys):
+    """`accelerate launch` of 2 processes: both share the one sweep, then the main process alone plans the
+    split, prunes and writes (the others stop after the sweep: no collective is left waiting) - the one-process
+    folder."""
+    args = ["prune", "--model", str(deep_dir), "--structure", "both", "--depth-split", "joint", "--target-params",
+            "0.5", "--ratio-rule", "paper", "--batch-size", "6", "--micro-batch-size", "3"]
+    proc = launch([*args, "--output-dir", str(tmp_path / "two")], 2, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote pruned pipeline") == 1
+    assert run_cli([*args, "--output-dir", tmp_path / "one"], capsys)[0] == 0
+    _same_model(tmp_path / "one", tmp_path / "two")
+    two, one = (json.loads((tmp_path / d / "prune_report.json").read_text()) for d in ("two", "one"))
+    assert two["depth"]["removed"] == one["depth"]["removed"] and two["importance"]["runtime"]["num_processes"] == 2
