@@ -209,3 +209,43 @@ def test_two_processes_split_like_one(deep_dir, tmp_path, capsys):
     _same_model(tmp_path / "one", tmp_path / "two")
     two, one = (json.loads((tmp_path / d / "prune_report.json").read_text()) for d in ("two", "one"))
     assert two["depth"]["removed"] == one["depth"]["removed"] and two["importance"]["runtime"]["num_processes"] == 2
+
+
+@pytest.mark.parametrize("family_name", ["sd", "sdxl", "pixart", "sd3", "dit"])
+def test_every_family_joint_split_prunes_to_the_target_and_runs(family_name):
+    """Each denoiser family through the stage's joint path (prune_depth, then width on the carried gradients):
+    the chosen split reaches the target, the gradients follow the renumbered blocks, the model runs. Gradients
+    are random (any sweep's would do: the split arithmetic is what is tested)."""
+    from test_depth_stage import _family_pipelines
+
+    from diffprune.prune.depth_split import carried_importance
+    from diffprune.prune.depth_stage import prune_depth
+    from diffprune.prune.importance import ImportanceResult
+    from diffprune.prune.pruning import prune_model
+    from diffprune.prune.stage import width_rest
+
+    if family_name == "dit":
+        model = _dit(num_layers=4)
+    else:
+        pipe = _family_pipelines()[family_name]()
+        model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    family = family_for(model)
+    g = torch.Generator().manual_seed(2)
+    grads = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    importance = ImportanceResult("diff-pruning", 0.0, [0], [(0, 1.0)], [], grads, 1, 0.0)
+    config = PruneConfig(model="m", structure="both", depth_split="joint", target_params=0.6, ratio_rule="paper",
+                         prune_heads=family_name == "sd3")  # SD3.5's qk-norm: whole heads only
+    shallow, depth = prune_depth(model.eval(), family, config, importance, None)
+    split = depth["split"]
+    assert split["mode"] == "joint" and depth["removed"] == split["candidates"][split["chosen"]]["removed"]
+    carried = carried_importance(importance, depth["modules"])
+    assert carried.grads.keys() == dict(shallow.named_parameters()).keys()
+    assert all(carried.grads[n].shape == p.shape for n, p in shallow.named_parameters())
+    width = width_rest(config, depth)
+    pruned = shallow if width is None else prune_model(shallow, family, width, carried, progress=False).model
+    fraction = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
+    assert fraction == pytest.approx(split["candidates"][split["chosen"]]["fraction"], abs=1e-9)
+    assert fraction <= 0.6 + 0.02
+    with torch.no_grad():
+        out = pruned(**family.example_inputs(pruned, batch_size=2), return_dict=False)[0]
+    assert torch.isfinite(out).all()

@@ -44,8 +44,9 @@ from diffprune.families import family_for
 from diffprune.families.sd3 import SD3Family, SD3PromptEncoder
 from diffprune.io import load_pipeline, to_pruned
 from diffprune.io.structure import validate_structure
+from diffprune.prune.config import PruneConfig
 from diffprune.prune.importance import ImportanceResult, estimate, estimate_fast
-from diffprune.prune.pruning import prune_model_at_ratio
+from diffprune.prune.pruning import prune_model, prune_model_at_ratio
 from diffprune.sample.loop import image_generators, load_samples
 
 INFO = {"format": "diffprune-pruning", "format_version": 1, "base_model": {"id": "test", "revision": None},
@@ -343,6 +344,16 @@ def test_cli_prunes_sd35_whole_heads_to_a_mac_target(sd3_dirs, tmp_path, capsys)
     assert attn.heads < 4 and attn.to_q.out_features == 6 * attn.heads
     code, err = run_cli([*args, "--output-dir", tmp_path / "dims"], capsys)
     assert code == 2 and "prune whole heads instead" in err.strip().splitlines()[-1]  # (above it: load bars)
+
+
+def test_sd35_whole_heads_under_the_paper_ratio_rule():
+    """The paper's ratio rule reads the groups with the family's ignored layers, which for SD3.5 include its
+    qk-norm weights (parameters, not modules): that was an internal error (a tensor compared with `in`)."""
+    model = tiny_sd3(sd35=True)
+    config = PruneConfig(model="m", target_params=0.8, ratio_rule="paper", prune_heads=True)
+    outcome = prune_model(model, family_for(model), config, MAGNITUDE, progress=False)
+    assert outcome.params[1] / outcome.params[0] == pytest.approx(0.8, abs=0.03)
+    validate_structure(outcome.model)
 
 
 # --------------------------------------------------------------------------- full size (slow)

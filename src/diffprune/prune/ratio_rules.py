@@ -31,8 +31,10 @@ def ratio_rule_groups(graph: tp.DependencyGraph, family: Family, model: torch.nn
                       num_heads: dict) -> list[GroupFacts]:
     """The channel groups of `graph` (built on `model`), as `paper_ratios`/`rounded_ratios` read them."""
     out = []
-    for group in graph.get_all_groups(ignored_layers=family.ignored_layers(model),
-                                      root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
+    # Modules only: a family may also ignore parameters (SD3.5's qk-norm weights), which torch-pruning's pruner
+    # sorts out itself but get_all_groups compares with `in`, i.e. tensor == module.
+    ignored = [m for m in family.ignored_layers(model) if isinstance(m, torch.nn.Module)]
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
         root = group[0].dep.target.module
         channels = graph.get_out_channels(root) if graph.is_out_channel_pruning_fn(group[0].dep.handler) \
             else graph.get_in_channels(root)
