@@ -31,6 +31,9 @@ TRAIN = {"full": dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, ema_
          "smoke": dict(steps=4, batch_size=8, lr=1e-3, warmup_steps=0, ema_decay=0.0, ema_warmup="none")}
 SD3_STEPS = {"steps": 1200}  # SD3: 1.4x the cost of a DiT step; 1200 steps fit the time on a shared CPU
 TIMESTEPS = {"full": 1000, "smoke": 20}
+# depth_vs_width_dit.py --smoke: the smoke DiT with the full one's 4 blocks (1 block leaves depth nothing to remove)
+DIT["smoke_depth"] = {**DIT["smoke"], "num_layers": 4}
+TRAIN["smoke_depth"], TIMESTEPS["smoke_depth"] = TRAIN["smoke"], TIMESTEPS["smoke"]
 
 
 def byte_tokenizer(max_length: int = 12):
@@ -63,8 +66,13 @@ def tiny_t5(d_model: int = 32, seed: int = 5):
                                    num_layers=1, num_heads=2)).eval()
 
 
-def tiny_kl(shift: bool):
-    """A 2-level KL autoencoder on 16x16 RGB (8x8x4 latents), its scale (and shift) fitted to the digits."""
+def tiny_kl(shift: bool, sharp: bool = False):
+    """A 2-level KL autoencoder on 16x16 RGB (8x8x4 latents), its scale (and shift) fitted to the digits.
+
+    The random encoder's posterior std is ~1 everywhere, ~3.6x the spread of its means: after the scaling (fitted
+    to the means, which calibration uses) a posterior sample, what `finetune` trains on, is ~93% Gaussian noise
+    (variance ~14.7 against 1). `sharp`: the posterior's log-variance set to -30 (diffusers' clamp; std 3e-7), so
+    a posterior sample is its mean and the model trains on the digits latents; the means are unchanged."""
     from diffusers import AutoencoderKL
 
     from diffprune.data import digits_images
@@ -73,6 +81,11 @@ def tiny_kl(shift: bool):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                         norm_num_groups=8, sample_size=16, latent_channels=4).eval()
+    if sharp:
+        with torch.no_grad():  # quant_conv's second half of outputs is the log-variance
+            c = vae.config.latent_channels
+            vae.quant_conv.weight[c:] = 0.0
+            vae.quant_conv.bias[c:] = -30.0
     with torch.no_grad():
         z = vae.encode(digits_images(16, 3)[:512]).latent_dist.mean
     mean = float(z.mean()) if shift else 0.0
@@ -80,19 +93,19 @@ def tiny_kl(shift: bool):
     return vae
 
 
-def build_dit(folder: Path, size: str) -> Path:
+def build_dit(folder: Path, size: str, sharp: bool = False) -> Path:
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
     dit = DiTTransformer2DModel(in_channels=4, out_channels=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
                                 norm_num_groups=4, **DIT[size]).eval()
     sched = DDIMScheduler(num_train_timesteps=TIMESTEPS[size], beta_schedule="linear", clip_sample=False)
-    DiTPipeline(transformer=dit, vae=tiny_kl(shift=False), scheduler=sched).save_pretrained(
+    DiTPipeline(transformer=dit, vae=tiny_kl(shift=False, sharp=sharp), scheduler=sched).save_pretrained(
         folder, safe_serialization=True)
     return folder
 
 
-def build_sd3(folder: Path, size: str) -> Path:
+def build_sd3(folder: Path, size: str, sharp: bool = False) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
@@ -102,7 +115,7 @@ def build_sd3(folder: Path, size: str) -> Path:
                                 **SD3[size]).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=sd3, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=TIMESTEPS[size], shift=3.0),
-        vae=tiny_kl(shift=True), text_encoder=tiny_clip(5), tokenizer=byte_tokenizer(),
+        vae=tiny_kl(shift=True, sharp=sharp), text_encoder=tiny_clip(5), tokenizer=byte_tokenizer(),
         text_encoder_2=tiny_clip(6), tokenizer_2=byte_tokenizer(), text_encoder_3=tiny_t5(),
         tokenizer_3=byte_tokenizer())
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -122,15 +135,16 @@ def shorten_context(path: Path) -> None:
     write_prompt_embeds(path, e.layout, e.prompts, tensors, {**e.source, "context_tokens": CONTEXT_TOKENS})
 
 
-def trained(work: Path, name: str, size: str, seed: int = 0) -> tuple[Path, dict]:
-    """The trained pipeline folder of family `name` ("dit" or "sd3") and its training record (cached)."""
+def trained(work: Path, name: str, size: str, seed: int = 0, sharp: bool = False) -> tuple[Path, dict]:
+    """The trained pipeline folder of family `name` ("dit" or "sd3") and its training record (cached);
+    `sharp`: over tiny_kl(sharp=True), trained on the digits latents themselves (cached as <name>_<size>_sharp)."""
     from diffprune.train import finetune
 
-    root = work / f"{name}_{size}"
+    root = work / f"{name}_{size}{'_sharp' if sharp else ''}"
     out, record = root / "trained", root / "training.json"
     if record.exists() and out.exists():
         return out, json.loads(record.read_text())
-    init = (build_dit if name == "dit" else build_sd3)(root / "init", size)
+    init = (build_dit if name == "dit" else build_sd3)(root / "init", size, sharp)
     start = time.perf_counter()
     extra = {}
     if name == "sd3":  # the constant prompt, encoded once (`diffprune encode-prompts`), not at every step
@@ -147,7 +161,7 @@ def trained(work: Path, name: str, size: str, seed: int = 0) -> tuple[Path, dict
     wall = time.perf_counter() - start
     log = json.loads((out / "train_log.json").read_text())
     rec = {"family": name, "size": size, "train": train, "arch": (DIT if name == "dit" else SD3)[size],
-           "num_train_timesteps": TIMESTEPS[size], "train_wall_time_s": wall, "seed": seed,
+           "num_train_timesteps": TIMESTEPS[size], "train_wall_time_s": wall, "seed": seed, "sharp_posterior": sharp,
            "params": sum(p.numel() for p in _denoiser(out).parameters()), "log": log}
     record.write_text(json.dumps(rec, indent=2) + "\n")
     return out, rec

@@ -710,6 +710,46 @@ def claims() -> list[Claim]:
     for tag, fragment in dw_rows.items():
         add(f"depth-vs-width-{tag}", fragment, dw, dw_row(tag), (fmt3, ".2f", ".2f", fmt3, ".2f", ".2f"))
 
+    dit = "depth_vs_width_dit.json"
+
+    def dit_row(tag: str):
+        def values(d):
+            r = next(r for r in d["rows"] if r["tag"] == tag)
+            f = r["latency"]["forward"]
+            return (r["macs_fraction"]["mean"], r["loss"]["mean"], r["latent_mse"]["mean"], r["ssim"]["mean"],
+                    f["1"]["speedup"], f["8"]["speedup"])
+        return values
+
+    dit_rows = {
+        "width_diff-pruning_76": "| {0.758} | width, Diff-Pruning | {0.1057} | {0.022} | {0.944} | {1.05} | {1.07} |",
+        "depth_diff-pruning_76": "| {0.753} | depth (1 block), Diff-Pruning | {0.1101} | {0.086} | {0.888} | {1.26} | "
+                                 "{1.30} |",
+        "depth_block-influence_76": "| {0.753} | depth (1 block), block influence | {0.1118} | {0.043} | {0.886} | "
+                                    "{1.26} | {1.30} |",
+        "both_diff-pruning_70_joint": "| {0.694} | width, Diff-Pruning (= both, joint split) | {0.1064} | {0.030} | "
+                                      "{0.937} | {1.07} | {1.08} |",
+        "both_diff-pruning_70": "| {0.703} | both, sqrt split (1 block + width) | {0.1105} | {0.090} | {0.884} | "
+                                "{1.26} | {1.28} |",
+        "width_diff-pruning_51": "| {0.508} | width, Diff-Pruning | {0.1093} | {0.102} | {0.896} | {1.11} | {1.19} |",
+        "depth_diff-pruning_56": "| {0.507} | depth (2 blocks), Diff-Pruning | {0.1172} | {0.249} | {0.801} | {1.74} | "
+                                 "{1.77} |",
+        "depth_block-influence_56": "| {0.507} | depth (2 blocks), block influence | {0.1218} | {0.107} | {0.780} | "
+                                    "{1.74} | {1.77} |",
+        "depth_magnitude_56": "| {0.507} | depth (2 blocks), magnitude | {0.1170} | {0.311} | {0.769} | {1.74} | "
+                              "{1.77} |",
+    }
+    for tag, fragment in dit_rows.items():
+        add(f"depth-vs-width-dit-{tag}", fragment, dit, dit_row(tag), (".3f", ".4f", ".3f", ".3f", ".2f", ".2f"))
+
+    def dit_split(d):
+        r = next(r for r in d["rows"] if r["tag"] == "both_diff-pruning_70_joint")
+        return tuple(c["cost"] for c in r["seeds"][0]["prune"]["depth"]["split"]["candidates"])
+
+    add("depth-vs-width-dit-joint-costs", "Taylor cost {6.06} for channels\n  alone, {9.06} with one block, {16.71} "
+        "with two", dit, dit_split, (".2f", ".2f", ".2f"))
+    add("depth-vs-width-dit-teacher", "(teacher {0.1029}; 1.0 = predicting zero)", dit,
+        lambda d: (d["teacher"]["loss"],), (".4f",))
+
     section = "Demo results"
     dm = "demo.json"
 

@@ -19,6 +19,10 @@ _HERMETIC_HOME = tempfile.mkdtemp(prefix="diffprune-test-home-")
 os.environ["HF_HOME"] = os.path.join(_HERMETIC_HOME, "hf")  # never the user's hub cache
 os.environ["DIFFPRUNE_CACHE"] = os.path.join(_HERMETIC_HOME, "diffprune")  # nor their weights cache
 atexit.register(shutil.rmtree, _HERMETIC_HOME, True)
+# Under pytest-xdist (`make test` runs `-n 2`) each worker is one of two busy processes on a 2-core box: numpy /
+# OpenMP in the worker and every interpreter a test starts (they inherit this) use one thread, as torch does below.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,6 +30,22 @@ import torch  # noqa: E402
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core box they oversubscribe
 # (a 16x16 forward goes from ~13 ms to >1 s). Override with DIFFPRUNE_TEST_THREADS.
 torch.set_num_threads(int(os.environ.get("DIFFPRUNE_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _one_accelerate_launch_at_a_time(request, tmp_path_factory):
+    """Under pytest-xdist (`make test`), the tests that call test_sampling.launch (`accelerate launch` of 2
+    processes) take turns, through a file lock the workers share: two at once would both ask torch.distributed for
+    its fixed default port (29500), and 4 processes would share 2 cores. (A lock, not an xdist_group mark: with
+    pytest 9.2, xdist 3.8's --dist loadgroup no longer groups anything, pytest-dev/pytest-xdist#1386.)"""
+    function = getattr(request.node, "function", None)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or function is None or "launch" not in function.__code__.co_names:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path_factory.getbasetemp().parent / "accelerate-launch.lock")):
+        yield
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:

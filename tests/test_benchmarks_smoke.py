@@ -9,6 +9,11 @@ the runs themselves. benchmarks/results is never written (checked).
 
 The scripts run two at a time (one torch thread each) as soon as the module's first test asks, so the
 whole file costs about the slowest pair of scripts, not their sum; only the selected tests' scripts run.
+Under pytest-xdist (`make test`: `-n 2`) the other worker keeps the second core busy, and a worker does not know
+which tests it will be sent: each script runs when a test first asks for it, once for all workers (a folder and a
+file lock shared by the workers: a worker that asks for a script another one runs waits for that run), so the
+scripts spread over both workers like other tests. benchmarks/results is checked around every run as well, since
+there test_results_untouched sees only the runs its worker asked for.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
-JOBS = min(2, os.cpu_count() or 1)
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+JOBS = 1 if XDIST else min(2, os.cpu_count() or 1)
 
 # script -> (its commands, each the arguments before `--smoke --out DIR`; {file it writes: the key paths whose keys
 # must include those of the committed benchmarks/results/<file>, or None for a file only checked to exist}).
@@ -73,6 +79,10 @@ SCRIPTS: dict[str, tuple[list[list[str]], dict[str, list[tuple] | None]]] = {
     "depth_vs_width": ([[]], {
         "depth_vs_width.json": [(), ("rows", "*"), ("rows", "*", "latency"), ("teacher",), ("meta",)],
         "depth_vs_width.md": None, "depth_vs_width.png": None}),
+    "depth_vs_width_dit": ([[]], {
+        "depth_vs_width_dit.json": [(), ("rows", "*"), ("rows", "*", "latency"), ("comparisons", "*"), ("teacher",),
+                                    ("meta",)],
+        "depth_vs_width_dit.md": None, "depth_vs_width_dit.png": None}),
 }
 # keys of a committed result that only some modes write
 OPTIONAL = {"model_from"}  # allocation.json: rows evaluated from --reuse-models
@@ -83,7 +93,7 @@ NEEDS = {"test_smoke_runs_mean_something": ("budget_curve", "finetune_throughput
 
 def _run(commands: list[list[str]], script: str, out: Path, env: dict | None = None) -> dict:
     """Run `benchmarks/<script>.py ARGS` for each ARGS in order (stop at the first failure)."""
-    start, log, code = time.perf_counter(), "", 0
+    start, log, code, before = time.perf_counter(), "", 0, _results_snapshot()
     for args in commands:
         proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -91,7 +101,8 @@ def _run(commands: list[list[str]], script: str, out: Path, env: dict | None = N
         code = proc.returncode
         if code:
             break
-    return {"rc": code, "log": log, "seconds": time.perf_counter() - start, "out": out}
+    return {"rc": code, "log": log, "seconds": time.perf_counter() - start, "out": out,
+            "results_untouched": _results_snapshot() == before}
 
 
 def _bench_module(name: str, monkeypatch):
@@ -108,19 +119,56 @@ def _results_snapshot() -> dict[str, int | None]:
     return {n: (RESULTS / n).stat().st_mtime_ns if (RESULTS / n).exists() else None for n in sorted(names)}
 
 
+def _run_once(script: str, shared: Path) -> dict:
+    """Under pytest-xdist: the run of `script` that a worker did, or does now (waited for), else this one."""
+    from filelock import FileLock
+
+    record = shared / script / "run.json"
+    with FileLock(str(shared / f"{script}.lock")):
+        if not record.exists():
+            out = shared / script / "out"
+            out.mkdir(parents=True)
+            run = _run([[*args, "--smoke", "--out", str(out)] for args in SCRIPTS[script][0]], script, out)
+            record.write_text(json.dumps({**run, "out": str(out)}))
+    run = json.loads(record.read_text())
+    return {**run, "out": Path(run["out"])}
+
+
+class _Runs(dict):
+    """script -> future of its run, the run started (submitted to the pool) when first asked for."""
+
+    def __init__(self, start):
+        super().__init__()
+        self._start = start
+
+    def __missing__(self, script: str):
+        self[script] = future = self._start(script)
+        return future
+
+
 @pytest.fixture(scope="module")
 def smoke_runs(request, tmp_path_factory):
-    """script -> future of its run; the selected tests' scripts start at once, JOBS at a time."""
-    mine = [item for item in request.session.items if item.module is request.module]
-    wanted = {item.callspec.params["script"] for item in mine if item.originalname == "test_benchmark_smoke_run"}
-    wanted.update(*(NEEDS.get(item.originalname, ()) for item in mine))
+    """script -> future of its run; the selected tests' scripts start at once, JOBS at a time. Under pytest-xdist
+    a worker does not know which tests it will be sent: there each script starts when first asked for."""
     before = _results_snapshot()
     pool = ThreadPoolExecutor(JOBS)
-    futures = {}
-    for script in sorted(wanted, key=list(SCRIPTS).index):  # the slowest first
+
+    def start(script: str):
+        if XDIST:  # the folder all workers of this session share (pytest-xdist's documented way)
+            shared = tmp_path_factory.getbasetemp().parent / "benchmarks-smoke"
+            shared.mkdir(exist_ok=True)
+            return pool.submit(_run_once, script, shared)
         out = tmp_path_factory.mktemp(script)
         commands = [[*args, "--smoke", "--out", str(out)] for args in SCRIPTS[script][0]]
-        futures[script] = pool.submit(_run, commands, script, out)
+        return pool.submit(_run, commands, script, out)
+
+    futures = _Runs(start)
+    if not XDIST:
+        mine = [item for item in request.session.items if item.module is request.module]
+        wanted = {item.callspec.params["script"] for item in mine if item.originalname == "test_benchmark_smoke_run"}
+        wanted.update(*(NEEDS.get(item.originalname, ()) for item in mine))
+        for script in sorted(wanted, key=list(SCRIPTS).index):  # the slowest first
+            futures[script]  # starts it
     yield futures, before
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -145,6 +193,7 @@ def finished(smoke_runs, script: str) -> dict:
     run = futures[script].result()
     print(f"{script}: {run['seconds']:.1f} s")
     assert run["rc"] == 0, f"benchmarks/{script}.py --smoke failed (exit {run['rc']}):\n{run['log'][-4000:]}"
+    assert run["results_untouched"], f"benchmarks/results changed while {script}.py --smoke ran"
     return run
 
 
@@ -215,7 +264,8 @@ def test_smoke_needs_an_out_folder_outside_results(tmp_path, monkeypatch):
 
 
 def test_results_untouched(smoke_runs):
-    """After every smoke run, the files of benchmarks/results they would write are as before (none created)."""
+    """After every smoke run, the files of benchmarks/results they would write are as before (none created).
+    Under pytest-xdist: the runs this worker asked for (finished() checks each run on its own too)."""
     futures, before = smoke_runs
     for future in futures.values():
         future.result()

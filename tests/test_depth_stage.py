@@ -277,3 +277,17 @@ def test_the_plan_puts_back_units_the_target_does_not_need():
     assert [u.name for u in plan.removed] == ["layers.0"] and plan.fraction == 0.6 and plan.reached
     tight = plan_depth([mid, layers], {"mid_block": 0.1, "layers.0": 0.9}, size_of, 0.58)
     assert sorted(u.name for u in tight.removed) == ["layers.0", "mid_block"] and tight.fraction == 0.55
+
+
+def test_the_summary_notes_a_depth_result_far_below_its_target():
+    """Whole layers come in coarse steps (a 4-block DiT: 0.75, 0.51): a --structure depth result more than
+    OVERSHOOT below its target says so and names what fills a target exactly; 'both' (width fills it) does not."""
+    from diffprune.prune.dry_run import OVERSHOOT, depth_lines
+
+    depth = {"removed": ["transformer_blocks.2", "transformer_blocks.3"], "units": ["transformer_blocks.0"] * 4,
+             "kind": "macs", "fraction": 0.507, "target": 0.70, "config_changes": {}, "method": "taylor",
+             "split": {"mode": None}}
+    note = [ln for ln in depth_lines(depth) if "note:" in ln]
+    assert len(note) == 1 and "target macs 0.700 by 0.193" in note[0] and "--structure both" in note[0], note
+    assert not [ln for ln in depth_lines({**depth, "fraction": 0.70 - OVERSHOOT / 2}) if "note:" in ln]
+    assert not [ln for ln in depth_lines({**depth, "split": {"mode": "sqrt"}}) if "note:" in ln]
