@@ -12,8 +12,8 @@ pruned model as at ~56%, `same_as`); width rows at depth's 0.75 and 0.51 are the
 Calibration (and post-training) use DiT's null class, the label the teacher trained with.
 The autoencoder is tiny_kl(sharp=True): the random encoder's posterior std (~1, 3.6x the spread of its means) is
 set to ~0, so that `finetune`, which trains on posterior samples, trains on the digits latents that calibration
-and the loss below use (fast_pool.py's autoencoder makes its training latents ~93% Gaussian noise: its DiT samples
-latents of variance ~13 where the digits latents have 1; --noisy-posterior runs on that one).
+and the loss below use (the noisy posterior, _fast_pool_models' default before 2026-12-06, makes the training
+latents ~93% Gaussian noise: variance ~13 where the digits latents have 1; --noisy-posterior runs on that one).
 
 Quality, the same for every model (the autoencoder is random and untrained, so digits-FID of decoded images
 means nothing and is not reported):
@@ -33,7 +33,8 @@ thread, speed-up = teacher / student (depth_vs_width.measure_latency).
     python benchmarks/depth_vs_width_dit.py --smoke --out DIR                 # the code path in < 60 s
 
 Writes benchmarks/results/depth_vs_width_dit.{json,md,png} (--out: into that folder); runs in --work; the
-trained teacher is cached in --models (default: --work) as <models>/dit_full/trained (fast_pool.py's cache).
+trained teacher is cached in --models (default: --work) as <models>/dit_full_sharp/trained (fast_pool.py's cache;
+--noisy-posterior: <models>/dit_full/trained).
 """
 
 from __future__ import annotations
@@ -528,9 +529,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/depth_vs_width_dit"),
                         help="scratch folder for all runs (--smoke: OUT/work)")
     parser.add_argument("--models", type=Path, default=None,
-                        help="where the trained DiT is cached as dit_<size>/trained (default: --work)")
+                        help="where the trained DiT is cached as dit_<size>_sharp/trained (default: --work)")
     parser.add_argument("--noisy-posterior", action="store_true",
-                        help="the DiT over fast_pool.py's autoencoder (posterior std ~1: it trains on latents that "
+                        help="the DiT over the noisy autoencoder (posterior std ~1: it trains on latents that "
                              "are ~93%% noise, while calibration and the loss use the posterior means)")
     parser.add_argument("--train-threads", type=int, default=None,
                         help="torch threads while the teacher trains, if it is not cached (default --jobs)")

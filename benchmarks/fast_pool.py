@@ -7,7 +7,8 @@ passes), at pools 32, 64, 128 and 512 against a "truth", on two TRAINED families
 
   * digits: the embedded digits teacher (UNet2DModel, DDPM, 1000 steps);
   * dit:    a DiT (DiTTransformer2DModel in a DiTPipeline over a tiny KL autoencoder, DDIM schedule, 1000 steps)
-            trained here on the digits with `diffprune finetune --reinit --data digits` (_fast_pool_models.py).
+            trained here on the digits with `diffprune finetune --reinit --data digits` (_fast_pool_models.py),
+            on the digits latents themselves (a sharp posterior; --noisy-posterior: the noise-trained one).
 
 Protocol (importance_cost.py --truth, with the exact sweep at `prune`'s default batch): N exact sweeps
 (`estimate`, thr 0.05, batch --exact-batch = 32, seeds 0..N-1, each its own images, noise and cut). The
@@ -76,17 +77,17 @@ FULL = Budget(pools=(32, 64, 128, 512), seeds=3, truth_sweeps=6, exact_batch=32)
 SMOKE = Budget(pools=(4, 8), seeds=3, truth_sweeps=3, exact_batch=4)
 
 
-def model_folder(name: str, smoke: bool, work: Path, out_dir: Path) -> tuple[Path, dict]:
+def model_folder(name: str, smoke: bool, work: Path, out_dir: Path, sharp: bool = True) -> tuple[Path, dict]:
     if name == "digits":
         return (smoke_teacher(out_dir / "teacher") if smoke else embedded_teacher()), {}
-    folder, record = trained(work, name, "smoke" if smoke else "full")
+    folder, record = trained(work, name, "smoke" if smoke else "full", sharp=sharp)
     return folder, {k: v for k, v in record.items() if k != "log"} | {"train_loss": loss_drop(record["log"])}
 
 
 def run_family(name: str, budget: Budget, smoke: bool, work: Path, out_dir: Path,
-               only_exact: list[int] | None = None, only_fast: bool = False) -> dict:
+               only_exact: list[int] | None = None, only_fast: bool = False, sharp: bool = True) -> dict:
     start = time.perf_counter()
-    folder, training = model_folder(name, smoke, work, out_dir)
+    folder, training = model_folder(name, smoke, work, out_dir, sharp)
     pipe = load_pipeline(folder)
     model = getattr(pipe, "unet", None) or pipe.transformer
     model.requires_grad_(True)
@@ -96,7 +97,8 @@ def run_family(name: str, budget: Budget, smoke: bool, work: Path, out_dir: Path
     size = prune_model(model, family, PruneConfig(model=name, method="magnitude", target_macs=TARGET_MACS), magnitude,
                  progress=False)
     ratio = size.ratio
-    cache = work / "fast_pool" / f"{name}{'_smoke' if smoke else ''}"
+    tag = "_sharp" if name != "digits" and sharp else ""  # as trained()'s folders: no noisy-teacher sums reused
+    cache = work / "fast_pool" / f"{name}{'_smoke' if smoke else ''}{tag}"
     exact = []
     for seed in [] if only_fast else only_exact or budget.exact_seeds:
         x, cond = calib.batch(budget.exact_batch, seed)
@@ -260,6 +262,8 @@ def main() -> None:
     parser.add_argument("--truth-seeds", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
                         metavar="S,S", help="the exact sweeps' seeds (default 0..N-1); a fast seed without one "
                                             "is judged against the mean of all of them, unpaired")
+    parser.add_argument("--noisy-posterior", action="store_true",
+                        help="the DiT trained on tiny_kl's noisy posterior samples (the teacher before 2026-12-06)")
     add_smoke_options(parser, "tiny random UNet and DiT with 20 timesteps, pools 4 and 8, exact batch 4")
     args = parser.parse_args()
     out_dir = results_dir(parser, args)
@@ -280,8 +284,8 @@ def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(0)
     np.random.seed(0)
-    results = {f: run_family(f, budget, args.smoke, args.work, out_dir, args.only_exact_seeds, args.only_fast)
-               for f in families}
+    results = {f: run_family(f, budget, args.smoke, args.work, out_dir, args.only_exact_seeds, args.only_fast,
+                              not args.noisy_posterior) for f in families}
     if args.only_exact_seeds or args.only_fast:
         return
     meta = {"budget": dataclasses.asdict(budget), "threshold": THRESHOLD, "target_macs": TARGET_MACS,
@@ -291,7 +295,8 @@ def main() -> None:
                 f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
                 for k, v in vars(args).items()
                 if k in ("families", "pools", "seeds", "truth_sweeps", "truth_seeds") and v)
-            + (" --smoke" if args.smoke else ""),
+            + (" --noisy-posterior" if args.noisy_posterior else "") + (" --smoke" if args.smoke else ""),
+            "sharp_posterior": not args.noisy_posterior,
             "fast_settings": "estimate_fast defaults, as `diffprune prune --estimator fast` calls it",
             "versions": library_versions()}
     out_dir.mkdir(parents=True, exist_ok=True)

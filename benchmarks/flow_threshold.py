@@ -60,17 +60,19 @@ def curve_summary(losses: np.ndarray) -> dict:
             "never_cuts_below_at": int(ratio.argmin()), "losses_at": deciles}
 
 
-def run_family(name: str, size: str, work: Path, seeds: int, use_cached: bool = False) -> dict:
+def run_family(name: str, size: str, work: Path, seeds: int, use_cached: bool = False, sharp: bool = True) -> dict:
     """The sweeps of one trained model (cached in work/flow_threshold, so families can run in parallel);
-    `use_cached`: the cached sweeps with the most seeds, whatever `seeds` says."""
-    cache = work / "flow_threshold" / f"{name}_{size}_seeds{seeds}.json"
-    cached = sorted(cache.parent.glob(f"{name}_{size}_seeds*.json"), key=lambda p: int(p.stem.rsplit("seeds", 1)[1]))
+    `use_cached`: the cached sweeps with the most seeds, whatever `seeds` says; `sharp`: the model trained on the
+    digits latents (_fast_pool_models.trained's default; its sweeps cached apart from the noise-trained one's)."""
+    tag = f"{name}_{size}{'_sharp' if sharp else ''}"
+    cache = work / "flow_threshold" / f"{tag}_seeds{seeds}.json"
+    cached = sorted(cache.parent.glob(f"{tag}_seeds*.json"), key=lambda p: int(p.stem.rsplit("seeds", 1)[1]))
     if use_cached and cached:
         cache = cached[-1]
     if cache.exists():
         return json.loads(cache.read_text())
     start = time.perf_counter()
-    folder, record = trained(work, name, size)
+    folder, record = trained(work, name, size, sharp=sharp)
     pipe = load_pipeline(folder)
     model = pipe.transformer.requires_grad_(True)
     family, scheduler = family_for(model), pipe.scheduler
@@ -140,6 +142,8 @@ def main() -> None:
                         help="cache of the trained models (git-ignored)")
     parser.add_argument("--use-cached", action="store_true",
                         help="take each family's cached sweeps in --work with the most seeds (families run apart)")
+    parser.add_argument("--noisy-posterior", action="store_true",
+                        help="the models trained on tiny_kl's noisy posterior samples (the teachers before 2026-12-06)")
     add_smoke_options(parser, "tiny random SD3 and DiT with 20 timesteps, batch 4, a few training steps")
     args = parser.parse_args()
     out_dir = results_dir(parser, args)
@@ -148,7 +152,8 @@ def main() -> None:
         parser.error(f"--families: choose from {FAMILIES}")
     start = time.perf_counter()
     size = "smoke" if args.smoke else "full"
-    results = {f: run_family(f, size, args.work, args.seeds, args.use_cached) for f in families}
+    results = {f: run_family(f, size, args.work, args.seeds, args.use_cached, not args.noisy_posterior)
+               for f in families}
     findings = []
     for name, r in results.items():
         never = [run["summary"]["never_cuts_below"] for run in r["runs"]]
@@ -159,7 +164,8 @@ def main() -> None:
     meta = {"thresholds": list(THRESHOLDS), **({"smoke": True} if args.smoke else {}),
             "date": datetime.date.today().isoformat(), "machine": machine(threads=True),
             "command": "python benchmarks/flow_threshold.py" + (" --smoke" if args.smoke else "")
-            + f" --seeds {args.seeds}" + (" --use-cached" if args.use_cached else ""),
+            + f" --seeds {args.seeds}" + (" --use-cached" if args.use_cached else "")
+            + (" --noisy-posterior" if args.noisy_posterior else ""), "sharp_posterior": not args.noisy_posterior,
             "seeds_per_family": {f: len(r["runs"]) for f, r in results.items()},
             "wall_time_s": time.perf_counter() - start, "versions": library_versions()}
     out_dir.mkdir(parents=True, exist_ok=True)

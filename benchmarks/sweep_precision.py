@@ -7,8 +7,11 @@ estimator the agreement of bf16 with fp32: the cut step, the kept-channel IoU of
 MACs (the ratio the size search gives), and the relative gradient-sum difference. Also the sweep's wall time
 ratio bf16 / fp32 (same process, side by side; on a CPU without bf16 units autocast is usually slower).
 
-    python benchmarks/sweep_precision.py --models benchmarks/.work/fast_pool/dit   # writes sweep_precision.json/.md
+    python benchmarks/sweep_precision.py --models benchmarks/.work/dit_full_sharp/trained  # sweep_precision.json/.md
     python benchmarks/sweep_precision.py --smoke --out DIR                         # the code path in seconds
+
+--reuse-teacher keeps the digits teacher's row of the existing results file (same batch, pool and seeds) and
+measures only --models, e.g. after retraining the DiT.
 """
 
 from __future__ import annotations
@@ -119,6 +122,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="exact sweep's calibration batch")
     parser.add_argument("--pool", type=int, default=128, help="the fast estimator's image pool")
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="keep the embedded teacher's row of the existing sweep_precision.json (same batch, pool, "
+                             "seeds) and measure only --models")
     add_smoke_options(parser, "a tiny random teacher, 1 seed, batch 4")
     args = parser.parse_args()
     out = results_dir(parser, args)
@@ -128,11 +134,23 @@ def main() -> None:
     else:
         folders, seeds, batch, pool = [embedded_teacher(), *args.models], args.seeds, args.batch_size, args.pool
     start = time.perf_counter()
-    results = [measure(f, seeds, batch, pool) for f in folders]
+    reused = []
+    if args.reuse_teacher and not args.smoke:
+        old = json.loads((out / "sweep_precision.json").read_text())
+        if (old["batch_size"], old["pool"], old["seeds"]) != (batch, pool, seeds):
+            parser.error(f"--reuse-teacher: the existing results used batch {old['batch_size']}, pool {old['pool']}, "
+                         f"seeds {old['seeds']}")
+        reused = [r for r in old["models"] if r["model"] == str(folders[0])][:1]
+        if not reused:
+            parser.error("--reuse-teacher: the existing results have no row for the embedded teacher")
+        folders = folders[1:]
+    results = reused + [measure(f, seeds, batch, pool) for f in folders]
     doc = {"benchmark": "sweep_precision", "date": datetime.date.today().isoformat(), "machine": machine(),
            "versions": library_versions(), "threshold": THRESHOLD, "target_macs": TARGET_MACS,
            "batch_size": batch, "pool": pool, "seeds": seeds, "torch_threads": 1, "models": results,
-           "wall_time_s": time.perf_counter() - start}
+           "wall_time_s": time.perf_counter() - start,
+           "command": "python benchmarks/sweep_precision.py " + " ".join(sys.argv[1:]),
+           "teacher_row_reused_from": old["date"] if reused else None}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sweep_precision.json", json.loads(json.dumps(doc, default=str)))
     text = table(results)
