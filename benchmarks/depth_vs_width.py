@@ -27,6 +27,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -310,19 +311,26 @@ def measure_latency(plan: Plan, done_prunes: dict) -> None:
         write_json_atomic(plan.record(key), rec)
 
 
+def seed_records(plan: Plan, tag: str) -> list[dict]:
+    """[{seed, prune, stage}] of row `tag`'s finished prunes; a `same_as` stage is the record it points to."""
+    read = lambda k: json.loads(plan.record(k).read_text()) if plan.record(k).exists() else None  # noqa: E731
+    seeds = []
+    for s in range(plan.budget.seeds):
+        pruned, stage = read(("prune", tag, s)), read(("stage", tag, s))
+        if pruned is None:
+            continue
+        if stage and "same_as" in stage:
+            stage = {**(read(("stage", stage["same_as"], s)) or {}), "same_as": stage["same_as"]}
+        seeds.append({"seed": s, "prune": pruned, "stage": stage})
+    return seeds
+
+
 def collect(plan: Plan) -> dict:
     read = lambda k: json.loads(plan.record(k).read_text()) if plan.record(k).exists() else None  # noqa: E731
     rows = []
     for tag in plan.rows:
         row = BY_TAG[tag]
-        seeds = []
-        for s in range(plan.budget.seeds):
-            pruned, stage = read(("prune", tag, s)), read(("stage", tag, s))
-            if pruned is None:
-                continue
-            if stage and "same_as" in stage:
-                stage = {**(read(("stage", stage["same_as"], s)) or {}), "same_as": stage["same_as"]}
-            seeds.append({"seed": s, "prune": pruned, "stage": stage})
+        seeds = seed_records(plan, tag)
         reached = [x for x in seeds if x["prune"]["reached"]]
         evaluated = [x for x in reached if x["stage"] and "fid" in x["stage"]]
         same_as = sorted({x["stage"]["same_as"] for x in evaluated if "same_as" in x["stage"]})
@@ -514,6 +522,24 @@ def plot(found: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def budget_and_rows(parser: argparse.ArgumentParser, args: argparse.Namespace, budget, options: Sequence[str],
+                    smoke_rows: Sequence[str], by_tag: Mapping[str, Row]) -> tuple:
+    """(the budget with the command line's `options` applied, the rows to run) after checking --jobs, each
+    option (>= 1) and --only's tags (a usage error naming what is allowed otherwise)."""
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    for opt in options:
+        value = getattr(args, opt)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
+            budget = dataclasses.replace(budget, **{opt: value})
+    rows = tuple(args.only.split(",")) if args.only else tuple(smoke_rows) if args.smoke else tuple(by_tag)
+    if unknown := [t for t in rows if t not in by_tag]:
+        parser.error(f"--only: unknown rows {unknown}; allowed: {', '.join(by_tag)}")
+    return budget, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3)")
@@ -533,19 +559,9 @@ def main() -> None:
     add_smoke_options(parser, "the teacher architecture, random weights (20 timesteps), 1 seed, 6 rows, 2 "
                               "steps, 10 images, DDIM 2")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     out = results_dir(parser, args)
-    budget = SMOKE if args.smoke else FULL
-    for opt in ("seeds", "steps", "num_images", "sample_steps"):
-        value = getattr(args, opt)
-        if value is not None:
-            if value < 1:
-                parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
-            budget = dataclasses.replace(budget, **{opt: value})
-    rows = tuple(args.only.split(",")) if args.only else SMOKE_ROWS if args.smoke else tuple(BY_TAG)
-    if unknown := [t for t in rows if t not in BY_TAG]:
-        parser.error(f"--only: unknown rows {unknown}; allowed: {', '.join(BY_TAG)}")
+    budget, rows = budget_and_rows(parser, args, SMOKE if args.smoke else FULL,
+                                   ("seeds", "steps", "num_images", "sample_steps"), SMOKE_ROWS, BY_TAG)
     torch.set_num_threads(1)  # the latency measurement, like the workers: one thread
     start = time.perf_counter()
     teacher = smoke_teacher(out / "teacher") if args.smoke else embedded_teacher()

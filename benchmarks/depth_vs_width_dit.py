@@ -57,11 +57,13 @@ from depth_vs_width import (
     Row,
     _joint_note,
     _pm,
+    budget_and_rows,
     diffprune_source,
     joint_choice,
     measure_latency,
     prune_and_record,
     run_all,
+    seed_records,
     task_list,
 )
 
@@ -315,14 +317,7 @@ def collect(plan: Plan) -> dict:
     rows = []
     for tag in plan.rows:
         row = BY_TAG[tag]
-        seeds = []
-        for s in range(plan.budget.seeds):
-            pruned, stage = read(("prune", tag, s)), read(("stage", tag, s))
-            if pruned is None:
-                continue
-            if stage and "same_as" in stage:
-                stage = {**(read(("stage", stage["same_as"], s)) or {}), "same_as": stage["same_as"]}
-            seeds.append({"seed": s, "prune": pruned, "stage": stage})
+        seeds = seed_records(plan, tag)
         reached = [x for x in seeds if x["prune"]["reached"]]
         evaluated = [x for x in reached if x["stage"] and "loss" in x["stage"]]
         p = reached[0]["prune"] if reached else {}
@@ -546,19 +541,9 @@ def main() -> None:
     add_smoke_options(parser, "a 4-block DiT of width 16 trained 4 steps (20 timesteps), 1 seed, 6 rows, 2 steps, "
                               "8 samples, DDIM 2")
     args = parser.parse_args()
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     out = results_dir(parser, args)
-    budget = SMOKE if args.smoke else FULL
-    for opt in ("seeds", "steps", "num_samples", "sample_steps"):
-        value = getattr(args, opt)
-        if value is not None:
-            if value < 1:
-                parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
-            budget = dataclasses.replace(budget, **{opt: value})
-    rows = tuple(args.only.split(",")) if args.only else SMOKE_ROWS if args.smoke else tuple(BY_TAG)
-    if unknown := [t for t in rows if t not in BY_TAG]:
-        parser.error(f"--only: unknown rows {unknown}; allowed: {', '.join(BY_TAG)}")
+    budget, rows = budget_and_rows(parser, args, SMOKE if args.smoke else FULL,
+                                   ("seeds", "steps", "num_samples", "sample_steps"), SMOKE_ROWS, BY_TAG)
     start = time.perf_counter()
     size = "smoke_depth" if args.smoke else "full"
     models = args.models or args.work
