@@ -35,7 +35,7 @@ venv: $(BIN)/diffprune
 demo: venv
 	$(BIN)/diffprune demo --output-dir runs/demo --overwrite
 
-# Two pytest-xdist workers (8 min 55 s on 2 cores, 18 min 50 s serial), one torch / OpenMP thread each; the tests
+# Two pytest-xdist workers (8 min 0 s on 2 cores, 18 min 50 s serial), one torch / OpenMP thread each; the tests
 # that start several processes share work or take turns across workers (tests/conftest.py, test_benchmarks_smoke.py).
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --durations=15

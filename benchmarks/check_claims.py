@@ -779,6 +779,29 @@ def claims() -> list[Claim]:
 
     add("depth-vs-width-dit-joint-costs", "Taylor cost {6.06} for channels\n  alone, {9.06} with one block, {16.71} "
         "with two", dit, dit_split, (".2f", ".2f", ".2f"))
+    dit2 = "depth_vs_width_dit_375steps.json"
+
+    def dit_pair(tag: str):
+        def values(short, long):
+            r1, r2 = (next(r for r in d["rows"] if r["tag"] == tag) for d in (short, long))
+            return tuple(r[m]["mean"] for m in ("loss", "latent_mse", "ssim") for r in (r1, r2))
+        return values
+
+    def dit_gaps(d):
+        pairs = {(c["a"], c["b"]): c for c in d["comparisons"]}
+        return tuple(pairs[("width_diff-pruning_51", f"depth_{m}_56")]["loss"]["mean"]
+                     for m in ("diff-pruning", "block-influence", "magnitude"))
+
+    add("depth-vs-width-dit-375-wall", "--steps 375`, {827} s, same teacher", dit2,
+        lambda d: d["meta"]["wall_time_s"], ".0f")
+    add("depth-vs-width-dit-375-width", "loss {0.1093} -> {0.1057}, latent MSE {0.102} -> {0.017}, SSIM {0.896} -> "
+        "{0.943}", (dit, dit2), dit_pair("width_diff-pruning_51"), (".4f", ".4f", ".3f", ".3f", ".3f", ".3f"))
+    add("depth-vs-width-dit-375-depth", "{0.1172} -> {0.1135}, {0.249} -> {0.074}, {0.801} -> {0.862}", (dit, dit2),
+        dit_pair("depth_diff-pruning_56"), (".4f", ".4f", ".3f", ".3f", ".3f", ".3f"))
+    add("depth-vs-width-dit-375-gaps", "at 0.51 by {0.0078} / {0.0112} / {0.0064}", dit2, dit_gaps, (".4f",) * 3)
+    add("depth-vs-width-dit-375-magnitude", "on loss\n  and SSIM ({0.1121}, {0.869})", dit2,
+        lambda d: (lambda r: (r["loss"]["mean"], r["ssim"]["mean"]))(
+            next(r for r in d["rows"] if r["tag"] == "depth_magnitude_56")), (".4f", ".3f"))
     add("depth-vs-width-dit-teacher", "(teacher {0.1029}; 1.0 = predicting zero)", dit,
         lambda d: (d["teacher"]["loss"],), (".4f",))
 

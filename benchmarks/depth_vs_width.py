@@ -540,6 +540,11 @@ def budget_and_rows(parser: argparse.ArgumentParser, args: argparse.Namespace, b
     return budget, rows
 
 
+def budget_suffix(budget, default) -> str:
+    """"" for the default post-training budget, else "_<steps>steps": a second budget gets its own results files."""
+    return "" if budget.steps == default.steps else f"_{budget.steps}steps"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3)")
@@ -565,7 +570,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the latency measurement, like the workers: one thread
     start = time.perf_counter()
     teacher = smoke_teacher(out / "teacher") if args.smoke else embedded_teacher()
-    work = args.work / ("smoke" if args.smoke else "full")
+    work = args.work / (("smoke" if args.smoke else "full") + budget_suffix(budget, SMOKE if args.smoke else FULL))
     if work.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
     plan = Plan(teacher, teacher_recipe(teacher), budget, work, rows)
@@ -593,7 +598,7 @@ def main() -> None:
             "machine": machine(threads=True), "jobs": args.jobs, "wall_time_s": time.perf_counter() - start,
             "report_only": args.report_only, "command": command, "commands": found.pop("commands"),
             "versions": library_versions(), "diffprune_source": diffprune_source()}
-    stem = out / "depth_vs_width"
+    stem = out / ("depth_vs_width" + budget_suffix(budget, SMOKE if args.smoke else FULL))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stem.with_suffix(".json"), {**found, "meta": meta})
     text = markdown(found, meta)

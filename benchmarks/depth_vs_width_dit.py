@@ -30,6 +30,7 @@ thread, speed-up = teacher / student (depth_vs_width.measure_latency).
 
     python benchmarks/depth_vs_width_dit.py --jobs 2 --work /tmp/dvw_dit      # full run: ~11 min, 2 cores (+3 teacher)
     python benchmarks/depth_vs_width_dit.py --jobs 2 --resume                 # continue an interrupted run
+    python benchmarks/depth_vs_width_dit.py --jobs 2 --steps 375              # 12.5% post-training: *_375steps.*
     python benchmarks/depth_vs_width_dit.py --smoke --out DIR                 # the code path in < 60 s
 
 Writes benchmarks/results/depth_vs_width_dit.{json,md,png} (--out: into that folder); runs in --work; the
@@ -58,6 +59,7 @@ from depth_vs_width import (
     _joint_note,
     _pm,
     budget_and_rows,
+    budget_suffix,
     diffprune_source,
     joint_choice,
     measure_latency,
@@ -550,7 +552,7 @@ def main() -> None:
     torch.set_num_threads(args.train_threads or args.jobs)  # the teacher's training, if it is not cached yet
     teacher, training = trained(models, "dit", size, sharp=not args.noisy_posterior)
     torch.set_num_threads(1)  # the latency measurement, like the workers: one thread
-    work = args.work / ("smoke" if args.smoke else "full")
+    work = args.work / (("smoke" if args.smoke else "full") + budget_suffix(budget, SMOKE if args.smoke else FULL))
     if work.exists() and not (args.resume or args.report_only):
         raise SystemExit(f"{work} exists; remove it first or pass --resume")
     recipe = {**training["train"], "dropout": 0.0}  # _fast_pool_models trains the DiT without dropout
@@ -586,7 +588,7 @@ def main() -> None:
             "machine": machine(threads=True), "jobs": args.jobs, "wall_time_s": time.perf_counter() - start,
             "report_only": args.report_only, "command": command, "commands": found.pop("commands"),
             "versions": library_versions(), "diffprune_source": diffprune_source(), "git_commit": git_commit()}
-    stem = out / "depth_vs_width_dit"
+    stem = out / ("depth_vs_width_dit" + budget_suffix(budget, SMOKE if args.smoke else FULL))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stem.with_suffix(".json"), {**found, "meta": meta})
     text = markdown(found, meta)
