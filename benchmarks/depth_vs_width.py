@@ -545,6 +545,17 @@ def budget_suffix(budget, default) -> str:
     return "" if budget.steps == default.steps else f"_{budget.steps}steps"
 
 
+def write_results(stem: Path, found: dict, meta: dict, markdown, plot, start: float) -> None:
+    """STEM.json (found + meta), STEM.md (`markdown(found, meta)`, also printed) and STEM.png (`plot`)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stem.with_suffix(".json"), {**found, "meta": meta})
+    text = markdown(found, meta)
+    write_text_atomic(stem.with_suffix(".md"), text)
+    plot(found, stem.with_suffix(".png"))
+    print(text)
+    print(f"wrote {stem}.{{json,md,png}} ({time.perf_counter() - start:.0f}s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3)")
@@ -599,13 +610,7 @@ def main() -> None:
             "report_only": args.report_only, "command": command, "commands": found.pop("commands"),
             "versions": library_versions(), "diffprune_source": diffprune_source()}
     stem = out / ("depth_vs_width" + budget_suffix(budget, SMOKE if args.smoke else FULL))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stem.with_suffix(".json"), {**found, "meta": meta})
-    text = markdown(found, meta)
-    write_text_atomic(stem.with_suffix(".md"), text)
-    plot(found, stem.with_suffix(".png"))
-    print(text)
-    print(f"wrote {stem}.{{json,md,png}} ({time.perf_counter() - start:.0f}s)")
+    write_results(stem, found, meta, markdown, plot, start)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import aggregate, finetune, machine, write_text_atomic
+from _common import aggregate, finetune, machine
 from _fast_pool_models import Calibration, loss_drop, trained
 from bench_args import add_smoke_options, results_dir
 from depth_vs_width import (
@@ -67,6 +67,7 @@ from depth_vs_width import (
     run_all,
     seed_records,
     task_list,
+    write_results,
 )
 
 from diffprune.fsutil import write_json_atomic
@@ -589,13 +590,7 @@ def main() -> None:
             "report_only": args.report_only, "command": command, "commands": found.pop("commands"),
             "versions": library_versions(), "diffprune_source": diffprune_source(), "git_commit": git_commit()}
     stem = out / ("depth_vs_width_dit" + budget_suffix(budget, SMOKE if args.smoke else FULL))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stem.with_suffix(".json"), {**found, "meta": meta})
-    text = markdown(found, meta)
-    write_text_atomic(stem.with_suffix(".md"), text)
-    plot(found, stem.with_suffix(".png"))
-    print(text)
-    print(f"wrote {stem}.{{json,md,png}} ({time.perf_counter() - start:.0f}s)")
+    write_results(stem, found, meta, markdown, plot, start)
 
 
 if __name__ == "__main__":
