@@ -742,6 +742,24 @@ def claims() -> list[Claim]:
     for tag, fragment in dw_rows.items():
         add(f"depth-vs-width-{tag}", fragment, dw, dw_row(tag), (fmt3, ".2f", ".2f", fmt3, ".2f", ".2f"))
 
+    dw2 = "depth_vs_width_250steps.json"
+
+    def dw_fids(*tags):
+        return lambda d: tuple(v for t in tags for v in (lambda r: (r["fid"]["mean"], r["fid"]["std"]))(
+            next(r for r in d["rows"] if r["tag"] == t)))
+
+    add("depth-vs-width-250-wall", "250 steps = 12.5%, the paper's Table 1 fraction; {1721} s", dw2,
+        lambda d: d["meta"]["wall_time_s"], ".0f")
+    add("depth-vs-width-250-70", "at ~70% width {1.39} ± {0.24},\n  depth (Diff-Pruning) {1.66} ± {0.31}, block "
+        "influence {1.90} ± {0.35}, magnitude {1.95} ± {0.29}", dw2,
+        dw_fids("width_diff-pruning_70", "depth_diff-pruning_70", "depth_block-influence_70", "depth_magnitude_70"),
+        (".2f",) * 8)
+    add("depth-vs-width-250-56", "at ~56% width\n  {1.34} ± {0.31}, both (sqrt) {1.69} ± {0.11}, both (joint) "
+        "{1.73} ± {0.18}", dw2, dw_fids("width_diff-pruning_56", "both_diff-pruning_56", "both_diff-pruning_56_joint"),
+        (".2f",) * 6)
+    add("depth-vs-width-250-56-magnitude", "both (magnitude) {2.06} ± {0.17}", dw2, dw_fids("both_magnitude_56"),
+        (".2f",) * 2)
+
     dit = "depth_vs_width_dit.json"
 
     def dit_row(tag: str):
