@@ -218,11 +218,11 @@ def test_every_family_joint_split_prunes_to_the_target_and_runs(family_name):
     are random (any sweep's would do: the split arithmetic is what is tested)."""
     from test_depth_stage import _family_pipelines
 
+    from diffprune.prune.config import width_rest
     from diffprune.prune.depth_split import carried_importance
     from diffprune.prune.depth_stage import prune_depth
     from diffprune.prune.importance import ImportanceResult
     from diffprune.prune.pruning import prune_model
-    from diffprune.prune.stage import width_rest
 
     if family_name == "dit":
         model = _dit(num_layers=4)

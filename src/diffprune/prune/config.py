@@ -144,6 +144,16 @@ class PruneConfig(StageConfig):
         return super().from_dict(upgrade_prune_config(data))
 
 
+def width_rest(config: PruneConfig, depth: dict) -> PruneConfig | None:
+    """Structure 'both': the width config for the rest of the target after depth (`depth["fraction"]` of
+    the model's size); None for 'depth', or when depth alone already reached the target."""
+    rest = (config.target_macs or config.target_params) / depth["fraction"]
+    if config.structure == "depth" or rest >= 1.0:
+        return None
+    kind = "target_macs" if config.target_macs is not None else "target_params"
+    return dataclasses.replace(config, structure="width", depth_include_mid=False, depth_split="sqrt", **{kind: rest})
+
+
 def upgrade_prune_config(data: dict) -> dict:
     """A version-1, -2 or -3 prune config as the version-4 one of the same run (see the module docstring)."""
     data = dict(data)

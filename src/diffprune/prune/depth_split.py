@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ..errors import DiffpruneError
-from .config import PruneConfig
+from .config import PruneConfig, width_rest
 from .depth import DepthUnit, remove_units, renamed_after_removal
 from .depth_scores import DepthPlan, plan_depth
 from .importance import GRADIENT_METHODS, ImportanceResult
@@ -73,26 +73,23 @@ def _ks(count: int) -> list[int]:
     return sorted({round(i * step) for i in range(MAX_SPLITS)})
 
 
-def _candidate(model, family, config: PruneConfig, importance, removed, fraction: float, kind: str) -> dict:
-    """Width pruning of `model` without `removed` to the rest of the target, and what both parts removed."""
-    grads = None if importance is None else importance.grads
-    target = config.target_macs if config.target_macs is not None else config.target_params
+def _candidate(model, family, config: PruneConfig, importance: ImportanceResult, removed, fraction: float,
+               kind: str, total: float) -> dict:
+    """Width pruning of `model` without `removed` to the rest of the target, and what both parts removed
+    (`total`: the score of all of `model`'s weights)."""
     row = {"removed": [u.name for u in removed], "depth_fraction": fraction, "width_target": None}
     shallow = remove_units(model, removed)
     carried = carried_importance(importance, [m for u in removed for m in u.modules])
-    kept_grads = None if carried is None else carried.grads
-    depth_cost = model_score(model, config.method, grads) - model_score(shallow, config.method, kept_grads)
-    width_cost, size = 0.0, fraction
-    if fraction > target:
-        rest = target / fraction
-        width = dataclasses.replace(config, structure="width", depth_include_mid=False, depth_split="sqrt",
-                                    **{f"target_{kind}": rest})
-        row["width_target"] = rest
+    kept = model_score(shallow, config.method, carried.grads)
+    depth_cost, width_cost, size = total - kept, 0.0, fraction
+    width = width_rest(config, {"fraction": fraction})
+    if width is not None:
+        row["width_target"] = getattr(width, f"target_{kind}")
         try:
             outcome = prune_model(shallow, family, width, carried, progress=False, keep_grads=True)
         except DiffpruneError as err:
             return {**row, "cost": None, "unreachable": str(err)}
-        width_cost = model_score(shallow, config.method, kept_grads) - model_score(outcome.model, config.method, None)
+        width_cost = kept - model_score(outcome.model, config.method, None)
         pair = outcome.macs if kind == "macs" else outcome.params
         size = fraction * pair[1] / pair[0]
         del outcome
@@ -115,7 +112,8 @@ def joint_plan(model, family, config: PruneConfig, importance: ImportanceResult 
     fractions = [1.0, *(f for _, f in greedy.trace)]
     if greedy.reached:  # the last prefix is depth alone: its put-back set stands for it
         prefixes[-1], fractions[-1] = greedy.removed, greedy.fraction
-    candidates = [_candidate(model, family, config, importance, prefixes[k], fractions[k], kind)
+    total = model_score(model, config.method, importance.grads)
+    candidates = [_candidate(model, family, config, importance, prefixes[k], fractions[k], kind, total)
                   for k in _ks(len(prefixes))]
     reachable = [c for c in candidates if c["cost"] is not None]
     if not reachable:

@@ -13,10 +13,10 @@ from ..families import family_for
 from ..families.pipeline_parts import denoiser_of
 from ..io.pipeline import load_pipeline
 from ..io.structure import record_structure, widths
-from .config import PruneConfig
+from .config import PruneConfig, width_rest
 from .depth_stage import depth_dry_run
 from .size_search import search_sizes
-from .stage import count_size, process_group, width_rest
+from .stage import count_size, process_group
 
 # --structure depth: a result this far below its target gets a note (the unit step was too coarse)
 OVERSHOOT = 0.05
@@ -95,13 +95,11 @@ def depth_lines(depth: dict | None, dry: bool = False) -> list[str]:
     lines = [f"depth: {len(depth['removed'])} of {len(depth['units'])} layer units removed ({how}): "
              f"{', '.join(depth['removed']) or 'none'}; {depth['kind']} fraction {depth['fraction']:.3f}"]
     lines += [f"  config {k}: {v['before']} -> {v['after']}" for k, v in depth["config_changes"].items()]
-    target = depth.get("target")
-    depth_only = (depth.get("split") or {}).get("mode") is None
-    if depth_only and target is not None and depth["fraction"] < target - OVERSHOOT:
+    target, split = depth.get("target"), depth.get("split") or {}
+    if split.get("mode") is None and target is not None and depth["fraction"] < target - OVERSHOOT:
         lines.append(f"  note: whole layers overshoot the target {depth['kind']} {target:.3f} by "
                      f"{target - depth['fraction']:.3f} (the next unit is too large); --structure both fills "
                      "a target with channels")
-    split = depth.get("split") or {}
     if split.get("mode") == "joint":
         tried, chosen = split["candidates"], split["candidates"][split["chosen"]]
         alone = tried[0]["cost"]

@@ -44,7 +44,7 @@ from ..io.structure import record_structure, widths
 from ..plots import plot_timestep_losses
 from .allocation import MAX_GROUP_RATIO, group_widths
 from .complexity import count_macs_params
-from .config import DEPTH_ONLY_METHODS, PruneConfig
+from .config import DEPTH_ONLY_METHODS, PruneConfig, width_rest
 from .depth_split import carried_importance
 from .depth_stage import influence_inputs, prune_depth
 from .importance import GRADIENT_METHODS, PLOT_TAIL_POINTS, ImportanceResult, estimate, estimate_fast
@@ -237,16 +237,6 @@ def _sweep(model, family, scheduler, samples, cond, config: PruneConfig, runtime
                              cond=cond, runtime=runtime)
     return estimate(model, family, scheduler, samples, config.method, config.threshold, config.seed,
                     progress=progress, tail_points=PLOT_TAIL_POINTS, cond=cond, runtime=runtime)
-
-
-def width_rest(config: PruneConfig, depth: dict) -> PruneConfig | None:
-    """Structure 'both': the width config for the rest of the target after depth (a fraction of the
-    depth-pruned model's size); None for 'depth', or when depth alone already reached the target."""
-    rest = (config.target_macs or config.target_params) / depth["fraction"]
-    if config.structure == "depth" or rest >= 1.0:
-        return None
-    kind = "target_macs" if config.target_macs is not None else "target_params"
-    return dataclasses.replace(config, structure="width", depth_include_mid=False, depth_split="sqrt", **{kind: rest})
 
 
 def _prune_width(original, model, family, config: PruneConfig, importance, plan, depth: dict | None,
